@@ -1,0 +1,1 @@
+"""The ``xmc`` command-line interface (a thin Click shell over :mod:`xmc_toolkit`)."""

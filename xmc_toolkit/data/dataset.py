@@ -1,0 +1,46 @@
+"""The in-memory data set type shared by every loader, writer and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["XMCDataset"]
+
+
+@dataclass
+class XMCDataset:
+    """A multi-label data set.
+
+    Attributes:
+        X: features, ``scipy.sparse.csr_matrix`` float32 ``[N, D]`` (sorted indices, no duplicates).
+        Y: labels, ``scipy.sparse.csr_matrix`` float32 ``[N, L]`` with 1.0 for each relevant label.
+        label_names: ``L`` label names, or ``None`` when the format carries none.
+        feature_names: ``D`` feature names, or ``None``.
+    """
+
+    X: sp.csr_matrix
+    Y: sp.csr_matrix
+    label_names: list[str] | None = None
+    feature_names: list[str] | None = None
+
+    @property
+    def num_points(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.Y.shape[1])
+
+    def __len__(self) -> int:
+        return self.num_points
+
+    def subset(self, rows: np.ndarray) -> "XMCDataset":
+        """The data set restricted to ``rows`` (an index array or boolean mask)."""
+        return XMCDataset(self.X[rows], self.Y[rows], self.label_names, self.feature_names)

@@ -1,0 +1,28 @@
+"""Device selection shared by every torch component."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a ``torch.device``) into a ``torch.device``.
+
+    ``"auto"`` picks CUDA when available, else CPU. Asking for CUDA on a machine without it raises
+    :class:`ConfigError` naming the ``--device`` flag.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
