@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "xmc", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("xmc")
 
 REPO = Path(__file__).resolve().parents[1]
 
