@@ -1,0 +1,375 @@
+"""Label table ``[L, d]`` (+ bias) with sparse gradients, exact chunked top-k, MIDX approximate top-k.
+
+Scores are inner products plus an optional bias: ``s(q, j) = q . w_j + b_j``.
+
+Public API::
+
+    LabelTable(num_labels, dim, bias=True, init_std=0.01, sparse=True)      nn.Module
+        .weight: nn.Embedding(L, d, sparse=True)      .bias: nn.Embedding(L, 1, sparse=True) | None
+        .score_ids(queries [B, d], ids [B, M] | [M]) -> [B, M]   (differentiable, sparse grads)
+        .full_scores(queries [B, d], ids=None)       -> [B, L]   (small L; sparse grads)
+        .topk(queries [B, d], k, chunk_size=65536)   -> (scores [B, k], ids [B, k])  (no grad)
+        .label_embeddings() -> [L, d] (detached)      .bias_vector() -> [L] | None (detached)
+    chunked_topk(queries [B, d], weight [L, d], bias [L] | None, k, chunk_size) -> (scores, ids)
+    approx_topk(queries, weight, bias, sampler, k, num_cells=16, max_candidates=None)
+    recall_at_k_vs_exact(approx_ids [B, k], exact_ids [B, k]) -> float
+
+Ties in every top-k are broken deterministically: equal scores are ordered by increasing label
+id, exactly like ``torch.sort(scores, descending=True, stable=True)`` on the dense scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, XMCError
+
+__all__ = [
+    "LabelTable",
+    "chunked_topk",
+    "approx_topk",
+    "recall_at_k_vs_exact",
+    "CellIndex",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CellIndex(Protocol):
+    """What :func:`approx_topk` needs from an index (``MIDXSampler`` after ``update()``)."""
+
+    cell_indptr: torch.Tensor  # [C + 1] int64, C = K * K cells
+    cell_items: torch.Tensor  # [L] int64 label ids sorted by cell
+
+    def cell_logits(self, queries: torch.Tensor) -> torch.Tensor:  # [B, C], -inf for empty cells
+        ...
+
+
+def _check_k(k: int, num_labels: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ConfigError(f"k={k!r} must be a positive integer (--k)")
+    if k > num_labels:
+        raise ConfigError(f"k={k} exceeds the number of labels ({num_labels}); lower --k")
+
+
+def _select_topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of each row with ties at the boundary resolved to the smallest column.
+
+    Args:
+        scores: ``[B, c]`` float, no NaN.
+        k: ``1 <= k <= c``.
+
+    Returns:
+        ``(values [B, k], cols [B, k])`` with columns in *increasing* order (not by score).
+    """
+    B, c = scores.shape
+    kth = torch.topk(scores, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # [B, 1]
+    gt = scores > kth  # [B, c]
+    eq = scores == kth  # [B, c]
+    need = k - gt.sum(dim=1, keepdim=True)  # [B, 1] how many of the ties to take
+    take = gt | (eq & (eq.cumsum(dim=1) <= need))  # [B, c] exactly k per row
+    cols = take.nonzero()[:, 1]  # [B * k] row-major, increasing within a row
+    if cols.numel() != B * k:
+        raise XMCError(
+            "top-k scores contain NaN; check the queries and label embeddings "
+            "(a diverged model: lower --lr)"
+        )
+    cols = cols.view(B, k)  # [B, k]
+    return scores.gather(1, cols), cols
+
+
+def _merge(
+    run_s: torch.Tensor | None,
+    run_i: torch.Tensor | None,
+    new_s: torch.Tensor,
+    new_i: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a running top-k (smaller ids) with a new block; keep the best ``k`` (ties: id order)."""
+    if run_s is None or run_i is None:
+        s, i = new_s, new_i
+    else:
+        s = torch.cat([run_s, new_s], dim=1)  # [B, k_run + kc]
+        i = torch.cat([run_i, new_i], dim=1)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]  # [B, <=k]
+    return s.gather(1, order), i.gather(1, order)
+
+
+@torch.no_grad()
+def chunked_topk(
+    queries: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` labels of ``queries . weight^T + bias`` without the full ``[B, L]`` matrix.
+
+    Labels are scored in chunks of ``chunk_size``; each chunk's top-k is merged into a running
+    top-k, so at most ``[B, chunk_size]`` scores (+ ``[B, 2k]`` for the merge) exist at once.
+
+    Args:
+        queries: ``[B, d]`` float.
+        weight: ``[L, d]`` label embeddings (same device and dtype as ``queries``).
+        bias: ``[L]`` (or ``[L, 1]``) label biases, or ``None``.
+        k: labels to return per query (``1 <= k <= L``).
+        chunk_size: labels scored at once.
+
+    Returns:
+        ``(scores [B, k] float, ids [B, k] int64)``, sorted by decreasing score; equal scores by
+        increasing id.
+    """
+    if queries.dim() != 2 or weight.dim() != 2 or queries.shape[1] != weight.shape[1]:
+        raise XMCError(
+            f"queries {tuple(queries.shape)} and weight {tuple(weight.shape)} must be [B, d] and "
+            "[L, d] with the same d"
+        )
+    L = weight.shape[0]
+    _check_k(k, L)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ConfigError(f"chunk_size={chunk_size!r} must be a positive integer (--chunk-size)")
+    if bias is not None:
+        bias = bias.reshape(-1)  # [L]
+    run_s: torch.Tensor | None = None
+    run_i: torch.Tensor | None = None
+    for start in range(0, L, chunk_size):
+        stop = min(L, start + chunk_size)
+        s = queries @ weight[start:stop].T  # [B, c]
+        if bias is not None:
+            s = s + bias[start:stop]
+        vals, cols = _select_topk_stable(s, min(k, stop - start))  # [B, kc]
+        run_s, run_i = _merge(run_s, run_i, vals, cols + start, k)
+    assert run_s is not None and run_i is not None  # L >= k >= 1, so at least one chunk
+    return run_s, run_i
+
+
+@torch.no_grad()
+def approx_topk(
+    queries: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sampler: CellIndex | Any,
+    k: int,
+    num_cells: int = 16,
+    max_candidates: int | None = None,
+    row_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate top-``k`` through the MIDX inverted multi-index, re-ranked exactly.
+
+    For each query: score all ``K * K`` codeword-pair cells with ``sampler.cell_logits``, keep
+    the ``num_cells`` best non-empty cells, gather their member labels (in cell-rank order, cut at
+    ``max_candidates``), score those candidates exactly (``q . w + b``) and return the best ``k``.
+    With ``num_cells = K * K`` and no cap this is exact.
+
+    Args:
+        queries: ``[B, d]`` float.
+        weight: ``[L, d]`` label embeddings (those the index was built from, or newer).
+        bias: ``[L]`` or ``None``.
+        sampler: an updated ``MIDXSampler`` (anything with ``cell_indptr`` ``[C + 1]``,
+            ``cell_items`` ``[L]`` and ``cell_logits(queries) -> [B, C]``).
+        k: results per query.
+        num_cells: cells probed per query (``<= C``; clamped).
+        max_candidates: cap on candidates per query (``None``: no cap).
+        row_block: queries re-ranked at once (``None``: chosen to keep the gathered
+            ``[rows, candidates, d]`` block under about 16M floats).
+
+    Returns:
+        ``(scores [B, k], ids [B, k] int64)`` sorted by decreasing score (ties by id). Slots
+        without a candidate (fewer than ``k`` labels in the probed cells) hold score ``-inf``
+        and id ``-1``: probe more cells (``num_cells``) or raise ``max_candidates``.
+    """
+    for attr in ("cell_indptr", "cell_items", "cell_logits"):
+        if not hasattr(sampler, attr):
+            raise XMCError(
+                f"approx_topk needs a MIDX index with {attr!r}; got {type(sampler).__name__} "
+                "(use --sampler midx and call sampler.update(label_embeddings) first)"
+            )
+    L = weight.shape[0]
+    _check_k(k, L)
+    if isinstance(num_cells, bool) or not isinstance(num_cells, int) or num_cells <= 0:
+        raise ConfigError(f"num_cells={num_cells!r} must be a positive integer (--num-cells)")
+    if max_candidates is not None and (not isinstance(max_candidates, int) or max_candidates < k):
+        raise ConfigError(f"max_candidates={max_candidates!r} must be an integer >= k={k}")
+    dev = queries.device
+    indptr = sampler.cell_indptr.to(dev)  # [C + 1]
+    items = sampler.cell_items.to(dev)  # [L]
+    C = indptr.numel() - 1
+    logits = sampler.cell_logits(queries)  # [B, C]
+    if logits.shape != (queries.shape[0], C):
+        raise XMCError(
+            f"cell_logits returned {tuple(logits.shape)}, expected {(queries.shape[0], C)}"
+        )
+    nc = min(num_cells, C)
+    cells = torch.topk(logits, nc, dim=1).indices  # [B, nc] best cells first
+    counts = indptr[cells + 1] - indptr[cells]  # [B, nc] (empty cells: 0)
+    ends = counts.cumsum(dim=1)  # [B, nc] end of each cell in the row's candidate list
+    total = ends[:, -1]  # [B]
+    if max_candidates is not None:
+        total = total.clamp(max=max_candidates)
+    M = max(int(total.max().item()) if total.numel() else 0, 1)
+    slot = torch.arange(M, device=dev).expand(queries.shape[0], M)  # [B, M]
+    rank = torch.searchsorted(ends, slot.contiguous(), right=True).clamp(max=nc - 1)  # [B, M]
+    within = slot - (ends - counts).gather(1, rank)  # [B, M] position inside its cell
+    pos = indptr[cells.gather(1, rank)] + within  # [B, M] position in cell_items
+    valid = slot < total.unsqueeze(1)  # [B, M]
+    cand = torch.where(valid, items[pos.clamp(max=items.numel() - 1)], -1)  # [B, M] label ids
+    bias_flat = None if bias is None else bias.reshape(-1)
+    B, d = queries.shape
+    if row_block is None:
+        row_block = max(1, (1 << 24) // max(1, M * d))
+    out_s: list[torch.Tensor] = []
+    out_i: list[torch.Tensor] = []
+    kk = min(k, M)
+    for r in range(0, B, row_block):
+        c = cand[r : r + row_block]  # [b, M]
+        v = valid[r : r + row_block]
+        w = weight[c.clamp(min=0)]  # [b, M, d]
+        s = torch.einsum("bmd,bd->bm", w, queries[r : r + row_block])  # [b, M]
+        if bias_flat is not None:
+            s = s + bias_flat[c.clamp(min=0)]
+        s = s.masked_fill(~v, float("-inf"))
+        # Order candidates by id so ties resolve to the smallest id (-1 padding sorts first but
+        # carries -inf, so it only appears when a row has fewer than k candidates).
+        c_sorted, perm = torch.sort(c, dim=1)
+        s_sorted = s.gather(1, perm)
+        vals, cols = _select_topk_stable(s_sorted, kk)  # [b, kk] in id order
+        ids = c_sorted.gather(1, cols)
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+        vals, ids = vals.gather(1, order), ids.gather(1, order)
+        out_s.append(vals)
+        out_i.append(ids)
+    scores = torch.cat(out_s, 0)  # [B, kk]
+    ids = torch.cat(out_i, 0)
+    if kk < k:  # fewer candidates than k everywhere: pad
+        pad = k - kk
+        scores = torch.cat([scores, scores.new_full((B, pad), float("-inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((B, pad), -1)], 1)
+    return scores, ids
+
+
+@torch.no_grad()
+def recall_at_k_vs_exact(approx_ids: torch.Tensor, exact_ids: torch.Tensor) -> float:
+    """Mean fraction of the exact top-k ids found by the approximate top-k.
+
+    Args:
+        approx_ids: ``[B, k]`` int64 (``-1`` = no result, never a hit).
+        exact_ids: ``[B, k]`` int64 distinct ids per row.
+
+    Returns:
+        Recall in ``[0, 1]`` averaged over rows (``|approx ∩ exact| / k``).
+    """
+    if approx_ids.shape != exact_ids.shape or approx_ids.dim() != 2:
+        raise XMCError(
+            f"approx_ids {tuple(approx_ids.shape)} and exact_ids {tuple(exact_ids.shape)} must "
+            "both be [B, k]"
+        )
+    if approx_ids.numel() == 0:
+        return 1.0
+    ex = torch.sort(exact_ids.to(approx_ids.device), dim=1).values  # [B, k]
+    pos = torch.searchsorted(ex, approx_ids.contiguous()).clamp(max=ex.shape[1] - 1)  # [B, k]
+    hit = (ex.gather(1, pos) == approx_ids) & (approx_ids >= 0)  # [B, k]
+    return float(hit.float().mean().item())
+
+
+class LabelTable(nn.Module):
+    """Label embeddings ``[L, d]`` and biases ``[L]`` stored as sparse-gradient embeddings.
+
+    Gradients only touch the rows that were looked up, so a step with ``M`` sampled labels costs
+    ``O(M d)``, not ``O(L d)``; optimise the parameters with ``torch.optim.SparseAdam`` (or SGD /
+    Adagrad, which accept sparse gradients).
+
+    Args:
+        num_labels: ``L``.
+        dim: ``d``.
+        bias: keep a per-label bias (initialised to 0).
+        init_std: std of the normal initialisation of the embeddings.
+        sparse: sparse gradients (``False``: dense, e.g. for small L and AdamW).
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        dim: int,
+        bias: bool = True,
+        init_std: float = 0.01,
+        sparse: bool = True,
+    ) -> None:
+        super().__init__()
+        probs = []
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
+            probs.append(f"num_labels={num_labels!r} must be a positive integer")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            probs.append(f"dim={dim!r} must be a positive integer (--dim)")
+        if not init_std >= 0:
+            probs.append(f"init_std={init_std!r} must be >= 0")
+        if probs:
+            raise ConfigError(probs)
+        self.num_labels = num_labels
+        self.dim = dim
+        self.weight = nn.Embedding(num_labels, dim, sparse=sparse)
+        nn.init.normal_(self.weight.weight, std=init_std)
+        self.bias: nn.Embedding | None = None
+        if bias:
+            self.bias = nn.Embedding(num_labels, 1, sparse=sparse)
+            nn.init.zeros_(self.bias.weight)
+
+    # -- accessors ----------------------------------------------------------------------------
+    def label_embeddings(self) -> torch.Tensor:
+        """Detached ``[L, d]`` weight (a view; for samplers, export, top-k)."""
+        return self.weight.weight.detach()
+
+    def bias_vector(self) -> torch.Tensor | None:
+        """Detached ``[L]`` bias, or ``None``."""
+        return None if self.bias is None else self.bias.weight.detach().view(-1)
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score_ids(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scores of given labels (differentiable; sparse gradients on the touched rows).
+
+        Args:
+            queries: ``[B, d]``.
+            ids: ``[B, M]`` int64 per-query ids, or ``[M]`` ids shared by every query.
+
+        Returns:
+            ``[B, M]`` scores ``q_b . w_id + b_id``.
+        """
+        if ids.dim() == 1:
+            w = self.weight(ids)  # [M, d]
+            s = queries @ w.T  # [B, M] one dense matmul
+            if self.bias is not None:
+                s = s + self.bias(ids).view(1, -1)
+            return s
+        if ids.dim() != 2 or ids.shape[0] != queries.shape[0]:
+            raise XMCError(
+                f"ids {tuple(ids.shape)} must be [M] or [B, M] with B = {queries.shape[0]}"
+            )
+        w = self.weight(ids)  # [B, M, d]
+        s = torch.bmm(w, queries.unsqueeze(-1)).squeeze(-1)  # [B, M]
+        if self.bias is not None:
+            s = s + self.bias(ids).squeeze(-1)  # [B, M]
+        return s
+
+    def full_scores(self, queries: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """All ``[B, L]`` scores (or ``[B, M]`` for shared ``ids [M]``); for small ``L`` only.
+
+        The rows are looked up through the embeddings, so gradients stay sparse (SparseAdam).
+        """
+        if ids is None:
+            ids = torch.arange(self.num_labels, device=self.weight.weight.device)
+        return self.score_ids(queries, ids)
+
+    @torch.no_grad()
+    def topk(
+        self, queries: torch.Tensor, k: int, chunk_size: int = 65536
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``k`` labels by chunks (see :func:`chunked_topk`): ``(scores, ids) [B, k]``."""
+        return chunked_topk(
+            queries, self.label_embeddings(), self.bias_vector(), k, chunk_size=chunk_size
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_labels={self.num_labels}, dim={self.dim}, bias={self.bias is not None}"
