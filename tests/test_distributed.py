@@ -1,0 +1,315 @@
+"""Tests of xmc_toolkit.distributed: sharded losses, gradients and top-k against dense references.
+
+Multi-process checks run 2 gloo processes on CPU (torch.multiprocessing.spawn, a free port on
+127.0.0.1); each spawned job runs several checks at once and writes its results to a file that
+the tests compare with single-process references.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xmc_toolkit import distributed as D
+
+# ------------------------------------------------------------------------------------------
+# dense references
+# ------------------------------------------------------------------------------------------
+
+
+def _dense_pos(pos: torch.Tensor, mask: torch.Tensor, num_labels: int) -> torch.Tensor:
+    out = torch.zeros(pos.shape[0], num_labels, dtype=torch.bool)
+    rows = torch.arange(pos.shape[0])[:, None].expand_as(pos)
+    out[rows[mask], pos[mask]] = True
+    return out
+
+
+def ref_full_loss(Q, W, b, pos, mask) -> torch.Tensor:
+    """for each target t: -x_t + log(e^{x_t} + sum_{c not in P} e^{x_c}), mean over pairs."""
+    S = Q @ W.t() + (b if b is not None else 0.0)  # [N, L]
+    neg_lse = torch.logsumexp(S.masked_fill(_dense_pos(pos, mask, W.shape[0]), -math.inf), 1)
+    x = S.gather(1, pos.clamp_min(0))  # [N, P]
+    per = -x + torch.logaddexp(x, neg_lse[:, None])
+    per = torch.where(mask, per, torch.zeros_like(per))
+    return per.sum() / mask.sum().clamp_min(1)
+
+
+def ref_sampled_loss(Q, W, b, pos, mask, neg_ids, neg_log_q, remove_hits=True) -> torch.Tensor:
+    """Single-process sampled estimator: Zhat = (1/M) sum_j e^{x_j} / q(c_j) over the union."""
+    S = Q @ W.t() + (b if b is not None else 0.0)  # [N, L]
+    n, m = neg_ids.shape[0] if neg_ids.dim() == 2 else Q.shape[0], neg_ids.shape[-1]
+    ids = neg_ids if neg_ids.dim() == 2 else neg_ids[None].expand(n, -1)
+    lq = neg_log_q if neg_log_q.dim() == 2 else neg_log_q[None].expand(n, -1)
+    logits = S.gather(1, ids) - lq - math.log(m)  # [N, M]
+    if remove_hits:
+        hit = _dense_pos(pos, mask, W.shape[0]).gather(1, ids)
+        logits = logits.masked_fill(hit, -math.inf)
+    lse = torch.logsumexp(logits, 1)
+    x = S.gather(1, pos.clamp_min(0))
+    per = -x + torch.logaddexp(x, lse[:, None])
+    per = torch.where(mask, per, torch.zeros_like(per))
+    return per.sum() / mask.sum().clamp_min(1)
+
+
+def _problem(seed: int, n: int, d: int, num_labels: int, p: int):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(n, d, generator=g, dtype=torch.float64)
+    W = torch.randn(num_labels, d, generator=g, dtype=torch.float64) * 0.7
+    b = torch.randn(num_labels, generator=g, dtype=torch.float64) * 0.3
+    pos = torch.randint(0, num_labels, (n, p), generator=g)
+    mask = torch.rand(n, p, generator=g) < 0.7
+    mask[0] = False  # a row with no positives
+    mask[1, 0] = True
+    if p > 1:  # a duplicated padded id that is masked out
+        pos[1, 1] = pos[1, 0]
+        mask[1, 1] = False
+    return Q, W, b, pos, mask
+
+
+class _TableSampler:
+    """A fixed non-uniform proposal over a shard (local ids), exact normalized log q."""
+
+    def __init__(self, num_labels: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.num_labels = num_labels
+        w = torch.rand(num_labels, generator=g, dtype=torch.float64) + 0.1
+        self.log_p = torch.log(w / w.sum())
+
+    def sample(self, queries, num_samples, shared=False, generator=None):
+        probs = self.log_p.exp()
+        if shared:
+            ids = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        else:
+            ids = torch.multinomial(
+                probs.expand(queries.shape[0], -1), num_samples, replacement=True,
+                generator=generator,
+            )
+        return ids, self.log_p[ids]
+
+
+# ------------------------------------------------------------------------------------------
+# pure helpers (no process group)
+# ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 200), st.integers(1, 9))
+def test_shard_range_covers_disjoint_balanced(num_labels: int, world: int) -> None:
+    ranges = D.shard_ranges(num_labels, world)
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_labels
+    for (a0, a1), (b0, _b1) in zip(ranges, ranges[1:]):
+        assert a1 == b0
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 0
+
+
+def test_shard_range_errors_name_the_fix() -> None:
+    with pytest.raises(D.ConfigError, match="rank"):
+        D.shard_range(10, 3, 2)
+    with pytest.raises(D.ConfigError, match="nproc"):
+        D.shard_range(10, 0, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 30), st.integers(1, 3),
+       st.integers(1, 7), st.booleans(), st.integers(0, 1000))
+def test_full_loss_single_process_matches_dense(n, d, num_labels, p, chunk, bias, seed) -> None:
+    Q, W, b, pos, mask = _problem(seed, max(n, 2), d, num_labels, p)
+    b = b if bias else None
+    args = [t.clone().requires_grad_(True) for t in (Q, W)] + (
+        [b.clone().requires_grad_(True)] if bias else [None])
+    loss = D.sharded_full_softmax_loss(args[0], args[1], args[2], pos, mask, 0, chunk_size=chunk)
+    ref_args = [t.clone().requires_grad_(True) for t in (Q, W)] + (
+        [b.clone().requires_grad_(True)] if bias else [None])
+    ref = ref_full_loss(ref_args[0], ref_args[1], ref_args[2], pos, mask)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    for a, r in zip(args, ref_args):
+        if a is not None:
+            torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_full_loss_all_labels_positive_is_finite() -> None:
+    Q = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([[0, 1], [0, 1]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    loss = D.sharded_full_softmax_loss(Q, W, None, pos, mask, 0, chunk_size=1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(Q.grad).all() and torch.isfinite(W.grad).all()
+
+
+def test_full_loss_matches_library_full_softmax_when_available() -> None:
+    losses = pytest.importorskip("xmc_toolkit.losses")
+    Q, W, b, pos, mask = _problem(3, 7, 4, 23, 3)
+    lib = losses.full_softmax_loss(Q, W, pos, mask, bias=b)
+    ours = D.sharded_full_softmax_loss(Q, W, b, pos, mask, 0, chunk_size=5)
+    torch.testing.assert_close(ours, lib.to(ours.dtype))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 30), st.integers(1, 8), st.integers(1, 40))
+def test_merge_topk_equals_dense_topk(n, num_labels, k, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(n, 3, generator=g)
+    W = torch.randn(num_labels, 3, generator=g)
+    b = torch.randn(num_labels, generator=g)
+    s, i = D.sharded_topk(Q, W, b, k, 0, chunk_size=4)
+    ref_s, ref_i = torch.topk(Q @ W.t() + b, min(k, num_labels), dim=1)
+    torch.testing.assert_close(s, ref_s)
+    assert torch.equal(i, ref_i)
+
+
+def test_mixture_log_q_is_normalized() -> None:
+    # two shards with different quotas: sum_c q(c) over all labels must be 1
+    lq0 = torch.log_softmax(torch.randn(5, dtype=torch.float64), 0)
+    lq1 = torch.log_softmax(torch.randn(8, dtype=torch.float64), 0)
+    mix = torch.cat([D.mixture_log_q(lq0, 3, 10), D.mixture_log_q(lq1, 7, 10)])
+    torch.testing.assert_close(mix.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_accidental_hits_match_dense() -> None:
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 12, (6, 3), generator=g)
+    mask = torch.rand(6, 3, generator=g) < 0.6
+    neg = torch.randint(0, 12, (6, 9), generator=g)
+    dense = _dense_pos(pos, mask, 12).gather(1, neg)
+    assert torch.equal(D._accidental_hits(neg, pos, mask), dense)
+    shared = torch.randint(0, 12, (9,), generator=g)
+    dense_s = _dense_pos(pos, mask, 12)[:, shared]
+    assert torch.equal(D._accidental_hits(shared, pos, mask), dense_s)
+
+
+# ------------------------------------------------------------------------------------------
+# 2-process checks (gloo, CPU)
+# ------------------------------------------------------------------------------------------
+
+WORLD = 2
+N_PER_RANK = (5, 4)  # uneven local batches on purpose
+DIM, NUM_LABELS, P = 6, 13, 3
+QUOTAS = (4, 7)  # different per-rank sample quotas
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+
+
+def _math_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    try:
+        n = sum(N_PER_RANK)
+        Q, W, b, pos, mask = _problem(11, n, DIM, NUM_LABELS, P)
+        r0 = sum(N_PER_RANK[:rank])
+        rows = slice(r0, r0 + N_PER_RANK[rank])
+        lo, hi = D.shard_range(NUM_LABELS, rank, world)
+        res: dict[str, Any] = {"range": (lo, hi), "rows": (rows.start, rows.stop)}
+
+        q = Q[rows].clone().requires_grad_(True)
+        w = W[lo:hi].clone().requires_grad_(True)
+        bb = b[lo:hi].clone().requires_grad_(True)
+        loss = D.sharded_full_softmax_loss(q, w, bb, pos[rows], mask[rows], lo, chunk_size=2)
+        loss.backward()
+        res["full"] = (loss.detach(), q.grad, w.grad, bb.grad)
+
+        for shared in (False, True):
+            q = Q[rows].clone().requires_grad_(True)
+            w = W[lo:hi].clone().requires_grad_(True)
+            bb = b[lo:hi].clone().requires_grad_(True)
+            gen = torch.Generator().manual_seed(100 + rank)
+            sampler = _TableSampler(hi - lo, seed=7 + rank)
+            loss, smp = D.sharded_sampled_softmax_loss(
+                q, w, bb, pos[rows], mask[rows], lo, sampler, QUOTAS[rank],
+                shared=shared, generator=gen, return_samples=True,
+            )
+            loss.backward()
+            res[f"sampled_{shared}"] = (loss.detach(), q.grad, w.grad, bb.grad, smp.ids, smp.log_q)
+
+        s, i = D.sharded_topk(Q[rows].float(), W[lo:hi].float(), b[lo:hi].float(), 5, lo,
+                              chunk_size=3)
+        res["topk"] = (s, i)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn: Any, world: int, tmp: Path, *extra: Any) -> list[dict[str, Any]]:
+    mp.spawn(fn, args=(world, _free_port(), str(tmp), *extra), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def math_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _spawn(_math_worker, WORLD, tmp_path_factory.mktemp("dist_math"))
+
+
+def test_two_process_full_loss_and_grads_match_single_process(math_results) -> None:
+    n = sum(N_PER_RANK)
+    Q, W, b, pos, mask = _problem(11, n, DIM, NUM_LABELS, P)
+    Q, W, b = (t.clone().requires_grad_(True) for t in (Q, W, b))
+    ref = ref_full_loss(Q, W, b, pos, mask)
+    ref.backward()
+    for res in math_results:
+        loss, gq, gw, gb = res["full"]
+        lo, hi = res["range"]
+        r0, r1 = res["rows"]
+        torch.testing.assert_close(loss, ref.detach())
+        torch.testing.assert_close(gq, Q.grad[r0:r1])
+        torch.testing.assert_close(gw, W.grad[lo:hi])
+        torch.testing.assert_close(gb, b.grad[lo:hi])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_two_process_sampled_loss_equals_single_process_estimator(math_results, shared) -> None:
+    n = sum(N_PER_RANK)
+    Q, W, b, pos, mask = _problem(11, n, DIM, NUM_LABELS, P)
+    Q, W, b = (t.clone().requires_grad_(True) for t in (Q, W, b))
+    key = f"sampled_{shared}"
+    total = sum(QUOTAS)
+    # union of the per-rank stratified draws, with the exact mixture proposal
+    ids = torch.cat([r[key][4] for r in math_results], dim=-1)
+    log_q = torch.cat(
+        [D.mixture_log_q(r[key][5], QUOTAS[k], total) for k, r in enumerate(math_results)], dim=-1
+    )
+    ref = ref_sampled_loss(Q, W, b, pos, mask, ids, log_q)
+    ref.backward()
+    for res in math_results:
+        loss, gq, gw, gb = res[key][:4]
+        lo, hi = res["range"]
+        r0, r1 = res["rows"]
+        assert res[key][4].shape[-1] == QUOTAS[math_results.index(res)]
+        torch.testing.assert_close(loss, ref.detach())
+        torch.testing.assert_close(gq, Q.grad[r0:r1])
+        torch.testing.assert_close(gw, W.grad[lo:hi])
+        torch.testing.assert_close(gb, b.grad[lo:hi])
+
+
+def test_two_process_topk_is_exact(math_results) -> None:
+    n = sum(N_PER_RANK)
+    Q, W, b, _pos, _mask = _problem(11, n, DIM, NUM_LABELS, P)
+    ref_s, ref_i = torch.topk(Q.float() @ W.float().t() + b.float(), 5, dim=1)
+    for res in math_results:
+        r0, r1 = res["rows"]
+        s, i = res["topk"]
+        torch.testing.assert_close(s, ref_s[r0:r1])
+        assert torch.equal(i, ref_i[r0:r1])

@@ -1,0 +1,677 @@
+"""Distributed training on ``torch.distributed``: row-sharded label table, sharded softmax losses.
+
+Design (after PartialFC from insightface and Renee): the encoder is data parallel (each rank
+sees its own slice of the batch, gradients are combined by ``DistributedDataParallel``) while
+the label table ``[L, d]`` is *sharded by rows*: rank ``r`` owns the contiguous range
+``shard_range(L, r, W)`` and never sees the other rows. For the loss every rank all-gathers the
+queries of the whole (global) batch, scores them against its own shard, and the softmax
+normalizer is combined across ranks with two all-reduces (max, then sum of exponentials).
+
+Conventions (identical to :func:`xmc_toolkit.losses.full_softmax_loss`): for a row ``i`` with
+positives ``P_i`` and each target ``t`` in ``P_i``::
+
+    loss_it = -x_it + log(exp(x_it) + sum_{c not in P_i} exp(x_ic))
+
+and the loss is the mean over the valid (row, target) pairs of the *global* batch, so every
+rank holds the same scalar. Gradients are exact: the gradient of that scalar with respect to
+rank ``r``'s queries, weight shard and bias shard equals the single-process gradient on the
+concatenated batch. (The encoder gradients must then be *summed* across ranks, not averaged:
+see :func:`sum_allreduce_hook`.)
+
+Sampled softmax with per-shard samplers (stratified sampling): rank ``r`` draws a fixed quota
+``M_r`` of negatives from its own shard with proposal ``q_r`` (normalized over the shard).
+The unbiased estimator of the negative normalizer ``Z_i = sum_{c not in P_i} exp(x_ic)`` is::
+
+    Z_i ~= sum_r (1 / M_r) sum_{j=1..M_r} exp(x_{i c_j}) [c_j not in P_i] / q_r(c_j)
+
+Writing ``M = sum_r M_r`` this is the ordinary importance-sampling estimator
+``(1/M) sum_j exp(x_j) / q(c_j)`` over the union of the draws with the *mixture* proposal
+``q(c) = (M_r / M) q_r(c)`` for ``c`` in shard ``r`` (a normalized distribution over all ``L``
+labels, see :func:`mixture_log_q`). Each rank computes the log-sum-exp of its own terms
+``x - log q_r - log M_r`` (accidental hits removed), and the ranks combine them like the full
+normalizer.
+
+All collectives degrade to no-ops when ``torch.distributed`` is not initialized, so every
+function here also runs in one process (world size 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .errors import ConfigError, SamplerError
+
+__all__ = [
+    "shard_range",
+    "shard_ranges",
+    "world_info",
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "replicated_all_reduce_sum",
+    "combine_logsumexp",
+    "sharded_full_softmax_loss",
+    "sharded_sampled_softmax_loss",
+    "mixture_log_q",
+    "merge_topk",
+    "sharded_topk",
+    "sum_allreduce_hook",
+]
+
+logger = logging.getLogger(__name__)
+
+_NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------
+# sharding
+# ------------------------------------------------------------------------------------------
+def shard_range(num_labels: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, balanced row range ``[start, stop)`` of the label table owned by ``rank``.
+
+    The first ``num_labels % world_size`` ranks own one extra row; ranges cover
+    ``[0, num_labels)`` without overlap and are ordered by rank. A rank may own zero rows when
+    ``world_size > num_labels``.
+
+    Args:
+        num_labels: ``L >= 0``.
+        rank: ``0 <= rank < world_size``.
+        world_size: number of shards, ``>= 1``.
+
+    Returns:
+        ``(start, stop)`` with ``stop - start`` in ``{L // W, L // W + 1}``.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world_size={world_size} must be >= 1 (torchrun --nproc-per-node)")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank={rank} must be in [0, {world_size}) (check RANK / WORLD_SIZE)")
+    if num_labels < 0:
+        raise ConfigError(f"num_labels={num_labels} must be >= 0")
+    base, extra = divmod(num_labels, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return start, stop
+
+
+def shard_ranges(num_labels: int, world_size: int) -> list[tuple[int, int]]:
+    """All ``world_size`` ranges of :func:`shard_range`, in rank order."""
+    return [shard_range(num_labels, r, world_size) for r in range(world_size)]
+
+
+def world_info(group: Any = None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when torch.distributed is not initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _is_dist(group: Any = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _backend(group: Any = None) -> str:
+    return str(dist.get_backend(group)) if _is_dist(group) else "none"
+
+
+# ------------------------------------------------------------------------------------------
+# collectives with autograd
+# ------------------------------------------------------------------------------------------
+def _gather_sizes(n: int, device: torch.device, group: Any) -> list[int]:
+    _, world = world_info(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine, group=group)
+    return [int(t.item()) for t in out]
+
+
+def _all_gather_padded(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, list[int]]:
+    """All-gather tensors whose first dimension may differ across ranks -> (cat, sizes)."""
+    sizes = _gather_sizes(x.shape[0], x.device, group)
+    nmax = max(sizes)
+    padded = x.new_zeros((nmax, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0), sizes
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums every rank's gradient and keeps this rank's rows.
+
+    Every rank's loss depends on all ranks' queries through its own shard, so the gradient of
+    the (replicated) loss with respect to this rank's queries is the sum over ranks of the
+    partial gradients each rank computed for this rank's rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        out, sizes = _all_gather_padded(x, group)
+        ctx.group = group
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank(group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        sizes: list[int] = ctx.sizes
+        rank: int = ctx.rank
+        start = sum(sizes[:rank])
+        if _backend(ctx.group) == "nccl" and len(set(sizes)) == 1:
+            # reduce-scatter moves 1/W of the data of an all-reduce
+            out = grad.new_empty((sizes[rank], *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        total = grad.contiguous().clone()  # [N, ...]
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total[start : start + sizes[rank]], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0, differentiably.
+
+    Args:
+        x: ``[B_r, ...]`` on this rank; ``B_r`` may differ across ranks.
+        group: process group (default: the world).
+
+    Returns:
+        ``[sum_r B_r, ...]`` in rank order. In backward, gradients from every rank are summed
+        (all-reduce, or reduce-scatter on NCCL) and this rank's rows are returned.
+    """
+    if not _is_dist(group):
+        return x
+    return _AllGatherGrad.apply(x, group)
+
+
+def all_gather_no_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """All-gather along dim 0 without autograd (ids, masks); bool tensors are supported."""
+    if not _is_dist(group):
+        return x
+    if x.dtype == torch.bool:
+        return _all_gather_padded(x.to(torch.uint8), group)[0].bool()
+    return _all_gather_padded(x.detach(), group)[0]
+
+
+class _ReplicatedSum(torch.autograd.Function):
+    """All-reduce SUM whose result feeds a computation replicated on every rank.
+
+    If ``y = sum_r x_r`` and every rank computes the same loss from ``y``, then
+    ``dL/dx_r = dL/dy`` on each rank: the backward is the identity (no communication).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def replicated_all_reduce_sum(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Differentiable all-reduce SUM for values consumed identically by every rank.
+
+    Only valid when everything downstream of the result is the same on every rank (the
+    replicated loss); the backward is then the identity.
+    """
+    if not _is_dist(group):
+        return x
+    return _ReplicatedSum.apply(x, group)
+
+
+def _safe_log(s: torch.Tensor) -> torch.Tensor:
+    """``log(s)`` with ``log(0) = -inf`` and a finite (zero) gradient there."""
+    pos = s > 0
+    return torch.where(pos, torch.log(torch.where(pos, s, torch.ones_like(s))), _NEG_INF)
+
+
+def combine_logsumexp(local_lse: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Global ``log sum_r exp(local_lse_r)`` over the ranks, differentiably.
+
+    Uses an all-reduce MAX (no gradient needed: the maximum cancels) and an all-reduce SUM of
+    ``exp(lse_r - max)``. Rows whose every term is ``-inf`` give ``-inf`` without NaN.
+
+    Args:
+        local_lse: ``[N] float`` this rank's log-sum-exp per row (may be ``-inf``).
+
+    Returns:
+        ``[N] float``, identical on every rank.
+    """
+    m = local_lse.detach().clone()
+    if _is_dist(group):
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # [N]
+    s = replicated_all_reduce_sum(torch.exp(local_lse - m), group)  # [N]
+    return m + _safe_log(s)
+
+
+# ------------------------------------------------------------------------------------------
+# chunked, masked log-sum-exp over one shard (custom autograd; never [N, L_r] at once)
+# ------------------------------------------------------------------------------------------
+def _chunk_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    c0: int,
+    c1: int,
+    hit_rows: torch.Tensor,
+    hit_cols: torch.Tensor,
+) -> torch.Tensor:
+    s = q @ w[c0:c1].t()  # [N, C]
+    if b is not None:
+        s = s + b[c0:c1]
+    sel = (hit_cols >= c0) & (hit_cols < c1)
+    if bool(sel.any()):
+        s[hit_rows[sel], hit_cols[sel] - c0] = _NEG_INF
+    return s
+
+
+class _MaskedShardLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        hit_rows: torch.Tensor,
+        hit_cols: torch.Tensor,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        n, num = q.shape[0], w.shape[0]
+        lse = q.new_full((n,), _NEG_INF)
+        with torch.no_grad():
+            for c0 in range(0, num, chunk_size):
+                c1 = min(num, c0 + chunk_size)
+                s = _chunk_scores(q, w, b, c0, c1, hit_rows, hit_cols)  # [N, C]
+                lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))  # [N]
+        ctx.save_for_backward(q, w, b, hit_rows, hit_cols, lse)
+        ctx.chunk_size = chunk_size
+        ctx.has_bias = b is not None
+        return lse
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        q, w, b, hit_rows, hit_cols, lse = ctx.saved_tensors
+        finite = torch.isfinite(lse)
+        coef = torch.where(finite, g, torch.zeros_like(g))  # [N]
+        lse0 = torch.where(finite, lse, torch.zeros_like(lse))  # [N]
+        gq = torch.zeros_like(q)
+        gw = torch.zeros_like(w)
+        gb = torch.zeros_like(b) if b is not None else None
+        num = w.shape[0]
+        for c0 in range(0, num, ctx.chunk_size):
+            c1 = min(num, c0 + ctx.chunk_size)
+            s = _chunk_scores(q, w, b, c0, c1, hit_rows, hit_cols)  # [N, C]
+            p = torch.exp(s - lse0[:, None]) * coef[:, None]  # [N, C] d lse / d s, scaled
+            gq += p @ w[c0:c1]
+            gw[c0:c1] = p.t() @ q
+            if gb is not None:
+                gb[c0:c1] = p.sum(0)
+        return gq, gw, gb, None, None, None
+
+
+def _owned_positive_scores(
+    q: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    local_pos: torch.Tensor,
+    own: torch.Tensor,
+    sparse_grad: bool = False,
+) -> torch.Tensor:
+    """Scores of the positives this shard owns, 0 elsewhere: ``[N, P]``."""
+    idx = torch.where(own, local_pos, torch.zeros_like(local_pos))  # [N, P] valid local rows
+    if weight.shape[0] == 0:
+        return q.new_zeros(local_pos.shape)
+    rows = F.embedding(idx, weight, sparse=sparse_grad)  # [N, P, d]
+    x = (rows * q[:, None, :]).sum(-1)  # [N, P]
+    if bias is not None:
+        x = x + bias[idx]
+    return torch.where(own, x, torch.zeros_like(x))
+
+
+def _pair_loss(x_pos: torch.Tensor, lse_neg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid pairs of ``-x_t + log(exp(x_t) + exp(lse_neg))``."""
+    per_pair = F.softplus(lse_neg[:, None] - x_pos)  # [N, P]
+    # softplus(-inf) = 0 exactly: a row with no negative at all has zero loss
+    per_pair = torch.where(mask, per_pair, torch.zeros_like(per_pair))
+    count = mask.sum()
+    return per_pair.sum() / count.clamp_min(1).to(per_pair.dtype)
+
+
+def _check_inputs(
+    queries: torch.Tensor,
+    local_weight: torch.Tensor,
+    local_bias: torch.Tensor | None,
+    pos_ids: torch.Tensor,
+    pos_mask: torch.Tensor,
+) -> None:
+    if queries.dim() != 2 or local_weight.dim() != 2 or queries.shape[1] != local_weight.shape[1]:
+        raise ConfigError(
+            f"queries {tuple(queries.shape)} and local_weight {tuple(local_weight.shape)} must be "
+            "[B, d] and [L_r, d] with the same d (check --dim)"
+        )
+    if pos_ids.shape != pos_mask.shape or pos_ids.dim() != 2 or pos_ids.shape[0] != queries.shape[0]:
+        raise ConfigError(
+            f"pos_ids {tuple(pos_ids.shape)} and pos_mask {tuple(pos_mask.shape)} must both be "
+            f"[B, P] with B = {queries.shape[0]}"
+        )
+    if local_bias is not None and local_bias.shape != (local_weight.shape[0],):
+        raise ConfigError(
+            f"local_bias {tuple(local_bias.shape)} must be [L_r] = [{local_weight.shape[0]}]"
+        )
+
+
+def sharded_full_softmax_loss(
+    queries: torch.Tensor,
+    local_weight: torch.Tensor,
+    local_bias: torch.Tensor | None,
+    pos_ids: torch.Tensor,
+    pos_mask: torch.Tensor,
+    label_offset: int,
+    group: Any = None,
+    chunk_size: int = 65536,
+) -> torch.Tensor:
+    """Exact multi-label softmax loss with the label table sharded by rows across ranks.
+
+    Every rank all-gathers the queries and positives of the global batch, scores them against
+    its shard by chunks of ``chunk_size`` labels (never ``[N, L_r]`` at once), masks its own
+    positives out of the normalizer, and combines the per-shard log-sum-exp across ranks; the
+    score of each positive comes from the shard that owns it (all-reduce SUM).
+
+    Args:
+        queries: ``[B_r, d] float`` this rank's queries (requires grad through the encoder).
+        local_weight: ``[L_r, d] float`` this rank's rows ``[label_offset, label_offset + L_r)``.
+        local_bias: ``[L_r] float`` or ``None``.
+        pos_ids: ``[B_r, P] int64`` *global* label ids, padded.
+        pos_mask: ``[B_r, P] bool`` valid entries of ``pos_ids``.
+        label_offset: first global label id of this rank's shard.
+        group: process group (default world; single process when not initialized).
+        chunk_size: labels scored at once.
+
+    Returns:
+        Scalar, the mean over the valid (row, target) pairs of the global batch; identical on
+        every rank. Backward gives exact gradients for this rank's queries and shards.
+    """
+    _check_inputs(queries, local_weight, local_bias, pos_ids, pos_mask)
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size={chunk_size} must be >= 1 (--chunk-size)")
+    q_all = all_gather_with_grad(queries, group)  # [N, d]
+    pos_all = all_gather_no_grad(pos_ids, group)  # [N, P]
+    mask_all = all_gather_no_grad(pos_mask.bool(), group)  # [N, P]
+    num_local = local_weight.shape[0]
+    local_pos = pos_all - label_offset  # [N, P]
+    own = mask_all & (local_pos >= 0) & (local_pos < num_local)  # [N, P]
+    hit_rows, hit_slot = own.nonzero(as_tuple=True)
+    hit_cols = local_pos[hit_rows, hit_slot]
+    lse_local = _MaskedShardLSE.apply(
+        q_all, local_weight, local_bias, hit_rows, hit_cols, int(chunk_size)
+    )  # [N]
+    lse_neg = combine_logsumexp(lse_local, group)  # [N]
+    x_pos = replicated_all_reduce_sum(
+        _owned_positive_scores(q_all, local_weight, local_bias, local_pos, own), group
+    )  # [N, P]
+    return _pair_loss(x_pos, lse_neg, mask_all)
+
+
+# ------------------------------------------------------------------------------------------
+# sampled softmax with one sampler per shard (stratified sampling)
+# ------------------------------------------------------------------------------------------
+class _ShardSampler(Protocol):
+    num_labels: int
+
+    def sample(
+        self,
+        queries: torch.Tensor,
+        num_samples: int,
+        shared: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Any: ...
+
+
+class ShardedSamples(NamedTuple):
+    """What one rank drew for the global batch (for diagnostics and tests).
+
+    Attributes:
+        ids: ``[N, M_r]`` or ``[M_r]`` int64 *global* ids of this rank's draws.
+        log_q: same shape, log of this rank's proposal ``q_r`` (normalized over its shard).
+        num_samples: ``M_r``.
+    """
+
+    ids: torch.Tensor
+    log_q: torch.Tensor
+    num_samples: int
+
+
+def mixture_log_q(log_q_r: torch.Tensor, quota: int, total: int) -> torch.Tensor:
+    """Log-probability of the union proposal: ``log q(c) = log q_r(c) + log(M_r / M)``.
+
+    With fixed quotas ``M_r`` per shard, a draw picked uniformly from the pooled ``M`` samples
+    has this (normalized) distribution over all labels, and the stratified estimator equals
+    ``(1/M) sum_j exp(x_j) / q(c_j)``.
+    """
+    return log_q_r + (math.log(quota) - math.log(total))
+
+
+def _accidental_hits(neg_ids: torch.Tensor, pos_ids: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+    """``[N, M]`` bool: negative ``neg_ids[i, j]`` (or ``neg_ids[j]`` if 1-D) is a positive of row i.
+
+    Uses a per-row sorted search (``O(N M log P)`` time, ``[N, M]`` memory).
+    """
+    n = pos_ids.shape[0]
+    big = torch.iinfo(torch.int64).max
+    keyed = torch.where(pos_mask, pos_ids, torch.full_like(pos_ids, big))
+    sorted_pos, _ = torch.sort(keyed, dim=1)  # [N, P]
+    neg = neg_ids if neg_ids.dim() == 2 else neg_ids[None, :].expand(n, -1)  # [N, M]
+    neg = neg.contiguous()
+    if sorted_pos.shape[1] == 0:
+        return torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
+    where = torch.searchsorted(sorted_pos, neg)  # [N, M]
+    where = where.clamp_max(sorted_pos.shape[1] - 1)
+    return sorted_pos.gather(1, where) == neg
+
+
+def sharded_sampled_softmax_loss(
+    queries: torch.Tensor,
+    local_weight: torch.Tensor,
+    local_bias: torch.Tensor | None,
+    pos_ids: torch.Tensor,
+    pos_mask: torch.Tensor,
+    label_offset: int,
+    sampler: _ShardSampler,
+    num_samples: int,
+    group: Any = None,
+    *,
+    shared: bool = False,
+    generator: torch.Generator | None = None,
+    remove_accidental_hits: bool = True,
+    sparse_grad: bool = False,
+    return_samples: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ShardedSamples]:
+    """Sampled softmax with a per-shard sampler and an all-reduced normalizer estimate.
+
+    Rank ``r`` draws ``num_samples`` (``M_r``) negatives from *its own shard* with ``sampler``
+    (local ids ``0 .. L_r - 1``, exact normalized ``log q_r``) for every query of the global
+    batch, and the loss for target ``t`` of row ``i`` is
+    ``-x_t + log(exp(x_t) + Zhat_i)`` with the stratified estimate
+    ``Zhat_i = sum_r (1/M_r) sum_{c ~ q_r, c not in P_i} exp(x_ic) / q_r(c)``
+    (accidental hits removed when ``remove_accidental_hits``).
+
+    Args:
+        queries: ``[B_r, d]`` this rank's queries.
+        local_weight: ``[L_r, d]`` this rank's shard.
+        local_bias: ``[L_r]`` or ``None``.
+        pos_ids: ``[B_r, P] int64`` global ids; ``pos_mask``: ``[B_r, P] bool``.
+        label_offset: first global id of this shard.
+        sampler: object with ``num_labels == L_r`` and
+            ``sample(queries [N, d], M, shared, generator) -> (ids, log_q)`` in local ids
+            (e.g. an :mod:`xmc_toolkit.sampling` sampler built over this shard only).
+        num_samples: this rank's quota ``M_r >= 1`` (ranks may use different quotas).
+        group: process group.
+        shared: one set of ``M_r`` negatives for the whole batch instead of per query.
+        generator: random generator for the draws (seed it per rank).
+        remove_accidental_hits: drop sampled negatives that are positives of the row.
+        sparse_grad: sparse gradient for ``local_weight`` (use with ``torch.optim.SparseAdam``).
+        return_samples: also return this rank's :class:`ShardedSamples`.
+
+    Returns:
+        The scalar loss (identical on every rank), and the samples when ``return_samples``.
+    """
+    _check_inputs(queries, local_weight, local_bias, pos_ids, pos_mask)
+    num_local = local_weight.shape[0]
+    if num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples} must be >= 1 (--num-samples)")
+    if num_local > 0 and int(getattr(sampler, "num_labels", num_local)) != num_local:
+        raise SamplerError(
+            f"the shard sampler covers {sampler.num_labels} labels but this rank owns "
+            f"{num_local}; build the sampler over the shard (shard_range)"
+        )
+    q_all = all_gather_with_grad(queries, group)  # [N, d]
+    pos_all = all_gather_no_grad(pos_ids, group)  # [N, P]
+    mask_all = all_gather_no_grad(pos_mask.bool(), group)  # [N, P]
+    n = q_all.shape[0]
+    local_pos = pos_all - label_offset
+    own = mask_all & (local_pos >= 0) & (local_pos < num_local)  # [N, P]
+
+    if num_local > 0:
+        drawn = sampler.sample(q_all.detach(), num_samples, shared=shared, generator=generator)
+        ids, log_q = drawn[0], drawn[1]  # [N, M_r] or [M_r], local ids
+        ids = ids.to(q_all.device)
+        log_q = log_q.to(q_all.device, q_all.dtype)
+        if shared:
+            rows = F.embedding(ids, local_weight, sparse=sparse_grad)  # [M_r, d]
+            neg = q_all @ rows.t()  # [N, M_r]
+            if local_bias is not None:
+                neg = neg + local_bias[ids]
+            logits = neg - (log_q + math.log(num_samples))[None, :]  # [N, M_r]
+        else:
+            rows = F.embedding(ids, local_weight, sparse=sparse_grad)  # [N, M_r, d]
+            neg = (rows * q_all[:, None, :]).sum(-1)  # [N, M_r]
+            if local_bias is not None:
+                neg = neg + local_bias[ids]
+            logits = neg - (log_q + math.log(num_samples))  # [N, M_r]
+        if remove_accidental_hits:
+            hits = _accidental_hits(ids + label_offset, pos_all, mask_all)  # [N, M_r]
+            logits = logits.masked_fill(hits, _NEG_INF)
+        lse_local = torch.logsumexp(logits, dim=1)  # [N]
+    else:  # empty shard: contributes nothing
+        ids = torch.zeros((0,) if shared else (n, 0), dtype=torch.int64, device=q_all.device)
+        log_q = torch.zeros(ids.shape, dtype=q_all.dtype, device=q_all.device)
+        lse_local = q_all.new_full((n,), _NEG_INF) + 0.0 * q_all.sum()
+    lse_neg = combine_logsumexp(lse_local, group)  # [N]
+    x_pos = replicated_all_reduce_sum(
+        _owned_positive_scores(q_all, local_weight, local_bias, local_pos, own, sparse_grad),
+        group,
+    )  # [N, P]
+    loss = _pair_loss(x_pos, lse_neg, mask_all)
+    if return_samples:
+        return loss, ShardedSamples(ids + label_offset, log_q, num_samples)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------
+# exact top-k across shards
+# ------------------------------------------------------------------------------------------
+def merge_topk(
+    scores: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-shard top-k lists into the global top-k.
+
+    Args:
+        scores: per shard ``[N, k_r] float`` (pad with ``-inf``).
+        ids: per shard ``[N, k_r] int64`` global ids (pad with ``-1``).
+        k: how many to keep.
+
+    Returns:
+        ``(scores [N, k], ids [N, k])`` sorted by decreasing score.
+    """
+    s = torch.cat(list(scores), dim=1)  # [N, sum k_r]
+    i = torch.cat(list(ids), dim=1)
+    kk = min(k, s.shape[1])
+    top, where = torch.topk(s, kk, dim=1)  # [N, k]
+    return top, i.gather(1, where)
+
+
+def _local_topk(
+    q: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = q.shape[0]
+    best_s = q.new_full((n, k), _NEG_INF)
+    best_i = torch.full((n, k), -1, dtype=torch.int64, device=q.device)
+    for c0 in range(0, w.shape[0], chunk_size):
+        c1 = min(w.shape[0], c0 + chunk_size)
+        s = q @ w[c0:c1].t()  # [N, C]
+        if b is not None:
+            s = s + b[c0:c1]
+        kk = min(k, c1 - c0)
+        cs, ci = torch.topk(s, kk, dim=1)  # [N, kk]
+        best_s, best_i = merge_topk([best_s, cs], [best_i, ci + c0], k)
+    return best_s, best_i
+
+
+@torch.no_grad()
+def sharded_topk(
+    queries: torch.Tensor,
+    local_weight: torch.Tensor,
+    local_bias: torch.Tensor | None,
+    k: int,
+    label_offset: int,
+    group: Any = None,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the whole (sharded) label table for this rank's queries.
+
+    Each rank scores the gathered queries on its shard by chunks, keeps its top-k, and the
+    per-shard lists are all-gathered and merged.
+
+    Args:
+        queries: ``[B_r, d]`` this rank's queries.
+        local_weight: ``[L_r, d]``; ``local_bias``: ``[L_r]`` or ``None``.
+        k: number of labels to return (``1 <= k``; at most ``L`` are returned).
+        label_offset: first global id of this shard.
+
+    Returns:
+        ``(scores [B_r, k'] float, ids [B_r, k'] int64 global)`` with ``k' = min(k, L)``.
+    """
+    if k < 1:
+        raise ConfigError(f"k={k} must be >= 1 (--k)")
+    rank, world = world_info(group)
+    q_all = all_gather_no_grad(queries, group)  # [N, d]
+    s, i = _local_topk(q_all, local_weight, local_bias, k, chunk_size)  # [N, k]
+    i = torch.where(i >= 0, i + label_offset, i)
+    if _is_dist(group):
+        s_parts = [torch.empty_like(s) for _ in range(world)]
+        i_parts = [torch.empty_like(i) for _ in range(world)]
+        dist.all_gather(s_parts, s.contiguous(), group=group)
+        dist.all_gather(i_parts, i.contiguous(), group=group)
+        sizes = _gather_sizes(queries.shape[0], queries.device, group)
+    else:
+        s_parts, i_parts, sizes = [s], [i], [queries.shape[0]]
+    top_s, top_i = merge_topk(s_parts, i_parts, k)  # [N, k]
+    total = torch.tensor([local_weight.shape[0]], dtype=torch.int64, device=queries.device)
+    if _is_dist(group):
+        dist.all_reduce(total, group=group)
+    kk = min(k, int(total.item()))
+    start = sum(sizes[:rank])
+    return top_s[start : start + sizes[rank], :kk], top_i[start : start + sizes[rank], :kk]
+
+
+# ------------------------------------------------------------------------------------------
+# DDP helper
+# ------------------------------------------------------------------------------------------
+def sum_allreduce_hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook that *sums* gradients across ranks instead of averaging.
+
+    With the sharded losses every rank's loss is already the mean over the global batch and
+    the gradient reaching each rank's queries is exact, so the encoder gradients of the ranks
+    must be added. Register with ``ddp.register_comm_hook(group_or_None, sum_allreduce_hook)``.
+    """
+    buf = bucket.buffer()
+    fut = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=state, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
