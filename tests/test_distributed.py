@@ -96,6 +96,9 @@ class _TableSampler:
             )
         return ids, self.log_p[ids]
 
+    def log_prob(self, queries, ids, shared=False):
+        return self.log_p[ids]
+
 
 # ------------------------------------------------------------------------------------------
 # pure helpers (no process group)
@@ -245,6 +248,16 @@ def _math_worker(rank: int, world: int, port: int, out: str) -> None:
             loss.backward()
             res[f"sampled_{shared}"] = (loss.detach(), q.grad, w.grad, bb.grad, smp.ids, smp.log_q)
 
+        q = Q[rows].clone().requires_grad_(True)
+        w = W[lo:hi].clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(200 + rank)
+        loss, smp = D.sharded_sampled_softmax_loss(
+            q, w, None, pos[rows], mask[rows], lo, _TableSampler(hi - lo, seed=7 + rank),
+            QUOTAS[rank], generator=gen, correction="conditional", return_samples=True,
+        )
+        loss.backward()
+        res["conditional"] = (loss.detach(), q.grad, w.grad, smp.ids, smp.log_q)
+
         s, i = D.sharded_topk(Q[rows].float(), W[lo:hi].float(), b[lo:hi].float(), 5, lo,
                               chunk_size=3)
         res["topk"] = (s, i)
@@ -313,3 +326,60 @@ def test_two_process_topk_is_exact(math_results) -> None:
         s, i = res["topk"]
         torch.testing.assert_close(s, ref_s[r0:r1])
         assert torch.equal(i, ref_i[r0:r1])
+
+
+def _stratified_conditional_ref(Q, W, pos, mask, per_rank) -> torch.Tensor:
+    """Per-stratum conditional estimator, written densely: for each shard r,
+    Z_r = (1 - q_r(P in r)) / M'_r * sum_{non-hit draws} e^x / q_r."""
+    S = Q @ W.t()  # [N, L]
+    dense = _dense_pos(pos, mask, W.shape[0])
+    terms = []
+    for (lo, hi), sampler, ids, log_q in per_rank:
+        hit = dense.gather(1, ids)
+        m_eff = (~hit).sum(1).clamp_min(1)
+        q_local = sampler.log_p.exp()  # [L_r]
+        own = mask & (pos >= lo) & (pos < hi)  # per slot, like losses.sampled_softmax_loss
+        q_own = torch.where(own, q_local[(pos - lo).clamp(0, hi - lo - 1)], 0.0).sum(1)
+        logits = S.gather(1, ids) - log_q - torch.log(m_eff.double())[:, None]
+        logits = logits + torch.log(1 - q_own)[:, None]
+        terms.append(torch.logsumexp(logits.masked_fill(hit, -math.inf), 1))
+    lse = torch.logsumexp(torch.stack(terms, 1), 1)
+    x = S.gather(1, pos)
+    per = torch.where(mask, -x + torch.logaddexp(x, lse[:, None]), torch.zeros_like(x))
+    return per.sum() / mask.sum()
+
+
+def test_two_process_conditional_sampled_loss_matches_per_stratum_reference(math_results) -> None:
+    n = sum(N_PER_RANK)
+    Q, W, _b, pos, mask = _problem(11, n, DIM, NUM_LABELS, P)
+    Q, W = (t.clone().requires_grad_(True) for t in (Q, W))
+    per_rank = []
+    for rank, res in enumerate(math_results):
+        lo, hi = res["range"]
+        per_rank.append(((lo, hi), _TableSampler(hi - lo, seed=7 + rank), *res["conditional"][3:]))
+    ref = _stratified_conditional_ref(Q, W, pos, mask, per_rank)
+    ref.backward()
+    for res in math_results:
+        loss, gq, gw = res["conditional"][:3]
+        lo, hi = res["range"]
+        r0, r1 = res["rows"]
+        torch.testing.assert_close(loss, ref.detach())
+        torch.testing.assert_close(gq, Q.grad[r0:r1])
+        torch.testing.assert_close(gw, W.grad[lo:hi])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_conditional_one_rank_equals_library_sampled_softmax(shared) -> None:
+    losses = pytest.importorskip("xmc_toolkit.losses")
+    Q, W, b, pos, mask = _problem(5, 8, 4, 17, 3)
+    sampler = _TableSampler(17, seed=3)
+    loss, smp = D.sharded_sampled_softmax_loss(
+        Q, W, b, pos, mask, 0, sampler, 9, shared=shared,
+        generator=torch.Generator().manual_seed(1), correction="conditional", return_samples=True,
+    )
+    S = Q @ W.t() + b
+    neg_scores = S[:, smp.ids] if shared else S.gather(1, smp.ids)
+    lib = losses.sampled_softmax_loss(
+        S.gather(1, pos), pos, mask, sampler.log_p[pos], neg_scores, smp.ids, smp.log_q
+    )
+    torch.testing.assert_close(loss, lib.to(loss.dtype))

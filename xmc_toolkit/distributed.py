@@ -491,6 +491,7 @@ def sharded_sampled_softmax_loss(
     shared: bool = False,
     generator: torch.Generator | None = None,
     remove_accidental_hits: bool = True,
+    correction: str = "plain",
     sparse_grad: bool = False,
     return_samples: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ShardedSamples]:
@@ -517,6 +518,11 @@ def sharded_sampled_softmax_loss(
         shared: one set of ``M_r`` negatives for the whole batch instead of per query.
         generator: random generator for the draws (seed it per rank).
         remove_accidental_hits: drop sampled negatives that are positives of the row.
+        correction: ``"plain"``: the unbiased stratified estimator above (divide by ``M_r``,
+            hits count as zero). ``"conditional"``: per shard, divide by the number ``M'_{i,r}``
+            of non-hit draws and multiply by ``1 - q_r(P_i in shard r)``, i.e. the per-stratum
+            version of :func:`xmc_toolkit.losses.sampled_softmax_loss`'s default; with one
+            rank it equals that function (needs ``sampler.log_prob``).
         sparse_grad: sparse gradient for ``local_weight`` (use with ``torch.optim.SparseAdam``).
         return_samples: also return this rank's :class:`ShardedSamples`.
 
@@ -527,6 +533,8 @@ def sharded_sampled_softmax_loss(
     num_local = local_weight.shape[0]
     if num_samples < 1:
         raise ConfigError(f"num_samples={num_samples} must be >= 1 (--num-samples)")
+    if correction not in ("plain", "conditional"):
+        raise ConfigError(f"correction={correction!r} must be 'plain' or 'conditional'")
     if num_local > 0 and int(getattr(sampler, "num_labels", num_local)) != num_local:
         raise SamplerError(
             f"the shard sampler covers {sampler.num_labels} labels but this rank owns "
@@ -549,16 +557,27 @@ def sharded_sampled_softmax_loss(
             neg = q_all @ rows.t()  # [N, M_r]
             if local_bias is not None:
                 neg = neg + local_bias[ids]
-            logits = neg - (log_q + math.log(num_samples))[None, :]  # [N, M_r]
         else:
             rows = F.embedding(ids, local_weight, sparse=sparse_grad)  # [N, M_r, d]
             neg = (rows * q_all[:, None, :]).sum(-1)  # [N, M_r]
             if local_bias is not None:
                 neg = neg + local_bias[ids]
-            logits = neg - (log_q + math.log(num_samples))  # [N, M_r]
+        lq = log_q[None, :] if shared else log_q  # [1 or N, M_r]
         if remove_accidental_hits:
             hits = _accidental_hits(ids + label_offset, pos_all, mask_all)  # [N, M_r]
-            logits = logits.masked_fill(hits, _NEG_INF)
+        else:
+            hits = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
+        if correction == "plain":
+            logits = neg - lq - math.log(num_samples)  # [N, M_r]
+        else:
+            m_eff = (~hits).sum(1).clamp_min(1).to(neg.dtype)  # [N] non-hit draws M'_{i,r}
+            idx = torch.where(own, local_pos, torch.zeros_like(local_pos))  # [N, P]
+            lq_pos = sampler.log_prob(q_all.detach(), idx).to(neg.device, neg.dtype)  # [N, P]
+            q_own = torch.where(own, lq_pos.exp(), torch.zeros_like(lq_pos)).sum(1)  # [N]
+            tiny = torch.finfo(neg.dtype).tiny
+            log_rest = torch.log((1.0 - q_own).clamp_min(tiny))  # [N] log(1 - q_r(P_i))
+            logits = neg - lq - torch.log(m_eff)[:, None] + log_rest[:, None]  # [N, M_r]
+        logits = logits.masked_fill(hits, _NEG_INF)
         lse_local = torch.logsumexp(logits, dim=1)  # [N]
     else:  # empty shard: contributes nothing
         ids = torch.zeros((0,) if shared else (n, 0), dtype=torch.int64, device=q_all.device)
