@@ -7,7 +7,27 @@ from .dataset import XMCDataset
 __all__ = ["XMCDataset"]
 
 # formats.py exports (owned by the data-formats work):
-# FORMATS-EXPORTS
+from .formats import (  # noqa: E402
+    FORMATS,
+    append_xc_rows,
+    dataset_stats,
+    infer_format,
+    load,
+    read_label_names,
+    save,
+    write_xc_header,
+)
+
+__all__ += [
+    "FORMATS",
+    "append_xc_rows",
+    "dataset_stats",
+    "infer_format",
+    "load",
+    "read_label_names",
+    "save",
+    "write_xc_header",
+]
 
 # synthetic.py / registry.py exports (owned by the synthetic-data work):
 # SYNTH-EXPORTS

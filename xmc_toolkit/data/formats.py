@@ -1,0 +1,603 @@
+"""Reading and writing multi-label data sets: XC, XC split files, svmlight, npz, Mulan/MEKA ARFF.
+
+``load(path, fmt=None)`` returns an :class:`~xmc_toolkit.data.dataset.XMCDataset` whose ``X`` is a
+``csr_matrix`` float32 ``[N, D]`` with sorted indices and whose ``Y`` is a binary ``csr_matrix``
+float32 ``[N, L]``. ``save(ds, path, fmt=None)`` writes one. Text formats are parsed in blocks
+of bytes with numpy (no Python object per non-zero, see ``_textparse``); every problem raises
+:class:`~xmc_toolkit.errors.DataFormatError` with the file and the 1-based line number.
+
+Formats (names accepted by ``fmt``): ``"xc"``, ``"xc-split"``, ``"svmlight"``, ``"npz"``,
+``"arff"``. See ``docs/data-formats.md`` for examples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import DataFormatError
+from ._arff import read_arff, read_label_names
+from ._textparse import BlockError, ParsedBlock, parse_block
+from ._textwrite import format_rows
+from .dataset import XMCDataset
+
+__all__ = [
+    "FORMATS",
+    "load",
+    "save",
+    "infer_format",
+    "read_label_names",
+    "write_xc_header",
+    "append_xc_rows",
+    "dataset_stats",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("xc", "xc-split", "svmlight", "npz", "arff")
+_BLOCK_BYTES = 32 * 1024 * 1024
+_WRITE_ROWS = 65536
+_SPLIT_X = "_X_Xf.txt"
+_SPLIT_Y = "_X_Y.txt"
+_SVM_SUFFIXES = (".svm", ".svmlight", ".libsvm")
+PathLike = str | os.PathLike
+
+
+# ------------------------------------------------------------------------------------------------
+# format inference
+# ------------------------------------------------------------------------------------------------
+def _split_prefix(path: Path) -> Path | None:
+    """The prefix ``dir/trn`` of a split pair given either file, the prefix, or a directory."""
+    name = path.name
+    for suffix in (_SPLIT_X, _SPLIT_Y):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)])
+    if path.is_dir():
+        found = sorted(p.name[: -len(_SPLIT_X)] for p in path.glob("*" + _SPLIT_X))
+        if len(found) == 1:
+            return path / found[0]
+        if len(found) > 1:
+            raise DataFormatError(
+                path,
+                None,
+                f"directory holds several split pairs ({', '.join(found)}); pass a prefix such as "
+                f"{path / found[0]} or one of its files",
+            )
+        return None
+    if Path(str(path) + _SPLIT_X).exists() or Path(str(path) + _SPLIT_Y).exists():
+        return path
+    return None
+
+
+def infer_format(path: PathLike) -> str:
+    """Guess the format of ``path`` from its name, then from its first line.
+
+    Rules: ``*_X_Xf.txt`` / ``*_X_Y.txt`` / a split prefix or a directory holding one pair ->
+    ``xc-split``; ``*.npz`` -> ``npz``; ``*.arff`` -> ``arff``; ``*.svm|.svmlight|.libsvm`` ->
+    ``svmlight``; otherwise a first line of three integers -> ``xc``, anything else ->
+    ``svmlight``.
+
+    Raises:
+        DataFormatError: the path does not exist or its format cannot be told.
+    """
+    p = Path(path)
+    if _split_prefix(p) is not None:
+        return "xc-split"
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix == ".arff":
+        return "arff"
+    if suffix in _SVM_SUFFIXES:
+        return "svmlight"
+    if not p.exists():
+        raise DataFormatError(p, None, "no such file or directory")
+    if p.is_dir():
+        raise DataFormatError(
+            p, None, f"directory holds no *{_SPLIT_X} / *{_SPLIT_Y} pair; pass a file instead"
+        )
+    with open(p, "rb") as fh:
+        first = fh.readline(4096)
+    if re.fullmatch(rb"\s*\d+\s+\d+\s+\d+\s*", first):
+        return "xc"
+    return "svmlight"
+
+
+# ------------------------------------------------------------------------------------------------
+# block-wise text reading
+# ------------------------------------------------------------------------------------------------
+def _read_header(fh: IO[bytes], path: Path, names: tuple[str, ...]) -> tuple[int, ...]:
+    raw = fh.readline()
+    text = raw.decode("utf-8", errors="replace").strip()
+    fields = text.split()
+    expected = " ".join(names)
+    if not raw:
+        raise DataFormatError(path, 1, f"empty file: expected a header line '{expected}'")
+    if len(fields) != len(names) or not all(f.isdigit() for f in fields):
+        raise DataFormatError(
+            path,
+            1,
+            f"expected a header '{expected}' ({len(names)} non-negative integers), found "
+            f"{text[:80]!r}",
+        )
+    return tuple(int(f) for f in fields)
+
+
+def _iter_blocks(fh: IO[bytes], block_bytes: int) -> Any:
+    """Yield blocks of whole lines (each ends with ``\\n``)."""
+    carry = b""
+    while True:
+        chunk = fh.read(block_bytes)
+        if not chunk:
+            if carry:
+                yield carry + b"\n"
+            return
+        data = carry + chunk if carry else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            carry = data
+            continue
+        carry = data[cut + 1 :]
+        yield data[: cut + 1] if cut + 1 < len(data) else data
+        del data
+
+
+class _Rows:
+    """Accumulates parsed blocks and assembles the CSR matrices."""
+
+    def __init__(self) -> None:
+        self.blocks: list[ParsedBlock] = []
+        self.num_lines = 0
+
+    def add(self, block: ParsedBlock) -> None:
+        self.blocks.append(block)
+        self.num_lines += block.num_lines
+
+    def line_tokens(self) -> np.ndarray:
+        """``[num_lines]`` number of labels + pairs on each line."""
+        if not self.blocks:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([b.label_counts + b.feature_counts for b in self.blocks])
+
+    def matrices(
+        self, num_rows: int, num_features: int, num_labels: int
+    ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            parts = [getattr(b, name) for b in self.blocks]
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+        f_counts = cat("feature_counts", np.int64)[:num_rows]
+        l_counts = cat("label_counts", np.int64)[:num_rows]
+        x_ptr = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(f_counts, out=x_ptr[1:])
+        y_ptr = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(l_counts, out=y_ptr[1:])
+        idx_x = np.int32 if max(num_features, x_ptr[-1]) < 2**31 else np.int64
+        idx_y = np.int32 if max(num_labels, y_ptr[-1]) < 2**31 else np.int64
+        x_ind = cat("feature_ids", idx_x)
+        x_val = cat("values", np.float32)
+        y_ind = cat("label_ids", idx_y)
+        self.blocks = []
+        X = sp.csr_matrix(
+            (x_val, x_ind, x_ptr.astype(idx_x)), shape=(num_rows, num_features), copy=False
+        )
+        Y = sp.csr_matrix(
+            (np.ones(len(y_ind), dtype=np.float32), y_ind, y_ptr.astype(idx_y)),
+            shape=(num_rows, num_labels),
+            copy=False,
+        )
+        X.has_sorted_indices = True
+        Y.has_sorted_indices = True
+        return X, Y
+
+
+def _parse_file(
+    path: Path,
+    header: tuple[str, ...] | None,
+    has_labels: bool,
+    dims_from_header: Callable[[tuple[int, ...]], tuple[int | None, int | None]],
+    block_bytes: int,
+) -> tuple[tuple[int, ...], _Rows]:
+    rows = _Rows()
+    with open(path, "rb") as fh:
+        head = _read_header(fh, path, header) if header else ()
+        num_features, num_labels = dims_from_header(head)
+        line0 = 2 if header else 1  # 1-based file line of the first data line
+        for data in _iter_blocks(fh, block_bytes):
+            try:
+                block = parse_block(data, has_labels, num_features, num_labels)
+            except BlockError as exc:
+                raise DataFormatError(path, line0 + rows.num_lines + exc.line, exc.message) from None
+            rows.add(block)
+    return head, rows
+
+
+def _check_row_count(path: Path, rows: _Rows, expected: int, first_line: int) -> None:
+    """Fewer lines than ``expected`` -> truncated; extra lines must be blank."""
+    if rows.num_lines < expected:
+        raise DataFormatError(
+            path,
+            first_line + rows.num_lines,
+            f"file ends after {rows.num_lines} rows but the header declares {expected} "
+            "(truncated file?)",
+        )
+    if rows.num_lines > expected:
+        extra = np.flatnonzero(rows.line_tokens()[expected:])
+        if len(extra):
+            raise DataFormatError(
+                path,
+                first_line + expected + int(extra[0]),
+                f"more rows than the header's {expected}: fix the header or remove the extra rows",
+            )
+
+
+def _load_xc(path: Path, block_bytes: int = _BLOCK_BYTES) -> XMCDataset:
+    head, rows = _parse_file(
+        path, ("num_points", "num_features", "num_labels"), True, lambda h: (h[1], h[2]), block_bytes
+    )
+    n, d, l = head
+    _check_row_count(path, rows, n, 2)
+    X, Y = rows.matrices(n, d, l)
+    return XMCDataset(X, Y)
+
+
+def _load_split_file(path: Path, block_bytes: int) -> sp.csr_matrix:
+    if not path.exists():
+        raise DataFormatError(path, None, "missing file of the XC split pair")
+    head, rows = _parse_file(path, ("num_rows", "num_cols"), False, lambda h: (h[1], None), block_bytes)
+    n, cols = head
+    _check_row_count(path, rows, n, 2)
+    X, _ = rows.matrices(n, cols, 0)
+    return X
+
+
+def _load_xc_split(path: Path, block_bytes: int = _BLOCK_BYTES) -> XMCDataset:
+    prefix = _split_prefix(path)
+    if prefix is None:
+        raise DataFormatError(
+            path, None, f"not an XC split pair: expected <prefix>{_SPLIT_X} and <prefix>{_SPLIT_Y}"
+        )
+    x_path = Path(str(prefix) + _SPLIT_X)
+    y_path = Path(str(prefix) + _SPLIT_Y)
+    X = _load_split_file(x_path, block_bytes)
+    Yv = _load_split_file(y_path, block_bytes)
+    if Yv.shape[0] != X.shape[0]:
+        raise DataFormatError(
+            y_path, 1, f"{Yv.shape[0]} rows but {x_path.name} has {X.shape[0]}: the pair must match"
+        )
+    bad = np.flatnonzero(Yv.data != 1.0)
+    if len(bad):
+        row = int(np.searchsorted(Yv.indptr, bad[0], side="right")) - 1
+        raise DataFormatError(
+            y_path, row + 2, f"label value {Yv.data[bad[0]]!r}: label values must be 1"
+        )
+    return XMCDataset(X, Yv)
+
+
+def _load_svmlight(
+    path: Path,
+    zero_based: bool | str = "auto",
+    num_features: int | None = None,
+    num_labels: int | None = None,
+    block_bytes: int = _BLOCK_BYTES,
+) -> XMCDataset:
+    if zero_based not in (True, False, "auto"):
+        raise DataFormatError(path, None, f"zero_based={zero_based!r}: use True, False or 'auto'")
+    _, rows = _parse_file(path, None, True, lambda h: (None, None), block_bytes)
+    n = rows.num_lines  # every line is a row (a row with no labels starts with a space)
+    max_f = max((int(b.feature_ids.max()) for b in rows.blocks if len(b.feature_ids)), default=-1)
+    min_f = min((int(b.feature_ids.min()) for b in rows.blocks if len(b.feature_ids)), default=0)
+    max_l = max((int(b.label_ids.max()) for b in rows.blocks if len(b.label_ids)), default=-1)
+    one_based = zero_based is False or (zero_based == "auto" and min_f > 0)
+    if one_based:
+        if min_f == 0 and max_f >= 0:
+            raise DataFormatError(
+                path, None, "feature id 0 found with zero_based=False; pass zero_based=True"
+            )
+        for b in rows.blocks:
+            b.feature_ids -= 1
+        max_f -= 1
+    d = max_f + 1 if num_features is None else num_features
+    l = max_l + 1 if num_labels is None else num_labels
+    if max_f >= d:
+        raise DataFormatError(path, None, f"feature id {max_f} >= num_features={d}; raise num_features")
+    if max_l >= l:
+        raise DataFormatError(path, None, f"label id {max_l} >= num_labels={l}; raise num_labels")
+    X, Y = rows.matrices(n, d, l)
+    return XMCDataset(X, Y)
+
+
+# ------------------------------------------------------------------------------------------------
+# npz
+# ------------------------------------------------------------------------------------------------
+def _npz_pair(path: Path) -> tuple[Path, Path] | None:
+    name = path.name
+    for a, b in (("_X.npz", "_Y.npz"), ("_Y.npz", "_X.npz")):
+        if name.endswith(a):
+            other = path.with_name(name[: -len(a)] + b)
+            return (path, other) if a == "_X.npz" else (other, path)
+    return None
+
+
+def _csr_from_npz(z: Any, key: str, path: Path) -> sp.csr_matrix:
+    names = [f"{key}_data", f"{key}_indices", f"{key}_indptr", f"{key}_shape"]
+    missing = [k for k in names if k not in z]
+    if missing:
+        raise DataFormatError(path, None, f"npz lacks arrays {missing}; write it with xmc save")
+    shape = tuple(int(s) for s in z[f"{key}_shape"])
+    try:
+        m = sp.csr_matrix((z[f"{key}_data"], z[f"{key}_indices"], z[f"{key}_indptr"]), shape=shape)
+        m.check_format(full_check=True)
+    except ValueError as exc:
+        raise DataFormatError(path, None, f"array {key!r} is not a valid CSR matrix: {exc}") from None
+    return m
+
+
+def _finish(X: sp.spmatrix, Y: sp.spmatrix, path: Path, what: str) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    X = sp.csr_matrix(X, dtype=np.float32)
+    Y = sp.csr_matrix(Y, dtype=np.float32)
+    if X.shape[0] != Y.shape[0]:
+        raise DataFormatError(path, None, f"{what}: X has {X.shape[0]} rows but Y has {Y.shape[0]}")
+    for name, m in (("X", X), ("Y", Y)):
+        mm = m.copy()
+        mm.sum_duplicates()
+        if mm.nnz != m.nnz:
+            raise DataFormatError(path, None, f"{what}: {name} has duplicate entries in a row")
+    if not np.all(np.isfinite(X.data)):
+        raise DataFormatError(path, None, f"{what}: X holds NaN or infinite values")
+    if np.any(Y.data != 1.0):
+        raise DataFormatError(path, None, f"{what}: Y must be binary (every stored value 1)")
+    X.sort_indices()
+    Y.sort_indices()
+    return X, Y
+
+
+def _load_npz(path: Path) -> XMCDataset:
+    pair = _npz_pair(path)
+    try:
+        if pair is not None:
+            xp, yp = pair
+            for p in pair:
+                if not p.exists():
+                    raise DataFormatError(p, None, "missing file of the npz pair <prefix>_X.npz / _Y.npz")
+            X, Y = _finish(sp.load_npz(xp), sp.load_npz(yp), path, "npz pair")
+            return XMCDataset(X, Y)
+        if not path.exists():
+            raise DataFormatError(path, None, "no such file")
+        with np.load(path, allow_pickle=False) as z:
+            X, Y = _finish(_csr_from_npz(z, "X", path), _csr_from_npz(z, "Y", path), path, "npz")
+            names = [str(s) for s in z["label_names"]] if "label_names" in z else None
+            fnames = [str(s) for s in z["feature_names"]] if "feature_names" in z else None
+        return XMCDataset(X, Y, names, fnames)
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, DataFormatError):
+            raise
+        raise DataFormatError(path, None, f"cannot read npz: {exc}") from None
+
+
+def _save_npz(ds: XMCDataset, path: Path) -> None:
+    X = sp.csr_matrix(ds.X, dtype=np.float32)
+    Y = sp.csr_matrix(ds.Y, dtype=np.float32)
+    pair = _npz_pair(path)
+    if pair is not None:
+        sp.save_npz(pair[0], X)
+        sp.save_npz(pair[1], Y)
+        return
+    arrays: dict[str, np.ndarray] = {}
+    for key, m in (("X", X), ("Y", Y)):
+        arrays[f"{key}_data"] = m.data
+        arrays[f"{key}_indices"] = m.indices
+        arrays[f"{key}_indptr"] = m.indptr
+        arrays[f"{key}_shape"] = np.array(m.shape, dtype=np.int64)
+    if ds.label_names is not None:
+        arrays["label_names"] = np.array(ds.label_names, dtype=str)
+    if ds.feature_names is not None:
+        arrays["feature_names"] = np.array(ds.feature_names, dtype=str)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+# ------------------------------------------------------------------------------------------------
+# writers
+# ------------------------------------------------------------------------------------------------
+def write_xc_header(fh: IO[str], num_points: int, num_features: int, num_labels: int) -> None:
+    """Write the XC header line ``N D L`` to an open text file."""
+    fh.write(f"{int(num_points)} {int(num_features)} {int(num_labels)}\n")
+
+
+def append_xc_rows(fh: IO[str], X: sp.csr_matrix, Y: sp.csr_matrix) -> None:
+    """Append rows in XC text format to an open text file (vectorized formatting).
+
+    Args:
+        fh: text file handle opened for writing.
+        X: ``[n, D]`` sparse features (any float dtype; written as float32).
+        Y: ``[n, L]`` sparse labels (the stored positions are the labels).
+    """
+    X = sp.csr_matrix(X, dtype=np.float32)
+    Y = sp.csr_matrix(Y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
+    X.sort_indices()
+    Y.sort_indices()
+    for a in range(0, X.shape[0], _WRITE_ROWS):
+        b = min(a + _WRITE_ROWS, X.shape[0])
+        fh.write(format_rows(X[a:b], Y[a:b]).decode("ascii"))
+
+
+def _check_savable(ds: XMCDataset, path: Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    X = sp.csr_matrix(ds.X, dtype=np.float32)
+    Y = sp.csr_matrix(ds.Y, dtype=np.float32)
+    if X.nnz and not np.all(np.isfinite(X.data)):
+        raise DataFormatError(path, None, "cannot save: X holds NaN or infinite values")
+    X.sort_indices()
+    Y.sort_indices()
+    return X, Y
+
+
+def _write_text(path: Path, header: str | None, X: sp.csr_matrix, Y: sp.csr_matrix | None, one_based: bool = False) -> None:
+    with open(path, "wb") as fh:
+        if header is not None:
+            fh.write(header.encode("ascii"))
+        for a in range(0, X.shape[0], _WRITE_ROWS):
+            b = min(a + _WRITE_ROWS, X.shape[0])
+            fh.write(format_rows(X[a:b], None if Y is None else Y[a:b], one_based=one_based))
+
+
+def save(ds: XMCDataset, path: PathLike, fmt: str | None = None) -> None:
+    """Write ``ds`` to ``path``.
+
+    Args:
+        ds: the data set.
+        path: output file; for ``xc-split`` a prefix (``out/trn`` writes ``out/trn_X_Xf.txt`` and
+            ``out/trn_X_Y.txt``) or either file name of the pair; for ``npz`` one file, or
+            ``<prefix>_X.npz`` to write the scipy pair ``_X.npz`` / ``_Y.npz``.
+        fmt: one of ``xc``, ``xc-split``, ``svmlight``, ``npz``; inferred from the name when
+            ``None`` (``.npz``, ``_X_Xf.txt``/``_X_Y.txt``, ``.svm``...; else ``xc``).
+    """
+    p = Path(path)
+    if fmt is None:
+        name = p.name
+        if p.suffix.lower() == ".npz":
+            fmt = "npz"
+        elif name.endswith(_SPLIT_X) or name.endswith(_SPLIT_Y):
+            fmt = "xc-split"
+        elif p.suffix.lower() in _SVM_SUFFIXES:
+            fmt = "svmlight"
+        elif p.suffix.lower() == ".arff":
+            fmt = "arff"
+        else:
+            fmt = "xc"
+    if fmt == "npz":
+        _save_npz(ds, p)
+        return
+    X, Y = _check_savable(ds, p)
+    if fmt == "xc":
+        _write_text(p, f"{X.shape[0]} {X.shape[1]} {Y.shape[1]}\n", X, Y)
+    elif fmt == "svmlight":
+        _write_text(p, None, X, Y)
+    elif fmt == "xc-split":
+        prefix = p
+        for suffix in (_SPLIT_X, _SPLIT_Y):
+            if p.name.endswith(suffix):
+                prefix = p.with_name(p.name[: -len(suffix)])
+        _write_text(Path(str(prefix) + _SPLIT_X), f"{X.shape[0]} {X.shape[1]}\n", X, None)
+        _write_text(Path(str(prefix) + _SPLIT_Y), f"{Y.shape[0]} {Y.shape[1]}\n", Y, None)
+    else:
+        raise DataFormatError(
+            p, None, f"cannot write format {fmt!r}: choose one of xc, xc-split, svmlight, npz (--to)"
+        )
+    logger.info("wrote %s (%s): %d points", p, fmt, X.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# load
+# ------------------------------------------------------------------------------------------------
+def load(
+    path: PathLike,
+    fmt: str | None = None,
+    *,
+    label_names_from: PathLike | None = None,
+    label_xml: PathLike | None = None,
+    zero_based: bool | str = "auto",
+    num_features: int | None = None,
+    num_labels: int | None = None,
+) -> XMCDataset:
+    """Read a multi-label data set.
+
+    Args:
+        path: the file (or split prefix / directory, see ``infer_format``).
+        fmt: ``xc``, ``xc-split``, ``svmlight``, ``npz`` or ``arff``; inferred when ``None``.
+        label_names_from: a Mulan label XML (``*.xml``) or a text file with one name per line,
+            in label-id order, attached as ``label_names`` (the count must equal ``L``).
+        label_xml: ARFF only: the Mulan label XML naming the label attributes (default: the
+            ``.xml`` beside the ARFF file, e.g. ``medical.xml`` for ``medical-train.arff``;
+            MEKA ``-C n`` in ``@relation`` is used when there is none).
+        zero_based: svmlight only: feature ids are 0-based (``True``), 1-based (``False``) or
+            ``"auto"`` (1-based unless some feature id is 0), as in scikit-learn.
+        num_features, num_labels: svmlight only: dimensions (default: largest id + 1).
+
+    Returns:
+        ``XMCDataset`` with ``X`` csr float32 ``[N, D]`` (sorted indices) and binary ``Y`` csr
+        float32 ``[N, L]``.
+
+    Raises:
+        DataFormatError: the file does not follow the format (file, line and fix in the message).
+    """
+    p = Path(path)
+    if fmt is None:
+        fmt = infer_format(p)
+    elif fmt not in FORMATS:
+        raise DataFormatError(p, None, f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (--fmt)")
+    if fmt not in ("xc-split", "npz") and not p.is_file():
+        raise DataFormatError(p, None, "no such file")
+    logger.info("loading %s as %s", p, fmt)
+    if fmt == "xc":
+        ds = _load_xc(p)
+    elif fmt == "xc-split":
+        ds = _load_xc_split(p)
+    elif fmt == "svmlight":
+        ds = _load_svmlight(p, zero_based, num_features, num_labels)
+    elif fmt == "npz":
+        ds = _load_npz(p)
+    else:
+        X, Y, names, fnames = read_arff(p, label_xml)
+        ds = XMCDataset(X, Y, names, fnames)
+    if label_names_from is not None:
+        names = read_label_names(Path(label_names_from))
+        if len(names) != ds.num_labels:
+            raise DataFormatError(
+                label_names_from,
+                None,
+                f"{len(names)} label names but the data set has {ds.num_labels} labels; "
+                "pass the names file that belongs to this data set",
+            )
+        ds.label_names = names
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------
+_QUANTILES = (("min", 0.0), ("q25", 0.25), ("median", 0.5), ("q75", 0.75), ("q90", 0.9), ("q99", 0.99), ("max", 1.0))
+
+
+def dataset_stats(ds: XMCDataset) -> dict[str, Any]:
+    """Summary statistics of a data set (plain Python numbers, JSON-ready).
+
+    Keys: ``num_points``, ``num_features``, ``num_labels``, ``feature_nnz``, ``label_nnz``,
+    ``avg_features_per_point``, ``avg_labels_per_point``, ``avg_points_per_label``,
+    ``label_frequency_quantiles`` (``min``, ``q25``, ``median``, ``q75``, ``q90``, ``q99``,
+    ``max`` of the number of points per label, over all ``L`` labels), ``empty_rows`` (points
+    without labels), ``empty_labels`` (labels without points), ``rows_without_features``.
+    """
+    n, d, l = ds.num_points, ds.num_features, ds.num_labels
+    Y = sp.csr_matrix(ds.Y)
+    X = sp.csr_matrix(ds.X)
+    per_label = np.bincount(Y.indices, minlength=l)[:l] if l else np.zeros(0, dtype=np.int64)
+    per_row = np.diff(Y.indptr)
+    if l:
+        qs = np.quantile(per_label, [q for _, q in _QUANTILES])
+        quant = {k: float(v) for (k, _), v in zip(_QUANTILES, qs)}
+    else:
+        quant = {k: 0.0 for k, _ in _QUANTILES}
+    return {
+        "num_points": n,
+        "num_features": d,
+        "num_labels": l,
+        "feature_nnz": int(X.nnz),
+        "label_nnz": int(Y.nnz),
+        "avg_features_per_point": float(X.nnz / n) if n else 0.0,
+        "avg_labels_per_point": float(Y.nnz / n) if n else 0.0,
+        "avg_points_per_label": float(Y.nnz / l) if l else 0.0,
+        "label_frequency_quantiles": quant,
+        "empty_rows": int(np.sum(per_row == 0)),
+        "empty_labels": int(np.sum(per_label == 0)),
+        "rows_without_features": int(np.sum(np.diff(X.indptr) == 0)),
+    }
