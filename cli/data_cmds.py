@@ -1,0 +1,93 @@
+"""``xmc data info`` and ``xmc data convert``: a thin shell over :mod:`xmc_toolkit.data.formats`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from xmc_toolkit.data.formats import FORMATS, dataset_stats, load, save
+
+__all__ = ["DATA_COMMANDS", "info", "convert", "render_stats"]
+
+_WRITABLE = ("xc", "xc-split", "svmlight", "npz")
+_QUANTILE_LABELS = {
+    "min": "min",
+    "q25": "25%",
+    "median": "50%",
+    "q75": "75%",
+    "q90": "90%",
+    "q99": "99%",
+    "max": "max",
+}
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if v != int(v) else f"{int(v):,}"
+    return f"{v:,}"
+
+
+def render_stats(stats: dict[str, Any], title: str) -> Table:
+    """A rich table of :func:`~xmc_toolkit.data.formats.dataset_stats` output."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    rows = [
+        ("points (N)", stats["num_points"]),
+        ("features (D)", stats["num_features"]),
+        ("labels (L)", stats["num_labels"]),
+        ("feature non-zeros", stats["feature_nnz"]),
+        ("label non-zeros", stats["label_nnz"]),
+        ("avg features / point", stats["avg_features_per_point"]),
+        ("avg labels / point", stats["avg_labels_per_point"]),
+        ("avg points / label", stats["avg_points_per_label"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, _num(value))
+    q = stats["label_frequency_quantiles"]
+    for k, lbl in _QUANTILE_LABELS.items():
+        table.add_row(f"points / label, {lbl}", _num(q[k]))
+    table.add_row("empty rows (no labels)", _num(stats["empty_rows"]))
+    table.add_row("empty labels (no rows)", _num(stats["empty_labels"]))
+    table.add_row("rows without features", _num(stats["rows_without_features"]))
+    return table
+
+
+@click.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--fmt", type=click.Choice(FORMATS), default=None, help="Input format (default: inferred).")
+@click.option("--label-xml", type=click.Path(path_type=Path), default=None,
+              help="ARFF: the Mulan label XML (default: the .xml beside the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool) -> None:
+    """Print size and label statistics of the data set at PATH."""
+    ds = load(path, fmt, label_xml=label_xml)
+    stats = dataset_stats(ds)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+    else:
+        Console().print(render_stats(stats, title=str(path)))
+
+
+@click.command("convert")
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--from", "from_fmt", type=click.Choice(FORMATS), default=None,
+              help="Input format (default: inferred).")
+@click.option("--to", "to_fmt", type=click.Choice(_WRITABLE), default=None,
+              help="Output format (default: from OUT's name, else xc).")
+@click.option("--label-xml", type=click.Path(path_type=Path), default=None,
+              help="ARFF input: the Mulan label XML (default: the .xml beside the file).")
+def convert(src: Path, dst: Path, from_fmt: str | None, to_fmt: str | None, label_xml: Path | None) -> None:
+    """Convert the data set IN to OUT (xc, xc-split, svmlight or npz)."""
+    ds = load(src, from_fmt, label_xml=label_xml)
+    save(ds, dst, to_fmt)
+    click.echo(f"wrote {dst}: {ds.num_points} points, {ds.num_features} features, {ds.num_labels} labels")
+
+
+DATA_COMMANDS = [info, convert]
