@@ -1,0 +1,377 @@
+"""Torch k-means and the two quantizers behind the MIDX sampler.
+
+* :func:`kmeans` -- Lloyd's algorithm with greedy k-means++ initialisation (on a subsample),
+  warm start from given centroids, empty-cluster re-seeding from the farthest points, chunked
+  distance computation (memory bounded by ``chunk_size`` rows x ``k``), optional subsample
+  training (train on ``sample_size`` points, then assign every point once, in chunks) and an
+  optional mini-batch mode (Sculley, 2010) for very large inputs. Runs on whatever device the
+  input lives on; deterministic given ``seed`` or a CPU ``torch.Generator``.
+* :func:`product_quantize` -- k-means on each half of the vectors (``d1 = floor(d / 2)``).
+* :func:`residual_quantize` -- k-means on the vectors, then on the residuals.
+* :func:`reconstruct` -- the quantized vectors ``[C1[k1]; C2[k2]]`` (pq) or ``C1[k1] + C2[k2]`` (rq).
+
+All functions are pure: they never modify their inputs, never print, and do no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = [
+    "KMeansResult",
+    "Quantization",
+    "kmeans",
+    "assign_nearest",
+    "product_quantize",
+    "residual_quantize",
+    "reconstruct",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_CHUNK_ELEMS = 1 << 24  # at most 16M distances per chunk (64 MB in float32)
+
+
+class KMeansResult(NamedTuple):
+    """Output of :func:`kmeans`.
+
+    Attributes:
+        centroids: ``[k, d]`` float, on the input's device.
+        assign: ``[N] int64``, index of the nearest centroid of every input point.
+        inertia: sum of squared distances of every point to its centroid (float).
+        iterations: number of Lloyd (or mini-batch) iterations run.
+    """
+
+    centroids: Tensor
+    assign: Tensor
+    inertia: float
+    iterations: int
+
+
+class Quantization(NamedTuple):
+    """Two-codebook quantization of ``N`` vectors.
+
+    Attributes:
+        codebooks: ``(C1, C2)``; pq: ``[K, d1]`` and ``[K, d - d1]`` with ``d1 = d // 2``;
+            rq: both ``[K, d]``.
+        codes: ``[N, 2] int64``, ``(k1, k2)`` of every vector.
+        quantizer: ``"pq"`` or ``"rq"``.
+    """
+
+    codebooks: tuple[Tensor, Tensor]
+    codes: Tensor
+    quantizer: str
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        if generator.device.type != "cpu":
+            raise ConfigError(
+                f"kmeans needs a CPU torch.Generator, got one on {generator.device}; "
+                "pass torch.Generator().manual_seed(seed) or use seed="
+            )
+        return generator
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def _chunk_rows(chunk_size: int, k: int) -> int:
+    return max(1, min(int(chunk_size), _MAX_CHUNK_ELEMS // max(k, 1)))
+
+
+def assign_nearest(
+    x: Tensor, centroids: Tensor, chunk_size: int = 262144
+) -> tuple[Tensor, Tensor]:
+    """Nearest centroid of every point, computed in row chunks.
+
+    Args:
+        x: ``[N, d]`` float points.
+        centroids: ``[k, d]`` float centroids (same device and dtype as ``x``).
+        chunk_size: at most this many rows of ``x`` are scored at once (further capped so that a
+            chunk holds at most 16M distances).
+
+    Returns:
+        ``(assign [N] int64, dist2 [N] float)``: index of the nearest centroid and the squared
+        distance to it (clamped at 0).
+    """
+    n = x.shape[0]
+    k = centroids.shape[0]
+    rows = _chunk_rows(chunk_size, k)
+    c2 = (centroids * centroids).sum(1)  # [k]
+    assign = torch.empty(n, dtype=torch.int64, device=x.device)
+    dist2 = torch.empty(n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows):
+        xc = x[start : start + rows]  # [r, d]
+        # ||x||^2 is constant per row: argmin over c2 - 2 x.c, then add it back for the distance.
+        d = torch.addmm(c2.unsqueeze(0), xc, centroids.t(), alpha=-2.0)  # [r, k]
+        m, a = d.min(dim=1)
+        assign[start : start + rows] = a
+        dist2[start : start + rows] = (m + (xc * xc).sum(1)).clamp_min_(0.0)
+    return assign, dist2
+
+
+def _kmeans_pp(x: Tensor, k: int, g: torch.Generator, chunk_size: int) -> Tensor:
+    """Greedy k-means++ seeding (2 + log k candidates per step) on ``x [n, d]`` -> ``[k, d]``."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(n, (1,), generator=g).item())
+    centroids = x.new_empty((k, x.shape[1]))
+    centroids[0] = x[first]
+    closest = ((x - x[first]) ** 2).sum(1)  # [n] squared distance to the nearest chosen centroid
+    for j in range(1, k):
+        total = float(closest.sum().item())
+        if total <= 0.0:  # all remaining points coincide with a centroid: pick at random
+            cand = torch.randint(n, (trials,), generator=g)
+        else:
+            cand = torch.multinomial(closest.double().cpu(), trials, replacement=True, generator=g)
+        cand = cand.to(x.device)
+        xc = x[cand]  # [t, d]
+        # distance of every point to each candidate, in chunks of points
+        rows = _chunk_rows(chunk_size, trials)
+        new_closest = x.new_empty((trials, n))
+        cc = (xc * xc).sum(1)
+        for start in range(0, n, rows):
+            xs = x[start : start + rows]
+            d = torch.addmm(cc.unsqueeze(1), xc, xs.t(), alpha=-2.0)  # [t, r]
+            d += (xs * xs).sum(1).unsqueeze(0)
+            new_closest[:, start : start + rows] = torch.minimum(
+                d.clamp_min_(0.0), closest[start : start + rows].unsqueeze(0)
+            )
+        pots = new_closest.sum(1)  # [t]
+        best = int(pots.argmin().item())
+        centroids[j] = xc[best]
+        closest = new_closest[best]
+    return centroids
+
+
+def _reseed_empty(
+    centroids: Tensor, counts: Tensor, x: Tensor, dist2: Tensor
+) -> tuple[Tensor, int]:
+    """Move the centroids of empty clusters onto the points farthest from their centroid."""
+    empty = (counts == 0).nonzero().flatten()
+    n_empty = int(empty.numel())
+    if n_empty == 0:
+        return centroids, 0
+    n_take = min(n_empty, x.shape[0])
+    far = dist2.topk(n_take).indices  # [n_take] farthest points
+    centroids = centroids.clone()
+    centroids[empty[:n_take]] = x[far]
+    return centroids, n_empty
+
+
+def _check_inputs(x: Tensor, k: int, init: Tensor | None) -> None:
+    problems: list[str] = []
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"kmeans input must be a 2-D tensor [N, d], got {shape}")
+    if not x.is_floating_point():
+        problems.append(f"kmeans input must be floating point, got {x.dtype}")
+    n = x.shape[0]
+    if not isinstance(k, int) or k < 1:
+        problems.append(f"k must be a positive integer, got {k!r}")
+    elif k > n:
+        problems.append(
+            f"k={k} is larger than the number of points N={n}; use at most {n} codewords "
+            "(--num-codewords)"
+        )
+    if init is not None and (init.dim() != 2 or tuple(init.shape) != (k, x.shape[1])):
+        problems.append(
+            f"init centroids must have shape [{k}, {x.shape[1]}], got {tuple(init.shape)}"
+        )
+    if problems:
+        raise ConfigError(problems)
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ConfigError("kmeans input contains NaN or inf; clean the embeddings first")
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    *,
+    iters: int = 20,
+    init: Tensor | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 262144,
+    sample_size: int | None = None,
+    batch_size: int | None = None,
+    tol: float = 1e-4,
+) -> KMeansResult:
+    """k-means clustering of ``x`` into ``k`` clusters.
+
+    Args:
+        x: ``[N, d]`` float points (any device; never modified).
+        k: number of clusters, ``1 <= k <= N``.
+        iters: maximum number of Lloyd iterations (mini-batch mode: number of mini-batches).
+        init: ``[k, d]`` warm-start centroids; ``None`` runs greedy k-means++ on a subsample.
+        seed: seed of the CPU generator used for every random choice (``None``: random).
+        generator: a CPU ``torch.Generator`` (takes precedence over ``seed``).
+        chunk_size: maximum rows per distance chunk (bounded memory ``chunk_size x k``).
+        sample_size: train on this many randomly chosen points (tens per centroid are plenty),
+            then assign all ``N`` points once, in chunks. ``None``: train on all points.
+        batch_size: mini-batch k-means with batches of this many points (for very large N);
+            ``None``: full-batch Lloyd.
+        tol: stop when the relative decrease of the training inertia falls below ``tol``.
+
+    Returns:
+        :class:`KMeansResult` with centroids ``[k, d]``, assignment ``[N] int64`` of all
+        points, the inertia over all points, and the iteration count.
+
+    Raises:
+        ConfigError: bad shapes, ``k > N``, non-finite input.
+    """
+    _check_inputs(x, k, init)
+    g = _make_generator(seed, generator)
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    n = x.shape[0]
+
+    train = x
+    if sample_size is not None and sample_size < n and batch_size is None:
+        sample_size = max(int(sample_size), k)
+        idx = torch.randperm(n, generator=g)[:sample_size].to(x.device)
+        train = x[idx]  # [S, d]
+
+    if init is not None:
+        centroids = init.detach().to(device=x.device, dtype=x.dtype).clone()
+    else:
+        n_init = min(train.shape[0], max(50 * k, 10000))
+        if n_init < train.shape[0]:
+            idx = torch.randperm(train.shape[0], generator=g)[:n_init].to(x.device)
+            centroids = _kmeans_pp(train[idx], k, g, chunk_size)
+        else:
+            centroids = _kmeans_pp(train, k, g, chunk_size)
+
+    it = 0
+    if batch_size is not None:
+        centroids, it = _minibatch(train, centroids, iters, int(batch_size), g, chunk_size)
+    else:
+        prev = math.inf
+        for it in range(1, iters + 1):
+            assign, dist2 = assign_nearest(train, centroids, chunk_size)
+            inertia = float(dist2.sum().item())
+            counts = torch.bincount(assign, minlength=k)  # [k]
+            sums = torch.zeros_like(centroids).index_add_(0, assign, train)  # [k, d]
+            new = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
+            new = torch.where(counts.unsqueeze(1) > 0, new, centroids)
+            centroids, n_empty = _reseed_empty(new, counts, train, dist2)
+            if n_empty:
+                logger.debug("kmeans iteration %d: re-seeded %d empty clusters", it, n_empty)
+            elif prev - inertia <= tol * max(prev, 1e-30) and it > 1:
+                break
+            prev = inertia
+
+    assign, dist2 = assign_nearest(x, centroids, chunk_size)
+    return KMeansResult(centroids, assign, float(dist2.sum().item()), it)
+
+
+def _minibatch(
+    x: Tensor, centroids: Tensor, iters: int, batch_size: int, g: torch.Generator, chunk_size: int
+) -> tuple[Tensor, int]:
+    """Mini-batch k-means: per-centroid learning rate 1 / (points seen)."""
+    k = centroids.shape[0]
+    n = x.shape[0]
+    seen = torch.zeros(k, dtype=x.dtype, device=x.device)  # [k]
+    centroids = centroids.clone()
+    for it in range(1, iters + 1):
+        idx = torch.randint(n, (min(batch_size, n),), generator=g).to(x.device)
+        xb = x[idx]  # [b, d]
+        assign, dist2 = assign_nearest(xb, centroids, chunk_size)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)  # [k]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, xb)  # [k, d]
+        seen += counts
+        # c <- c + (sum - cnt * c) / seen  ==  running mean of every point ever assigned
+        centroids += (sums - counts.unsqueeze(1) * centroids) / seen.clamp_min(1).unsqueeze(1)
+        if it == 1 or it % 10 == 0:
+            centroids, _ = _reseed_empty(centroids, seen, xb, dist2)
+    return centroids, iters
+
+
+def _split(d: int) -> int:
+    return d // 2
+
+
+def product_quantize(
+    x: Tensor,
+    k: int,
+    *,
+    init: tuple[Tensor, Tensor] | None = None,
+    **kmeans_kwargs: object,
+) -> Quantization:
+    """Product quantization: k-means on each half of ``x`` (first half ``floor(d / 2)`` dims).
+
+    Args:
+        x: ``[N, d]`` float, ``d >= 2``.
+        k: codewords per codebook.
+        init: warm-start codebooks ``([k, d1], [k, d - d1])``.
+        **kmeans_kwargs: forwarded to :func:`kmeans` (``iters``, ``seed``/``generator``,
+            ``sample_size``, ``chunk_size``, ``batch_size``, ``tol``). One generator is shared
+            by both halves, so a seed makes the whole quantization deterministic.
+
+    Returns:
+        :class:`Quantization` with codes ``[N, 2]``.
+    """
+    if x.dim() != 2 or x.shape[1] < 2:
+        raise ConfigError(
+            f"product quantization needs vectors of dimension >= 2, got shape {tuple(x.shape)}; "
+            "use quantizer='rq'"
+        )
+    kw = dict(kmeans_kwargs)
+    kw["generator"] = _make_generator(kw.pop("seed", None), kw.pop("generator", None))  # type: ignore[arg-type]
+    d1 = _split(x.shape[1])
+    i1, i2 = (None, None) if init is None else init
+    # contiguous halves: strided row chunks make the distance matmuls several times slower
+    r1 = kmeans(x[:, :d1].contiguous(), k, init=i1, **kw)  # type: ignore[arg-type]
+    r2 = kmeans(x[:, d1:].contiguous(), k, init=i2, **kw)  # type: ignore[arg-type]
+    codes = torch.stack([r1.assign, r2.assign], dim=1)  # [N, 2]
+    return Quantization((r1.centroids, r2.centroids), codes, "pq")
+
+
+def residual_quantize(
+    x: Tensor,
+    k: int,
+    *,
+    init: tuple[Tensor, Tensor] | None = None,
+    **kmeans_kwargs: object,
+) -> Quantization:
+    """Residual quantization: k-means on ``x``, then k-means on ``x - C1[k1]``.
+
+    Args:
+        x: ``[N, d]`` float.
+        k: codewords per codebook.
+        init: warm-start codebooks ``([k, d], [k, d])``.
+        **kmeans_kwargs: forwarded to :func:`kmeans` (see :func:`product_quantize`).
+
+    Returns:
+        :class:`Quantization` with codes ``[N, 2]``; ``x ~= C1[k1] + C2[k2]``.
+    """
+    kw = dict(kmeans_kwargs)
+    kw["generator"] = _make_generator(kw.pop("seed", None), kw.pop("generator", None))  # type: ignore[arg-type]
+    i1, i2 = (None, None) if init is None else init
+    r1 = kmeans(x, k, init=i1, **kw)  # type: ignore[arg-type]
+    residual = x.detach().to(r1.centroids.dtype) - r1.centroids[r1.assign]  # [N, d]
+    r2 = kmeans(residual, k, init=i2, **kw)  # type: ignore[arg-type]
+    codes = torch.stack([r1.assign, r2.assign], dim=1)  # [N, 2]
+    return Quantization((r1.centroids, r2.centroids), codes, "rq")
+
+
+def reconstruct(codebooks: tuple[Tensor, Tensor], codes: Tensor, quantizer: str) -> Tensor:
+    """Quantized vectors ``[N, d]``: ``[C1[k1]; C2[k2]]`` (pq) or ``C1[k1] + C2[k2]`` (rq)."""
+    c1, c2 = codebooks
+    if quantizer == "pq":
+        return torch.cat([c1[codes[:, 0]], c2[codes[:, 1]]], dim=1)
+    if quantizer == "rq":
+        return c1[codes[:, 0]] + c2[codes[:, 1]]
+    raise ConfigError(f"unknown quantizer {quantizer!r}; use 'pq' or 'rq'")

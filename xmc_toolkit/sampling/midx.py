@@ -1,0 +1,616 @@
+"""MIDX: the inverted-multi-index adaptive sampler (Chen et al., 2025).
+
+The label embeddings ``W [L, d]`` are quantized with two codebooks of ``K`` codewords
+(product quantization ``pq``: one codebook per half of the dimensions; residual quantization
+``rq``: the second codebook quantizes the residual of the first). Every label falls in one of
+``K * K`` cells ``(k1, k2)``. For a query ``q`` with codeword scores ``a1 = C1 q1``, ``a2 = C2 q2``
+(pq) or ``a1 = C1 q``, ``a2 = C2 q`` (rq), both ``[K]``, the proposal is
+
+    q(i | q) = exp(a1[k1(i)] + a2[k2(i)]) * w_i / Z,   Z = sum_{k1,k2} N[k1,k2] exp(a1[k1] + a2[k2])
+
+with per-label static weights ``w_i`` (1; or ``(count_i + smoothing) ** alpha`` with
+``within_cell="popularity"``; times ``exp(b_i)`` when a bias is given to :meth:`update`) and
+``N[k1, k2] = sum_{i in cell} w_i``. ``log q`` is exact and normalized (``log Z`` included).
+With ``within_cell="exact"`` the within-cell weight becomes ``exp(q . (w_i - w^_i) + b_i)`` and the
+proposal equals the true softmax (``O(L d)`` per query; for tests and diagnostics).
+
+Sampling draws the cell jointly (one ``torch.multinomial`` over the ``[B, K^2]`` cell weights),
+then an item inside the cell: uniformly (``offset = floor(u * count)``) or, with weights, by
+inverse CDF over a per-cell cumulative weight array (``torch.searchsorted``). Shared mode draws
+from the batch mixture ``(1/B) sum_b q(. | q_b)`` whose cell marginal has the closed form
+``N * (E1^T diag(1/Z') E2) / B`` (``E = exp(a - max a)``), a ``[K, B] x [B, K]`` product.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..codebook import product_quantize, reconstruct, residual_quantize
+from ..errors import CheckpointError, ConfigError, SamplerError
+from .base import Sampler, Samples, _check_embeddings, _check_queries
+from .static import _load_strict
+
+__all__ = ["MIDXSampler", "QUANTIZERS", "WITHIN_CELL"]
+
+logger = logging.getLogger(__name__)
+
+QUANTIZERS = ("pq", "rq")
+WITHIN_CELL = ("uniform", "popularity", "exact")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure kernels
+# ---------------------------------------------------------------------------------------------
+def codeword_scores(
+    queries: Tensor, codebooks: tuple[Tensor, Tensor], quantizer: str
+) -> tuple[Tensor, Tensor]:
+    """Scores of the queries against both codebooks.
+
+    Args:
+        queries: ``[B, d]`` float.
+        codebooks: ``(C1, C2)``: pq ``[K, d1]``, ``[K, d - d1]``; rq ``[K, d]`` each.
+        quantizer: ``"pq"`` or ``"rq"``.
+
+    Returns:
+        ``(a1, a2)``, each ``[B, K]`` float32.
+    """
+    c1, c2 = codebooks
+    q = queries.to(c1.dtype)
+    if quantizer == "pq":
+        d1 = c1.shape[1]
+        return q[:, :d1] @ c1.t(), q[:, d1:] @ c2.t()
+    return q @ c1.t(), q @ c2.t()
+
+
+def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
+    """``log Z_b = log sum_{k1,k2} N[k1,k2] exp(a1[b,k1] + a2[b,k2])`` without a [B, K^2] tensor.
+
+    Args:
+        a1, a2: ``[B, K]`` codeword scores.
+        log_n: ``[K * K]`` log cell weights (``-inf`` for empty cells).
+
+    Returns:
+        ``[B]`` float64.
+    """
+    e1, e2, nm, shift = _exp_factors(a1, a2, log_n)
+    z = ((e1 @ nm) * e2).sum(1)  # [B]
+    return torch.log(z) + shift
+
+
+def _exp_factors(a1: Tensor, a2: Tensor, log_n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Max-shifted float64 factors: E1 [B, K], E2 [B, K], N' [K, K], and the total shift [B]."""
+    k = a1.shape[1]
+    a1 = a1.double()
+    a2 = a2.double()
+    m1 = a1.max(1).values  # [B]
+    m2 = a2.max(1).values  # [B]
+    ln = log_n.double()
+    nmax = ln.max()
+    e1 = torch.exp(a1 - m1.unsqueeze(1))  # [B, K]
+    e2 = torch.exp(a2 - m2.unsqueeze(1))  # [B, K]
+    nm = torch.exp(ln - nmax).view(k, k)  # [K, K], 0 for empty cells
+    return e1, e2, nm, m1 + m2 + nmax
+
+
+def mixture_cell_log_prob(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
+    """Log cell marginal of the batch mixture ``(1/B) sum_b q(. | q_b)``.
+
+    ``P[k1, k2] = N'[k1, k2] * sum_b E1[b, k1] E2[b, k2] / Z'_b / B`` -- a ``[K, B] x [B, K]``
+    product, with the max-shifted factors of :func:`cell_log_normalizer`.
+
+    Returns:
+        ``[K * K]`` float64, ``-inf`` for empty cells; ``logsumexp == 0``.
+    """
+    e1, e2, nm, _ = _exp_factors(a1, a2, log_n)
+    zp = ((e1 @ nm) * e2).sum(1)  # [B]
+    mix = (e1 / zp.unsqueeze(1)).t() @ e2  # [K, K]
+    p = nm * mix / a1.shape[0]  # [K, K]
+    return torch.log(p).flatten()
+
+
+def _draw_in_cells(
+    cells: Tensor,
+    u: Tensor,
+    indptr: Tensor,
+    items: Tensor,
+    cum: Tensor | None,
+    base: Tensor | None,
+    mass: Tensor | None,
+) -> Tensor:
+    """Pick one item inside each drawn cell.
+
+    Args:
+        cells: any-shape int64 cell ids (non-empty cells only).
+        u: same shape, float64 uniforms in [0, 1).
+        indptr: ``[K^2 + 1]`` CSR offsets into ``items``.
+        items: ``[L]`` labels sorted by cell.
+        cum, base, mass: weighted mode: inclusive cumulative weights ``[L]`` (in ``items``
+            order), the cumulative weight before each cell ``[K^2]`` and the cell mass ``[K^2]``;
+            all ``None`` for uniform within-cell sampling.
+
+    Returns:
+        label ids, the shape of ``cells``.
+    """
+    start = indptr[cells]
+    count = indptr[cells + 1] - start
+    if cum is None:
+        off = (u * count).long()
+        off = torch.minimum(off, count - 1)
+        return items[start + off]
+    t = base[cells] + u * mass[cells]  # target cumulative weight
+    pos = torch.searchsorted(cum, t, right=True)
+    pos = torch.maximum(torch.minimum(pos, start + count - 1), start)
+    return items[pos]
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampler
+# ---------------------------------------------------------------------------------------------
+class MIDXSampler(Sampler):
+    """Adaptive sampler over an inverted multi-index of the label embeddings.
+
+    Args:
+        num_labels: number of labels ``L``.
+        num_codewords: ``K`` codewords per codebook (``K * K`` cells), ``1 <= K <= L``.
+        quantizer: ``"pq"`` (product) or ``"rq"`` (residual) quantization.
+        within_cell: ``"uniform"``, ``"popularity"`` (needs ``label_counts``) or ``"exact"``.
+        label_counts: ``[L]`` label frequencies for ``within_cell="popularity"``.
+        alpha: popularity exponent; weights are ``(count + smoothing) ** alpha``.
+        smoothing: added to every count (``+1`` smoothing keeps unseen labels reachable).
+        seed: seed of the k-means generator (``None``: random).
+        kmeans_iters: k-means iterations of the first :meth:`update`.
+        warm_start_iters: k-means iterations of later updates (warm-started from the previous
+            codebooks).
+        points_per_centroid: k-means trains on ``points_per_centroid * K`` sampled labels, then
+            assigns every label once (``0`` or ``None``: train on all labels).
+        chunk_size: rows per chunk of the k-means distance computation.
+
+    Attributes (after :meth:`update`; all on the label embeddings' device):
+        codebooks: ``(C1, C2)`` float32.
+        codes: ``[L, 2] int64`` cell coordinates ``(k1, k2)`` of every label.
+        cell_indptr: ``[K*K + 1] int64`` CSR offsets; cell ``c = k1 * K + k2`` holds
+            ``cell_items[cell_indptr[c]:cell_indptr[c + 1]]``.
+        cell_items: ``[L] int64`` labels sorted by cell id.
+        cell_log_weight: ``[K*K]`` float32 ``log N[k1, k2]`` (``-inf`` for empty cells).
+        item_log_weight: ``[L]`` float32 ``log w_i`` (zeros when unweighted).
+    """
+
+    needs_update = True
+
+    def __init__(
+        self,
+        num_labels: int,
+        num_codewords: int = 64,
+        quantizer: str = "pq",
+        within_cell: str = "uniform",
+        label_counts: Tensor | np.ndarray | Sequence[float] | None = None,
+        alpha: float = 0.75,
+        smoothing: float = 1.0,
+        seed: int | None = None,
+        kmeans_iters: int = 20,
+        warm_start_iters: int = 5,
+        points_per_centroid: int | None = 256,
+        chunk_size: int = 262144,
+    ) -> None:
+        problems: list[str] = []
+
+        def _pos_int(name: str, v: object, flag: str) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(f"{name} must be a positive integer, got {v!r} ({flag})")
+
+        _pos_int("num_labels", num_labels, "the label count of the data")
+        _pos_int("num_codewords", num_codewords, "--num-codewords")
+        _pos_int("kmeans_iters", kmeans_iters, "--kmeans-iters")
+        _pos_int("warm_start_iters", warm_start_iters, "--warm-start-iters")
+        _pos_int("chunk_size", chunk_size, "chunk_size")
+        if quantizer not in QUANTIZERS:
+            problems.append(f"quantizer must be one of {list(QUANTIZERS)}, got {quantizer!r}")
+        if within_cell not in WITHIN_CELL:
+            problems.append(f"within_cell must be one of {list(WITHIN_CELL)}, got {within_cell!r}")
+        if not problems and num_codewords > num_labels:
+            problems.append(
+                f"num_codewords={num_codewords} is larger than num_labels={num_labels}; "
+                f"use --num-codewords <= {num_labels} (about sqrt(L) is a good start)"
+            )
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            problems.append(f"alpha must be >= 0, got {alpha!r} (--alpha)")
+        if not (isinstance(smoothing, (int, float)) and math.isfinite(smoothing) and smoothing >= 0):
+            problems.append(f"smoothing must be >= 0, got {smoothing!r}")
+        counts: Tensor | None = None
+        if within_cell == "popularity":
+            if label_counts is None:
+                problems.append(
+                    "within_cell='popularity' needs label_counts (label frequencies of the "
+                    "training set); pass them or use within_cell='uniform'"
+                )
+            else:
+                counts = torch.as_tensor(np.asarray(label_counts, dtype=np.float64)).flatten()
+                if isinstance(num_labels, int) and counts.numel() != num_labels:
+                    problems.append(
+                        f"label_counts has {counts.numel()} entries, expected num_labels="
+                        f"{num_labels}"
+                    )
+                elif not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+                    problems.append("label_counts must be finite and non-negative")
+                elif smoothing == 0 and bool((counts == 0).any()):
+                    problems.append(
+                        "label_counts has zeros and smoothing=0: those labels could never be "
+                        "sampled; use smoothing > 0"
+                    )
+        if problems:
+            raise ConfigError(problems)
+
+        self.num_labels = int(num_labels)
+        self.num_codewords = int(num_codewords)
+        self.quantizer = quantizer
+        self.within_cell = within_cell
+        self.alpha = float(alpha)
+        self.smoothing = float(smoothing)
+        self.kmeans_iters = int(kmeans_iters)
+        self.warm_start_iters = int(warm_start_iters)
+        self.points_per_centroid = points_per_centroid
+        self.chunk_size = int(chunk_size)
+        self._generator = torch.Generator()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(int(seed))
+        # log prior of the popularity within-cell weights, [L] float64 (CPU)
+        self._log_prior: Tensor | None = None
+        if counts is not None:
+            self._log_prior = self.alpha * torch.log(counts + self.smoothing)
+
+        self.codebooks: tuple[Tensor, Tensor] | None = None
+        self.codes: Tensor | None = None
+        self.cell_indptr: Tensor | None = None
+        self.cell_items: Tensor | None = None
+        self.cell_log_weight: Tensor | None = None
+        self.item_log_weight: Tensor | None = None
+        self._residual: Tensor | None = None  # [L, d] (exact mode only)
+        self._weighted = False
+        self._cum: Tensor | None = None
+        self._base: Tensor | None = None
+        self._mass: Tensor | None = None
+        self._device_cache: dict[torch.device, dict[str, Tensor | None]] = {}
+
+    # -- index construction -------------------------------------------------------------------
+    @property
+    def dim(self) -> int | None:
+        """Dimension ``d`` of the indexed label embeddings (``None`` before :meth:`update`)."""
+        if self.codebooks is None:
+            return None
+        c1, c2 = self.codebooks
+        return c1.shape[1] + c2.shape[1] if self.quantizer == "pq" else c1.shape[1]
+
+    @property
+    def is_built(self) -> bool:
+        """Whether :meth:`update` (or :meth:`load_state_dict`) has built the index."""
+        return self.codebooks is not None
+
+    @property
+    def cell_counts(self) -> Tensor:
+        """``[K*K] int64`` number of labels per cell."""
+        self._require_built()
+        assert self.cell_indptr is not None
+        return self.cell_indptr[1:] - self.cell_indptr[:-1]
+
+    def update(self, label_embeddings: Tensor, bias: Tensor | None = None) -> None:
+        """(Re)build codebooks and index from ``label_embeddings [L, d]`` (and ``bias [L]``).
+
+        Later calls warm-start k-means from the previous codebooks (``warm_start_iters``
+        iterations). The index lives on the embeddings' device. Inputs are never modified.
+        """
+        _check_embeddings(label_embeddings, bias, self.num_labels)
+        d = label_embeddings.shape[1]
+        if self.quantizer == "pq" and d < 2:
+            raise ConfigError(
+                f"quantizer='pq' splits the embedding in two halves and needs d >= 2, got d={d}; "
+                "use quantizer='rq'"
+            )
+        with torch.no_grad():
+            x = label_embeddings.detach().to(torch.float32)  # [L, d]
+            k = self.num_codewords
+            init = self.codebooks if self.dim == d else None
+            iters = self.warm_start_iters if init is not None else self.kmeans_iters
+            if init is not None:
+                init = (init[0].to(x.device), init[1].to(x.device))
+            sample_size = None
+            if self.points_per_centroid:
+                sample_size = self.points_per_centroid * k
+                if sample_size >= self.num_labels:
+                    sample_size = None
+            quantize = product_quantize if self.quantizer == "pq" else residual_quantize
+            quant = quantize(
+                x,
+                k,
+                init=init,
+                iters=iters,
+                generator=self._generator,
+                sample_size=sample_size,
+                chunk_size=self.chunk_size,
+            )
+            logger.debug("MIDX index rebuilt: L=%d d=%d K=%d (%s)", self.num_labels, d, k, self.quantizer)
+            residual = None
+            if self.within_cell == "exact":
+                residual = x - reconstruct(quant.codebooks, quant.codes, self.quantizer)  # [L, d]
+            self._set_index(quant.codebooks, quant.codes, bias, residual)
+
+    def _set_index(
+        self,
+        codebooks: tuple[Tensor, Tensor],
+        codes: Tensor,
+        bias: Tensor | None,
+        residual: Tensor | None,
+    ) -> None:
+        device = codes.device
+        k = self.num_codewords
+        cell = codes[:, 0] * k + codes[:, 1]  # [L]
+        counts = torch.bincount(cell, minlength=k * k)  # [K^2]
+        indptr = torch.zeros(k * k + 1, dtype=torch.int64, device=device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        items = torch.argsort(cell, stable=True)  # [L] labels sorted by cell
+
+        lw = torch.zeros(self.num_labels, dtype=torch.float64, device=device)  # log w_i
+        weighted = False
+        if self.within_cell == "popularity" and self._log_prior is not None:
+            lw = lw + self._log_prior.to(device)
+            weighted = True
+        if bias is not None:
+            lw = lw + bias.detach().to(device=device, dtype=torch.float64)
+            weighted = True
+
+        if self.within_cell == "exact":
+            # the bias enters the exact scores; cells carry plain counts (unused by exact mode)
+            log_n = torch.log(counts.double())
+            weighted = False
+        elif not weighted:
+            log_n = torch.log(counts.double())  # -inf for empty cells
+        else:
+            cmax = torch.full((k * k,), -math.inf, dtype=torch.float64, device=device)
+            cmax = cmax.scatter_reduce(0, cell, lw, reduce="amax")  # [K^2] max log w per cell
+            v = torch.exp(lw - cmax[cell])[items]  # [L] per-cell scaled weights, cell order
+            cum = torch.cumsum(v, 0)  # [L]
+            cum0 = torch.cat([cum.new_zeros(1), cum])  # [L + 1]
+            base = cum0[indptr[:-1]]  # [K^2]
+            mass = cum0[indptr[1:]] - base  # [K^2], 0 for empty cells
+            log_n = cmax + torch.log(mass)  # -inf for empty cells (cmax = -inf there)
+            self._cum, self._base, self._mass = cum, base, mass
+        if not weighted:
+            self._cum = self._base = self._mass = None
+
+        self.codebooks = (codebooks[0].float().contiguous(), codebooks[1].float().contiguous())
+        self.codes = codes.long()
+        self.cell_indptr = indptr
+        self.cell_items = items
+        self.cell_log_weight = log_n.float()
+        self.item_log_weight = lw.float()
+        self._residual = None if residual is None else residual.float().contiguous()
+        self._weighted = weighted
+        self._device_cache = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _require_built(self) -> None:
+        if self.codebooks is None:
+            raise SamplerError(
+                "MIDXSampler has no index yet: call sampler.update(label_embeddings) (under "
+                "torch.no_grad()) before sample() / log_prob()"
+            )
+
+    def _on(self, device: torch.device) -> dict[str, Tensor | None]:
+        """Index tensors on ``device`` (moved once and cached)."""
+        self._require_built()
+        if device not in self._device_cache:
+            assert self.codebooks is not None
+            src: dict[str, Tensor | None] = {
+                "c1": self.codebooks[0],
+                "c2": self.codebooks[1],
+                "codes": self.codes,
+                "indptr": self.cell_indptr,
+                "items": self.cell_items,
+                "log_n": self.cell_log_weight,
+                "lw": self.item_log_weight,
+                "cum": self._cum,
+                "base": self._base,
+                "mass": self._mass,
+                "residual": self._residual,
+            }
+            self._device_cache[device] = {
+                key: None if t is None else t.to(device) for key, t in src.items()
+            }
+        return self._device_cache[device]
+
+    def _scores(self, s: dict[str, Tensor | None], queries: Tensor) -> tuple[Tensor, Tensor]:
+        _check_queries(queries, self.dim)
+        return codeword_scores(queries, (s["c1"], s["c2"]), self.quantizer)  # type: ignore[arg-type]
+
+    def _exact_log_softmax(self, s: dict[str, Tensor | None], queries: Tensor) -> Tensor:
+        """``[B, L]`` log q for ``within_cell="exact"`` (= log_softmax of the true scores)."""
+        a1, a2 = self._scores(s, queries)
+        codes, lw, res = s["codes"], s["lw"], s["residual"]
+        assert codes is not None and lw is not None and res is not None
+        logits = a1[:, codes[:, 0]] + a2[:, codes[:, 1]]  # [B, L] = q . w^_i
+        logits = logits + queries.to(res.dtype) @ res.t() + lw  # [B, L] = q . w_i + b_i
+        return torch.log_softmax(logits, dim=1)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def _sample(
+        self, queries: Tensor, num_samples: int, shared: bool, generator: torch.Generator | None
+    ) -> Samples:
+        s = self._on(queries.device)
+        dev = queries.device
+        b = queries.shape[0]
+        if self.within_cell == "exact":
+            logp = self._exact_log_softmax(s, queries)  # [B, L]
+            if shared:
+                mix = torch.logsumexp(logp, 0) - math.log(b)  # [L]
+                ids = torch.multinomial(mix.exp(), num_samples, True, generator=generator)
+                return Samples(ids, mix[ids].float())
+            ids = torch.multinomial(logp.exp(), num_samples, True, generator=generator)  # [B, M]
+            return Samples(ids, logp.gather(1, ids).float())
+
+        a1, a2 = self._scores(s, queries)  # [B, K] each
+        log_n = s["log_n"]
+        assert log_n is not None
+        if shared:
+            cell_lp = mixture_cell_log_prob(a1, a2, log_n)  # [K^2] float64
+            cells = torch.multinomial(cell_lp.exp(), num_samples, True, generator=generator)  # [M]
+            u = torch.rand(num_samples, generator=generator, device=dev, dtype=torch.float64)
+            ids = self._in_cells(s, cells, u)  # [M]
+            return Samples(ids, self._shared_log_q(s, cell_lp, ids))
+
+        k = self.num_codewords
+        logits = (a1.unsqueeze(2) + a2.unsqueeze(1)).reshape(b, k * k) + log_n  # [B, K^2]
+        weights = torch.exp(logits - logits.max(1, keepdim=True).values)  # [B, K^2], 0 if empty
+        cells = torch.multinomial(weights, num_samples, True, generator=generator)  # [B, M]
+        u = torch.rand(b, num_samples, generator=generator, device=dev, dtype=torch.float64)
+        ids = self._in_cells(s, cells, u)  # [B, M]
+        log_z = cell_log_normalizer(a1, a2, log_n)  # [B]
+        return Samples(ids, self._item_log_q(s, a1, a2, log_z, ids))
+
+    def _in_cells(self, s: dict[str, Tensor | None], cells: Tensor, u: Tensor) -> Tensor:
+        return _draw_in_cells(
+            cells, u, s["indptr"], s["items"], s["cum"], s["base"], s["mass"]  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _item_log_q(
+        s: dict[str, Tensor | None], a1: Tensor, a2: Tensor, log_z: Tensor, ids: Tensor
+    ) -> Tensor:
+        """``log q(i | q_b) = a1[b, k1(i)] + a2[b, k2(i)] + log w_i - log Z_b`` for ids [B, M]."""
+        codes, lw = s["codes"], s["lw"]
+        assert codes is not None and lw is not None
+        c = codes[ids]  # [B, M, 2]
+        out = a1.double().gather(1, c[..., 0]) + a2.double().gather(1, c[..., 1])  # [B, M]
+        out = out + lw[ids].double() - log_z.unsqueeze(1)
+        return out.float()
+
+    def _shared_log_q(self, s: dict[str, Tensor | None], cell_lp: Tensor, ids: Tensor) -> Tensor:
+        """Mixture log-prob: ``log P[c(i)] + log w_i - log N[c(i)]`` (within-cell law is static)."""
+        codes, lw, log_n = s["codes"], s["lw"], s["log_n"]
+        assert codes is not None and lw is not None and log_n is not None
+        cell = codes[ids, 0] * self.num_codewords + codes[ids, 1]
+        return (cell_lp[cell] + lw[ids].double() - log_n[cell].double()).float()
+
+    def _log_prob(self, queries: Tensor, ids: Tensor, shared: bool) -> Tensor:
+        s = self._on(queries.device)
+        b = queries.shape[0]
+        if not shared and ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(b, -1)  # [B, M]
+        if self.within_cell == "exact":
+            logp = self._exact_log_softmax(s, queries)  # [B, L]
+            if shared:
+                mix = torch.logsumexp(logp, 0) - math.log(b)  # [L]
+                return mix[ids].float()
+            return logp.gather(1, ids).float()
+        a1, a2 = self._scores(s, queries)
+        log_n = s["log_n"]
+        assert log_n is not None
+        if shared:
+            return self._shared_log_q(s, mixture_cell_log_prob(a1, a2, log_n), ids)
+        return self._item_log_q(s, a1, a2, cell_log_normalizer(a1, a2, log_n), ids)
+
+    # -- index queries for approximate top-k --------------------------------------------------
+    def cell_logits(self, queries: Tensor) -> Tensor:
+        """Approximate score of every cell: ``a1[k1] + a2[k2]`` (``-inf`` for empty cells).
+
+        Args:
+            queries: ``[B, d]`` float.
+
+        Returns:
+            ``[B, K*K]`` float32 on the queries' device; column ``k1 * K + k2``.
+        """
+        _check_queries(queries)
+        s = self._on(queries.device)
+        with torch.no_grad():
+            a1, a2 = self._scores(s, queries.detach())
+            k = self.num_codewords
+            out = (a1.unsqueeze(2) + a2.unsqueeze(1)).reshape(-1, k * k)  # [B, K^2]
+            empty = (s["indptr"][1:] == s["indptr"][:-1])  # type: ignore[index]
+            return out.masked_fill(empty.unsqueeze(0), -math.inf)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _hparams(self) -> dict[str, int]:
+        return {
+            "num_labels": self.num_labels,
+            "num_codewords": self.num_codewords,
+            "quantizer": QUANTIZERS.index(self.quantizer),
+            "within_cell": WITHIN_CELL.index(self.within_cell),
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Hyper-parameters (int64 scalars), the k-means generator state and, once built, the
+        codebooks, codes, item log-weights (and exact-mode residuals). CSR arrays and cumulative
+        weights are derived and rebuilt by :meth:`load_state_dict`."""
+        state = {k: torch.tensor(v, dtype=torch.int64) for k, v in self._hparams().items()}
+        state["generator_state"] = self._generator.get_state()
+        if self.codebooks is not None:
+            assert self.codes is not None and self.item_log_weight is not None
+            state["codebook1"] = self.codebooks[0].detach().clone()
+            state["codebook2"] = self.codebooks[1].detach().clone()
+            state["codes"] = self.codes.clone()
+            state["item_log_weight"] = self.item_log_weight.clone()
+            state["weighted"] = torch.tensor(int(self._weighted), dtype=torch.int64)
+            if self._residual is not None:
+                state["residual"] = self._residual.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        built = "codebook1" in state
+        expected: dict[str, tuple[int, ...] | None] = {k: () for k in self._hparams()}
+        expected["generator_state"] = None
+        if built:
+            expected.update(
+                codebook1=None,
+                codebook2=None,
+                codes=(self.num_labels, 2),
+                item_log_weight=(self.num_labels,),
+                weighted=(),
+            )
+            if self.within_cell == "exact":
+                expected["residual"] = None
+        _load_strict(state, expected)
+        mismatch = [
+            f"{k}: saved {int(state[k].item())}, this sampler {v}"
+            for k, v in self._hparams().items()
+            if int(state[k].item()) != v
+        ]
+        if mismatch:
+            raise CheckpointError(
+                "sampler state was saved with other hyper-parameters (" + "; ".join(mismatch)
+                + "); build the MIDXSampler with the saved settings"
+            )
+        self._generator.set_state(state["generator_state"].cpu())
+        if not built:
+            self.codebooks = None
+            self._device_cache = {}
+            return
+        codes = state["codes"].long()
+        device = codes.device
+        lw = state["item_log_weight"].to(device)
+        weighted = bool(int(state["weighted"].item()))
+        # the bias part of the item weights: whatever log w_i is beyond the popularity prior
+        bias = None
+        if weighted:
+            prior = self._log_prior.to(device) if self._log_prior is not None and self.within_cell == "popularity" else 0.0
+            bias = lw.double() - prior
+        elif self.within_cell == "exact":
+            bias = lw.double()
+        residual = state.get("residual")
+        self._set_index(
+            (state["codebook1"].to(device), state["codebook2"].to(device)),
+            codes,
+            bias,
+            None if residual is None else residual.to(device),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"MIDXSampler(num_labels={self.num_labels}, num_codewords={self.num_codewords}, "
+            f"quantizer={self.quantizer!r}, within_cell={self.within_cell!r})"
+        )
