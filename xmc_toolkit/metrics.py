@@ -355,6 +355,10 @@ class MetricsAccumulator:
 # --------------------------------------------------------------------------------------------
 
 
+#: ``ln N - 1 > 0`` needs ``N >= 3``; fewer rows would give weights below 1 (or negative).
+_MIN_PROPENSITY_ROWS = 3
+
+
 def inverse_propensity(Y_train: sp.spmatrix, A: float = 0.55, B: float = 1.5) -> np.ndarray:
     """Inverse propensity weights of Jain et al. (2016), as in the XC repository.
 
@@ -368,7 +372,10 @@ def inverse_propensity(Y_train: sp.spmatrix, A: float = 0.55, B: float = 1.5) ->
         B: offset, >= 0.
 
     Returns:
-        float64 ``[L]``, every entry >= 1 when ``N >= e``.
+        float64 ``[L]``, every entry > 1.
+
+    Raises:
+        MetricsInputError: on ``A <= 0``, ``B < 0`` or fewer than 3 rows.
     """
     if not (np.isfinite(A) and A > 0):
         raise MetricsInputError(f"propensity parameter A must be > 0, got {A} (-A)")
@@ -376,8 +383,11 @@ def inverse_propensity(Y_train: sp.spmatrix, A: float = 0.55, B: float = 1.5) ->
         raise MetricsInputError(f"propensity parameter B must be >= 0, got {B} (-B)")
     Y = _as_csr(Y_train)
     n = Y.shape[0]
-    if n < 1:
-        raise MetricsInputError("Y_train has no rows; propensities need training labels")
+    if n < _MIN_PROPENSITY_ROWS:
+        raise MetricsInputError(
+            f"propensities need at least {_MIN_PROPENSITY_ROWS} label rows (C = ln N - 1 must be "
+            f"> 0), got N={n}; pass the training labels (--train-labels)"
+        )
     freq = np.bincount(Y.indices, minlength=Y.shape[1]).astype(np.float64)  # [L]
     C = (np.log(n) - 1.0) * (B + 1.0) ** A
     return 1.0 + C * np.power(freq + B, -A)
@@ -474,7 +484,8 @@ def evaluate(
         topk_ids: int ``[N, >=max(ks)]`` best first, ``-1`` = padding.
         ks: cut-offs; the result holds every ``k`` in ``1..max(ks)``.
         inv_prop: float ``[L]`` inverse propensities (from the *training* labels). ``None``
-            computes them from ``Y_true`` itself with ``A=0.55, B=1.5`` (logged).
+            computes them from ``Y_true`` itself with ``A=0.55, B=1.5`` (logged); with fewer
+            than 3 rows that is impossible and ``PSP``/``PSnDCG`` are left out (warning).
         chunk_size: rows per chunk (``None``: all at once); bounds temporary memory.
 
     Returns:
@@ -489,10 +500,17 @@ def evaluate(
         raise MetricsInputError(f"every k must be >= 1, got ks={tuple(ks_list)}")
     Y = _as_csr(Y_true)
     if inv_prop is None:
-        logger.info(
-            "no propensities given: computing them from the evaluated labels (A=0.55, B=1.5)"
-        )
-        inv_prop = inverse_propensity(Y)
+        if Y.shape[0] >= _MIN_PROPENSITY_ROWS:
+            logger.info(
+                "no propensities given: computing them from the evaluated labels (A=0.55, B=1.5)"
+            )
+            inv_prop = inverse_propensity(Y)
+        else:
+            logger.warning(
+                "no propensities given and only %d rows to compute them from: PSP@k and "
+                "PSnDCG@k left out (pass inv_prop from the training labels)",
+                Y.shape[0],
+            )
     acc = MetricsAccumulator(Y.shape[1], int(k), inv_prop)
     n = Y.shape[0]
     ids = np.asarray(topk_ids)

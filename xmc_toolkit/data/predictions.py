@@ -196,6 +196,10 @@ def _parse_text(path: Path) -> tuple[list[list[int]], list[list[float]] | None]:
     return ids_rows, (score_rows if has_scores else None)
 
 
+_INT_TYPES = {int}  # json.loads gives bool for true/false: rejected
+_NUM_TYPES = {int, float}
+
+
 def _parse_jsonl(path: Path) -> tuple[list[list[int]], list[list[float]] | None]:
     ids_rows: list[list[int]] = []
     score_rows: list[list[float]] = []
@@ -213,9 +217,7 @@ def _parse_jsonl(path: Path) -> tuple[list[list[int]], list[list[float]] | None]
             if not isinstance(obj, dict) or "ids" not in obj:
                 raise DataFormatError(path, lineno, 'expected an object with an "ids" list')
             row_ids = obj["ids"]
-            if not isinstance(row_ids, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in row_ids
-            ):
+            if not isinstance(row_ids, list) or not set(map(type, row_ids)) <= _INT_TYPES:
                 raise DataFormatError(path, lineno, '"ids" must be a list of integers')
             this_has = "scores" in obj and obj["scores"] is not None
             if has_scores is None:
@@ -230,16 +232,14 @@ def _parse_jsonl(path: Path) -> tuple[list[list[int]], list[list[float]] | None]
                 if (
                     not isinstance(row_sc, list)
                     or len(row_sc) != len(row_ids)
-                    or not all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in row_sc
-                    )
+                    or not set(map(type, row_sc)) <= _NUM_TYPES
                 ):
                     raise DataFormatError(
                         path,
                         lineno,
                         f'"scores" must be a list of {len(row_ids)} numbers, one per id',
                     )
-                if any(math.isnan(v) for v in row_sc):
+                if any(map(math.isnan, row_sc)):
                     raise DataFormatError(path, lineno, "a score is NaN")
             labels = obj.get("labels")
             if labels is not None and (not isinstance(labels, list) or len(labels) != len(row_ids)):
@@ -247,7 +247,7 @@ def _parse_jsonl(path: Path) -> tuple[list[list[int]], list[list[float]] | None]
                     path, lineno, f'"labels" must be a list of {len(row_ids)} names, one per id'
                 )
             ids_rows.append(row_ids)
-            score_rows.append([float(v) for v in row_sc])
+            score_rows.append(row_sc)
     return ids_rows, (score_rows if has_scores else None)
 
 

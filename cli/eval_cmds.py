@@ -1,0 +1,202 @@
+"""``xmc eval``: evaluate a prediction file against labels, or a trained model on a data set.
+
+Two modes:
+
+* ``xmc eval --predictions P --labels Y [--train-labels T] [-A 0.55 -B 1.5] [--k 5] [--json]``
+* ``xmc eval --model DIR --data TEST [--k 5] [--json] [--device auto] [--chunk-size N]
+  [--ignore-extra]``
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli._format import metrics_json, metrics_lines, metrics_table
+from xmc_toolkit.errors import XMCError
+
+__all__ = ["COMMANDS", "eval_"]
+
+logger = logging.getLogger(__name__)
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _load_labels(path: Path) -> Any:
+    """Labels ``Y`` csr ``[N, L]`` of any file supported by ``xmc_toolkit.data.load``."""
+    try:
+        from xmc_toolkit.data.formats import load
+    except ModuleNotFoundError as exc:  # pragma: no cover - only while formats.py is missing
+        raise XMCError(f"cannot read {path}: the data loader is unavailable ({exc})") from exc
+    return load(path).Y
+
+
+def _evaluate_predictions(
+    predictions: Path,
+    labels: Path,
+    train_labels: Path | None,
+    prop_a: float,
+    prop_b: float,
+    k: int,
+    sort_by_score: bool,
+) -> dict[str, Any]:
+    from xmc_toolkit.data.predictions import read_predictions
+    from xmc_toolkit.metrics import MetricsInputError, evaluate, inverse_propensity
+
+    ids, _ = read_predictions(predictions, sort_by_score=sort_by_score)
+    Y = _load_labels(labels)
+    n, num_labels = Y.shape
+    if ids.shape[0] != n:
+        raise MetricsInputError(
+            f"{predictions} has {ids.shape[0]} prediction lines but {labels} has {n} points; "
+            "both must list the same points in the same order (one line per point)"
+        )
+    if ids.shape[1] < k:
+        raise MetricsInputError(
+            f"{predictions} holds at most {ids.shape[1]} predicted labels per point but --k is "
+            f"{k}; evaluate with --k {max(ids.shape[1], 1)} or predict more labels per point"
+        )
+    if train_labels is not None:
+        Y_train = _load_labels(train_labels)
+        if Y_train.shape[1] != num_labels:
+            raise MetricsInputError(
+                f"{train_labels} has {Y_train.shape[1]} labels but {labels} has {num_labels}; "
+                "--train-labels must use the same label set"
+            )
+        logger.info(
+            "propensities from the training labels %s (A=%g, B=%g)", train_labels, prop_a, prop_b
+        )
+        inv_prop = inverse_propensity(Y_train, prop_a, prop_b)
+    else:
+        logger.warning(
+            "PSP@k/PSnDCG@k use propensities computed from the evaluated labels %s (A=%g, B=%g);"
+            " pass --train-labels for the usual training-set propensities",
+            labels,
+            prop_a,
+            prop_b,
+        )
+        inv_prop = inverse_propensity(Y, prop_a, prop_b)
+    return evaluate(Y, ids, ks=range(1, k + 1), inv_prop=inv_prop)
+
+
+def _evaluate_model(
+    model: Path,
+    data: Path,
+    k: int,
+    device: str,
+    chunk_size: int | None,
+    ignore_extra: bool,
+    show_progress: bool,
+) -> dict[str, Any]:
+    from xmc_toolkit.evaluate import evaluate_model_dir  # lazy: imports torch
+
+    kwargs: dict[str, Any] = {
+        "ks": tuple(range(1, k + 1)),
+        "device": device,
+        "ignore_extra": ignore_extra,
+        "show_progress": show_progress,
+    }
+    if chunk_size is not None:
+        kwargs["chunk_size"] = chunk_size
+    return dict(evaluate_model_dir(model, data, **kwargs))
+
+
+@click.command("eval")
+@click.option("--predictions", type=_FILE, help="Prediction file (text or .jsonl) to evaluate.")
+@click.option("--labels", type=_FILE, help="Label file of the predicted points (any format).")
+@click.option(
+    "--train-labels",
+    type=_FILE,
+    help="Training labels for the propensities of PSP/PSnDCG (default: the evaluated labels).",
+)
+@click.option(
+    "-A", "--propensity-a", "prop_a", type=float, default=None,
+    help="Propensity parameter A (default 0.55; Wikipedia 0.5, Amazon 0.6).",
+)
+@click.option(
+    "-B", "--propensity-b", "prop_b", type=float, default=None,
+    help="Propensity parameter B (default 1.5; Wikipedia 0.4, Amazon 2.6).",
+)
+@click.option(
+    "--sort-by-score", is_flag=True,
+    help="Sort each prediction line by decreasing score instead of rejecting unsorted lines.",
+)
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Trained model directory to evaluate (instead of --predictions).")
+@click.option("--data", type=_FILE, help="Test data set for --model.")
+@click.option("--device", default=None, help="auto | cpu | cuda (with --model; default auto).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Labels scored at once (with --model; lower it when out of memory).")
+@click.option("--ignore-extra", is_flag=True,
+              help="Ignore test labels/features unknown to the model (with --model).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Report metrics at 1..k.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fractions).")
+def eval_(
+    predictions: Path | None,
+    labels: Path | None,
+    train_labels: Path | None,
+    prop_a: float | None,
+    prop_b: float | None,
+    sort_by_score: bool,
+    model: Path | None,
+    data: Path | None,
+    device: str | None,
+    chunk_size: int | None,
+    ignore_extra: bool,
+    k: int,
+    as_json: bool,
+) -> None:
+    """Evaluate predictions: P@k, nDCG@k, PSP@k, PSnDCG@k, R@k for k = 1..K.
+
+    \b
+    xmc eval --predictions pred.txt --labels test.txt --train-labels train.txt
+    xmc eval --model runs/bibtex --data test.txt --json
+    """
+    if (predictions is None) == (model is None):
+        raise click.UsageError("give exactly one of --predictions (with --labels) or --model "
+                               "(with --data)")
+    if predictions is not None:
+        misplaced = [flag for flag, value in (("--data", data), ("--device", device),
+                                              ("--chunk-size", chunk_size),
+                                              ("--ignore-extra", ignore_extra or None))
+                     if value is not None]
+        if misplaced:
+            raise click.UsageError(f"{', '.join(misplaced)} apply only with --model")
+        if labels is None:
+            raise click.UsageError("--predictions needs --labels (the true labels of the points)")
+        metrics = _evaluate_predictions(
+            predictions, labels, train_labels,
+            0.55 if prop_a is None else prop_a, 1.5 if prop_b is None else prop_b,
+            k, sort_by_score,
+        )
+    else:
+        misplaced = [flag for flag, value in (("--labels", labels),
+                                              ("--train-labels", train_labels),
+                                              ("-A", prop_a), ("-B", prop_b),
+                                              ("--sort-by-score", sort_by_score or None))
+                     if value is not None]
+        if misplaced:
+            raise click.UsageError(f"{', '.join(misplaced)} apply only with --predictions")
+        if data is None:
+            raise click.UsageError("--model needs --data (the test data set)")
+        metrics = _evaluate_model(
+            model, data, k, device or "auto", chunk_size, ignore_extra,
+            show_progress=not as_json and sys.stderr.isatty(),
+        )
+    ks = range(1, k + 1)
+    if as_json:
+        click.echo(metrics_json(metrics))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(metrics_table(metrics, ks))
+    else:
+        click.echo(metrics_lines(metrics, ks))
+
+
+COMMANDS = [eval_]
