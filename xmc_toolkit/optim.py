@@ -1,0 +1,169 @@
+"""Optimizers and learning-rate schedules for XMC training.
+
+The model has two kinds of parameters:
+
+* the **label table** (``[L, d]`` weights and ``[L]`` bias) whose gradients are *sparse* on the
+  sampled path (only the rows of sampled/positive labels are touched). They get a row-wise sparse
+  optimizer: ``torch.optim.SparseAdam`` or row-wise Adagrad (``torch.optim.Adagrad`` accepts
+  sparse gradients and only updates the touched rows' accumulators);
+* everything else (the encoder), optimized with ``AdamW``.
+
+When the label table produces *dense* gradients (the full-softmax path), both groups can simply
+use AdamW; :func:`build_optimizers` picks accordingly.
+
+The schedule is a linear warm-up followed by a linear or cosine decay (or constant), expressed as
+a multiplier on the base learning rate (:func:`lr_multiplier`) and wrapped in
+``torch.optim.lr_scheduler.LambdaLR`` for every optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = [
+    "LABEL_OPTIMIZERS",
+    "SCHEDULES",
+    "OptimizerBundle",
+    "lr_multiplier",
+    "build_optimizers",
+]
+
+LABEL_OPTIMIZERS = ("adamw", "sparse-adam", "adagrad")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str = "linear",
+                  min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based).
+
+    Linear warm-up from ``1 / warmup_steps`` to 1 over ``warmup_steps`` steps, then a decay to
+    ``min_ratio`` at ``total_steps`` (``"linear"`` or ``"cosine"``) or no decay (``"constant"``).
+
+    Args:
+        step: the number of optimizer steps already taken.
+        warmup_steps: length of the warm-up (0 disables it).
+        total_steps: planned number of steps of the whole run.
+        schedule: ``"linear" | "cosine" | "constant"``.
+        min_ratio: multiplier reached at the end of the decay.
+
+    Returns:
+        The multiplier, in ``(0, 1]``.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} "
+                          "(--schedule)")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(min_ratio, min_ratio + (1.0 - min_ratio) * decay, 1e-8)
+
+
+@dataclass
+class OptimizerBundle:
+    """The optimizers and schedulers of one model, stepped together.
+
+    Attributes:
+        optimizers: name -> optimizer (``"encoder"``, ``"labels"``).
+        schedulers: name -> ``LambdaLR`` for the optimizer of the same name.
+    """
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """One optimizer step for every optimizer (through ``scaler`` when given), then the LR."""
+        for opt in self.optimizers.values():
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        for sch in self.schedulers.values():
+            sch.step()
+
+    def state_dict(self) -> dict[str, dict]:
+        return {
+            **{f"opt.{k}": v.state_dict() for k, v in self.optimizers.items()},
+            **{f"sched.{k}": v.state_dict() for k, v in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for k, v in self.optimizers.items():
+            v.load_state_dict(state[f"opt.{k}"])
+        for k, v in self.schedulers.items():
+            v.load_state_dict(state[f"sched.{k}"])
+
+    @property
+    def lr(self) -> float:
+        """Current learning rate of the encoder optimizer."""
+        first = next(iter(self.optimizers.values()))
+        return float(first.param_groups[0]["lr"])
+
+
+def build_optimizers(
+    encoder_params: Iterable[torch.nn.Parameter],
+    label_params: Sequence[torch.nn.Parameter],
+    *,
+    lr: float,
+    label_lr: float,
+    weight_decay: float,
+    label_optimizer: str,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "linear",
+) -> OptimizerBundle:
+    """AdamW for the encoder, a row-wise optimizer for the label table, one schedule for both.
+
+    Args:
+        encoder_params: dense parameters (AdamW with ``weight_decay``).
+        label_params: the label table parameters (weights ``[L, d]`` and bias ``[L]``).
+        lr: encoder learning rate.
+        label_lr: label-table learning rate.
+        weight_decay: AdamW decoupled weight decay for the encoder (the label table gets none:
+            weight decay would touch every row and defeat sparse updates).
+        label_optimizer: ``"adamw"`` (dense gradients, full softmax), ``"sparse-adam"`` or
+            ``"adagrad"`` (row-wise, sparse gradients).
+        warmup_steps: linear warm-up length in steps.
+        total_steps: planned number of steps.
+        schedule: ``"linear" | "cosine" | "constant"`` decay after warm-up.
+
+    Returns:
+        An :class:`OptimizerBundle`.
+    """
+    if label_optimizer not in LABEL_OPTIMIZERS:
+        raise ConfigError(f"unknown label optimizer {label_optimizer!r}; use one of "
+                          f"{', '.join(LABEL_OPTIMIZERS)} (--label-optimizer)")
+    enc = [p for p in encoder_params if p.requires_grad]
+    labels = [p for p in label_params if p.requires_grad]
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if enc:
+        optimizers["encoder"] = torch.optim.AdamW(enc, lr=lr, weight_decay=weight_decay)
+    if label_optimizer == "adamw":
+        optimizers["labels"] = torch.optim.AdamW(labels, lr=label_lr, weight_decay=0.0)
+    elif label_optimizer == "sparse-adam":
+        optimizers["labels"] = torch.optim.SparseAdam(labels, lr=label_lr)
+    else:
+        optimizers["labels"] = torch.optim.Adagrad(labels, lr=label_lr)
+
+    def fn(step: int) -> float:
+        return lr_multiplier(step, warmup_steps=warmup_steps, total_steps=total_steps,
+                             schedule=schedule)
+
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, fn) for k, o in optimizers.items()}
+    return OptimizerBundle(optimizers, schedulers)

@@ -1,0 +1,1196 @@
+"""Training: :class:`TrainConfig`, the :class:`XMCNetwork` and the :class:`Trainer` loop.
+
+The network is ``SparseEncoder`` (EmbeddingBag + MLP, on TF-IDF + L2-normalized inputs) giving
+queries ``[B, d]``, scored against a ``LabelTable`` ``[L, d]`` (+ bias ``[L]``). Losses:
+
+* ``full``: exact multi-label softmax over all labels (chunked; dense label gradient);
+* ``sampled``: sampled softmax with log-q correction; negatives from a sampler (``uniform``,
+  ``popularity``, ``log-uniform`` or the adaptive ``midx`` sampler of Chen et al. 2025, "Adaptive
+  Sampled Softmax with Inverted Multi-Index"), label gradient sparse (only touched rows);
+* ``negative-sampling``: binary logistic loss on positives and sampled negatives.
+
+The loop validates every epoch (exact chunked top-k, :func:`xmc_toolkit.metrics.evaluate`), stops
+early on a chosen metric, keeps the best weights, writes a JSONL metrics log, checkpoints
+(model, optimizers, sampler, RNG) so that ``resume`` continues exactly, and stops with an
+:class:`~xmc_toolkit.errors.XMCError` naming the step when the loss becomes NaN/inf.
+
+Run ``python -m xmc_toolkit.train --help`` (same flags as ``xmc train``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from .config import ConfigBase
+from .data.dataset import XMCDataset
+from .device import resolve_device
+from .errors import CheckpointError, ConfigError, XMCError
+
+__all__ = [
+    "LOSSES",
+    "SAMPLERS",
+    "TrainConfig",
+    "XMCNetwork",
+    "Preprocessor",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "inverse_propensity_from_counts",
+    "save_model_dir",
+    "load_model_dir",
+    "LoadedModel",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("auto", "full", "sampled", "negative-sampling")
+SAMPLERS = ("uniform", "popularity", "log-uniform", "midx", "midx-pq", "midx-rq")
+QUANTIZERS = ("pq", "rq")
+WITHIN_CELL = ("uniform", "popularity", "exact")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+NORMS = ("none", "layernorm", "batchnorm")
+METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+LABELS_FILE = "labels.json"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "metrics.jsonl"
+CKPT_DIR = "checkpoint"
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Every hyper-parameter of a training run (JSON round trip; ``xmc train --print-config``).
+
+    Defaults are chosen to work on unseen data sets: TF-IDF + L2 inputs, one hidden layer of
+    1024 with dropout 0.5, full softmax up to ``full_max_labels`` labels and MIDX sampled softmax
+    above, AdamW with warm-up and linear decay.
+    """
+
+    # -- model --------------------------------------------------------------------------------
+    dim: int = field(default=256, metadata=_h("label / query embedding dimension d (--dim)"))
+    hidden: tuple[int, ...] = field(
+        default=(1024,),
+        metadata=_h("hidden layer widths of the encoder MLP; the first is the EmbeddingBag width"
+                    " (--hidden 1024 or --hidden 1024,512)"))
+    dropout: float = field(default=0.5, metadata=_h("dropout after each hidden layer (--dropout)"))
+    norm: str = field(default="none", metadata=_h("normalization after each hidden layer: none |"
+                                                 " layernorm | batchnorm (--norm)"))
+    linear_only: bool = field(default=False, metadata=_h(
+        "linear model: one EmbeddingBag to d, no MLP (--linear-only)"))
+    tfidf: bool = field(default=True, metadata=_h(
+        "scale features by the training set's smooth IDF (--tfidf/--no-tfidf)"))
+    l2_normalize: bool = field(default=True, metadata=_h(
+        "L2-normalize every input row after TF-IDF (--l2-normalize/--no-l2-normalize)"))
+    label_bias: bool = field(default=True, metadata=_h("learn a per-label bias (--label-bias)"))
+    # -- loss and sampling --------------------------------------------------------------------
+    loss: str = field(default="auto", metadata=_h(
+        "auto | full | sampled | negative-sampling; auto: full softmax when the number of labels"
+        " is at most full_max_labels, else sampled (--loss)"))
+    full_max_labels: int = field(default=16384, metadata=_h(
+        "largest label count for which loss=auto uses the full softmax (--full-max-labels)"))
+    sampler: str = field(default="midx", metadata=_h(
+        "negative sampler: uniform | popularity | log-uniform | midx (--sampler)"))
+    quantizer: str = field(default="pq", metadata=_h("MIDX quantizer: pq | rq (--quantizer)"))
+    within_cell: str = field(default="uniform", metadata=_h(
+        "MIDX draw inside a cell: uniform | popularity | exact (--within-cell)"))
+    codewords: int = field(default=0, metadata=_h(
+        "MIDX codewords per codebook K (K^2 cells); 0: auto = clip(sqrt(L/4), 4, 64)"
+        " (--codewords)"))
+    negatives: int = field(default=64, metadata=_h("negatives drawn per query (--negatives)"))
+    shared_negatives: bool = field(default=False, metadata=_h(
+        "one set of negatives shared by the whole batch (--shared-negatives)"))
+    refresh_every: int = field(default=100, metadata=_h(
+        "rebuild the MIDX codebooks every N steps (warm-started) and at each epoch start;"
+        " 0: epoch start only (--refresh-every)"))
+    popularity_alpha: float = field(default=0.75, metadata=_h(
+        "exponent of label counts for popularity proposals (--popularity-alpha)"))
+    correct_target: bool = field(default=False, metadata=_h(
+        "sampled softmax: also subtract log(Mq) from the target logit, TensorFlow style"
+        " (--correct-target)"))
+    # -- optimization -------------------------------------------------------------------------
+    epochs: int = field(default=30, metadata=_h("number of passes over the training data"
+                                                " (--epochs)"))
+    batch_size: int = field(default=128, metadata=_h("training rows per step (--batch-size)"))
+    lr: float = field(default=1e-3, metadata=_h("AdamW learning rate of the encoder (--lr)"))
+    label_lr: float = field(default=0.0, metadata=_h(
+        "learning rate of the label table; 0: same as lr (--label-lr)"))
+    weight_decay: float = field(default=0.01, metadata=_h(
+        "AdamW decoupled weight decay of the encoder (--weight-decay)"))
+    label_optimizer: str = field(default="auto", metadata=_h(
+        "label table optimizer: auto | adamw | sparse-adam | adagrad; auto: adamw for the full"
+        " softmax, sparse-adam (row-wise, sparse) for sampled losses (--label-optimizer)"))
+    warmup_steps: int = field(default=100, metadata=_h("linear warm-up steps (--warmup-steps)"))
+    schedule: str = field(default="linear", metadata=_h(
+        "decay after warm-up: linear | cosine | constant (--schedule)"))
+    clip_grad: float = field(default=5.0, metadata=_h(
+        "clip the global gradient norm to this value; 0 disables (--clip-grad)"))
+    amp: str = field(default="auto", metadata=_h(
+        "mixed precision on CUDA: auto (bf16 if supported, else fp16 + GradScaler) | bf16 | fp16"
+        " | off; always off on CPU (--amp)"))
+    device: str = field(default="auto", metadata=_h("auto | cpu | cuda | cuda:N (--device)"))
+    seed: int = field(default=0, metadata=_h("random seed; CPU runs are deterministic (--seed)"))
+    # -- validation, early stopping, logging ---------------------------------------------------
+    val_fraction: float = field(default=0.0, metadata=_h(
+        "hold out this fraction of the training rows for validation when no validation set is"
+        " given; 0: none (--val-fraction)"))
+    val_metric: str = field(default="P@1", metadata=_h(
+        "validation metric for early stopping and best-model selection (--val-metric)"))
+    patience: int = field(default=0, metadata=_h(
+        "stop after this many epochs without improvement of val_metric; 0: never stop early"
+        " (--patience)"))
+    keep_best: bool = field(default=True, metadata=_h(
+        "with validation, the saved model is the best epoch's, not the last (--keep-best)"))
+    ks: tuple[int, ...] = field(default=(1, 3, 5), metadata=_h("metric cut-offs (--ks 1,3,5)"))
+    eval_chunk_size: int = field(default=65536, metadata=_h(
+        "labels scored per block in exact top-k (--eval-chunk-size)"))
+    eval_batch_size: int = field(default=2048, metadata=_h(
+        "rows encoded per block in validation/prediction (--eval-batch-size)"))
+    psp_a: float = field(default=0.55, metadata=_h("propensity parameter A for PSP@k (--psp-a)"))
+    psp_b: float = field(default=1.5, metadata=_h("propensity parameter B for PSP@k (--psp-b)"))
+    checkpoint_every: int = field(default=0, metadata=_h(
+        "also checkpoint every N steps (resumable mid-epoch); 0: at epoch ends only"
+        " (--checkpoint-every)"))
+    max_steps: int = field(default=0, metadata=_h(
+        "stop after this many steps in total (checkpointed, resumable); 0: no limit"
+        " (--max-steps)"))
+
+    # -- validation ----------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every problem of the config that does not depend on the data (all at once)."""
+        p: list[str] = []
+
+        def choice(name: str, value: Any, options: Sequence[str]) -> None:
+            if value not in options:
+                flag = "--" + name.replace("_", "-")
+                p.append(f"{name}={value!r} is unknown; use one of {', '.join(options)} ({flag})")
+
+        def positive(name: str, value: Any, zero_ok: bool = False) -> None:
+            flag = "--" + name.replace("_", "-")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value >= 0 if zero_ok else value > 0)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                p.append(f"{name}={value!r} must be {'>= 0' if zero_ok else '> 0'} ({flag})")
+
+        choice("loss", self.loss, LOSSES)
+        choice("sampler", self.sampler, SAMPLERS)
+        choice("quantizer", self.quantizer, QUANTIZERS)
+        choice("within_cell", self.within_cell, WITHIN_CELL)
+        choice("amp", self.amp, AMP_MODES)
+        choice("norm", self.norm, NORMS)
+        choice("schedule", self.schedule, ("linear", "cosine", "constant"))
+        choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
+                                                         "adagrad"))
+        for name in ("dim", "epochs", "batch_size", "negatives", "eval_chunk_size",
+                     "eval_batch_size", "full_max_labels", "lr"):
+            positive(name, getattr(self, name))
+        for name in ("codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
+                     "clip_grad", "patience", "checkpoint_every", "max_steps", "psp_b"):
+            positive(name, getattr(self, name), zero_ok=True)
+        positive("psp_a", self.psp_a)
+        positive("popularity_alpha", self.popularity_alpha, zero_ok=True)
+        if not isinstance(self.hidden, (tuple, list)) or any(
+                isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in self.hidden):
+            p.append(f"hidden={self.hidden!r} must be a list of positive integers (--hidden)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            p.append(f"dropout={self.dropout!r} must be in [0, 1) (--dropout)")
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
+            p.append(f"val_fraction={self.val_fraction!r} must be in [0, 1) (--val-fraction)")
+        if 0 < self.codewords < 2:
+            p.append(f"codewords={self.codewords!r} must be >= 2 or 0 for auto (--codewords)")
+        if not isinstance(self.ks, (tuple, list)) or not self.ks or any(
+                isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            p.append(f"ks={self.ks!r} must be a non-empty list of integers >= 1 (--ks)")
+        name, _, k = str(self.val_metric).partition("@")
+        if name not in METRIC_NAMES or not k.isdigit() or int(k) < 1:
+            p.append(f"val_metric={self.val_metric!r} must look like P@1, nDCG@3, PSP@5, "
+                     "PSnDCG@k or R@k (--val-metric)")
+        if self.sampler == "popularity" and self.within_cell == "exact":
+            pass  # irrelevant combination; within_cell is only read by MIDX
+        return p
+
+    def data_problems(self, num_points: int, num_features: int, num_labels: int) -> list[str]:
+        """Problems that depend on the training data's size (all at once)."""
+        p: list[str] = []
+        if num_points < 1:
+            p.append("the training data has no rows")
+        if num_labels < 2:
+            p.append(f"the training data has {num_labels} label(s); at least 2 are needed")
+        if num_features < 1:
+            p.append("the training data has no feature columns")
+        if isinstance(self.batch_size, int) and self.batch_size > num_points >= 1:
+            p.append(f"batch_size={self.batch_size} is larger than the {num_points} training rows"
+                     f"; use --batch-size {max(1, min(num_points, 128))} or less")
+        loss = self.resolved_loss(num_labels)
+        if loss in ("sampled", "negative-sampling"):
+            if isinstance(self.negatives, int) and self.negatives >= num_labels:
+                p.append(f"negatives={self.negatives} must be smaller than the number of labels "
+                         f"({num_labels}); use --negatives {max(1, num_labels // 2)} or "
+                         "--loss full")
+            if self.sampler.startswith("midx") and self.codewords:
+                cells = self.codewords ** 2
+                if cells > 4 * num_labels:
+                    p.append(f"codewords={self.codewords} gives {cells} MIDX cells, far above the"
+                             f" {num_labels} labels; use --codewords "
+                             f"{self.auto_codewords(num_labels)} (or 0 for auto)")
+        if self.val_metric and "@" in str(self.val_metric):
+            k = str(self.val_metric).partition("@")[2]
+            if k.isdigit() and isinstance(self.ks, (tuple, list)) and self.ks and \
+                    int(k) > max(self.ks):
+                p.append(f"val_metric={self.val_metric} needs k={k} but ks={list(self.ks)}; "
+                         "add it to --ks")
+            if k.isdigit() and int(k) > num_labels:
+                p.append(f"val_metric={self.val_metric} asks for more labels than the "
+                         f"{num_labels} there are")
+        if isinstance(self.ks, (tuple, list)) and self.ks and max(self.ks) > num_labels >= 1:
+            p.append(f"ks={list(self.ks)} asks for top-{max(self.ks)} of only {num_labels} labels"
+                     "; lower --ks")
+        return p
+
+    def validate_for_data(self, num_points: int, num_features: int, num_labels: int) -> None:
+        """Raise :class:`ConfigError` listing every config and data-size problem at once."""
+        probs = self.problems() + self.data_problems(num_points, num_features, num_labels)
+        if probs:
+            raise ConfigError(probs)
+
+    # -- derived values -------------------------------------------------------------------------
+    def resolved_loss(self, num_labels: int) -> str:
+        """``full`` / ``sampled`` / ``negative-sampling`` after resolving ``auto``."""
+        if self.loss == "auto":
+            return "full" if num_labels <= self.full_max_labels else "sampled"
+        return self.loss
+
+    @staticmethod
+    def auto_codewords(num_labels: int) -> int:
+        """Codewords per codebook for ``num_labels`` labels: about 4 labels per cell, 4..64."""
+        return int(min(64, max(4, round(math.sqrt(num_labels / 4)))))
+
+    def resolved_codewords(self, num_labels: int) -> int:
+        return self.codewords or self.auto_codewords(num_labels)
+
+    def resolved_label_optimizer(self, num_labels: int) -> str:
+        if self.label_optimizer != "auto":
+            return self.label_optimizer
+        return "adamw" if self.resolved_loss(num_labels) == "full" else "sparse-adam"
+
+
+# ------------------------------------------------------------------------------------------------
+# preprocessing and network
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preprocessor:
+    """TF-IDF scaling (with the training set's IDF) and row L2 normalization of inputs.
+
+    Attributes:
+        idf: float32 ``[D]`` or ``None`` (no TF-IDF).
+        l2_normalize: normalize rows to unit L2 norm.
+    """
+
+    idf: np.ndarray | None
+    l2_normalize: bool
+
+    @classmethod
+    def fit(cls, X: sp.csr_matrix, tfidf: bool, l2_normalize: bool) -> "Preprocessor":
+        from .batching import fit_idf
+
+        return cls(fit_idf(X) if tfidf else None, l2_normalize)
+
+    def transform(self, X: sp.spmatrix) -> sp.csr_matrix:
+        """Return the transformed ``[N, D]`` float32 CSR (the input is not modified)."""
+        from .batching import l2_normalize_rows, tfidf_transform
+
+        X = sp.csr_matrix(X, dtype=np.float32)
+        if self.idf is not None:
+            X = tfidf_transform(X, self.idf)
+        if self.l2_normalize:
+            X = l2_normalize_rows(X)
+        return X
+
+
+class XMCNetwork(nn.Module):
+    """Sparse encoder + label table.
+
+    Args:
+        num_features: ``D``.
+        num_labels: ``L``.
+        config: the :class:`TrainConfig` (model fields are read).
+    """
+
+    def __init__(self, num_features: int, num_labels: int, config: TrainConfig) -> None:
+        super().__init__()
+        from .encoder import SparseEncoder
+        from .output_layer import LabelTable
+
+        self.num_features = int(num_features)
+        self.num_labels = int(num_labels)
+        self.encoder = SparseEncoder(
+            num_features, dim=config.dim, hidden=tuple(config.hidden), dropout=config.dropout,
+            norm=config.norm, linear_only=config.linear_only)
+        self.labels = LabelTable(num_labels, config.dim, bias=config.label_bias)
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """Queries ``[B, d]`` of a batch of EmbeddingBag inputs."""
+        return self.encoder(indices, offsets, weights)
+
+    def label_parameters(self) -> list[nn.Parameter]:
+        return list(self.labels.parameters())
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    @property
+    def label_weight(self) -> torch.Tensor:
+        """``[L, d]`` label embeddings (the parameter itself)."""
+        return self.labels.weight.weight
+
+    @property
+    def label_bias(self) -> torch.Tensor | None:
+        """``[L]`` label bias parameter or ``None``."""
+        b = getattr(self.labels, "bias", None)
+        if b is None:
+            return None
+        return b.weight.view(-1) if isinstance(b, nn.Embedding) else b
+
+
+def inverse_propensity_from_counts(counts: np.ndarray, num_points: int, A: float = 0.55,
+                                   B: float = 1.5) -> np.ndarray:
+    """Inverse propensities ``1 + C (N_l + B)^-A``, ``C = (ln N - 1)(B + 1)^A`` from label counts.
+
+    Same formula as :func:`xmc_toolkit.metrics.inverse_propensity` (Jain et al. 2016), but from
+    stored training label counts ``[L]`` and the number of training points, so a saved model can
+    compute PSP@k without its training data.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    C = (math.log(max(num_points, 1)) - 1.0) * (B + 1.0) ** A
+    return 1.0 + C * np.power(counts + B, -A)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact top-k prediction (shared by validation, evaluate.py and model.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_topk_network(network: XMCNetwork, X: sp.csr_matrix, k: int, *,
+                         batch_size: int = 2048, chunk_size: int = 65536,
+                         show_progress: bool = False, approx: bool = False,
+                         sampler: Any = None, num_cells: int = 16
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (or MIDX-approximate) top-k labels of preprocessed rows ``X``.
+
+    Args:
+        network: the trained network (put in eval mode for the call).
+        X: ``[N, D]`` preprocessed features.
+        k: labels per row (``<= L``).
+        batch_size: rows per block.
+        chunk_size: labels per scoring block (exact path).
+        show_progress: rich progress bar.
+        approx: use ``network.labels.approx_topk`` through ``sampler`` (a MIDX index).
+        sampler: the MIDX sampler (updated) for ``approx``.
+        num_cells: MIDX cells probed per query (``approx``).
+
+    Returns:
+        ``ids`` int64 ``[N, k]`` and ``scores`` float32 ``[N, k]``, best first.
+    """
+    from .batching import csr_to_bag
+
+    device = next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    ids_out: list[np.ndarray] = []
+    sc_out: list[np.ndarray] = []
+    starts: Any = range(0, X.shape[0], batch_size)
+    try:
+        with _progress(show_progress, "predicting", len(starts)) as advance:
+            for s in starts:
+                idx, off, w = csr_to_bag(X[s: s + batch_size], device=device)
+                q = network(idx, off, w).float()  # [b, d]
+                if approx:
+                    from .output_layer import approx_topk
+
+                    scores, ids = approx_topk(q, network.labels.label_embeddings(),
+                                              network.labels.bias_vector(), sampler, k,
+                                              num_cells=num_cells)
+                else:
+                    scores, ids = network.labels.topk(q, k, chunk_size=chunk_size)
+                ids_out.append(ids.cpu().numpy().astype(np.int64))
+                sc_out.append(scores.float().cpu().numpy())
+                advance(1)
+    finally:
+        network.train(was_training)
+    if not ids_out:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(ids_out), np.concatenate(sc_out)
+
+
+@contextlib.contextmanager
+def _progress(show: bool, description: str, total: int | None,
+              fields: dict[str, Any] | None = None) -> Iterator[Callable[..., None]]:
+    """A rich progress bar (or a no-op) as ``advance(n, **fields)``."""
+    if not show:
+        yield lambda n=1, **kw: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, transient=True) as prog:
+        task = prog.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **kw: Any) -> None:
+            info = " ".join(f"{k}={v}" for k, v in kw.items())
+            prog.update(task, advance=n, info=info)
+
+        yield advance
+
+
+# ------------------------------------------------------------------------------------------------
+# model directories
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """Everything in a model directory.
+
+    Attributes:
+        network: the network on ``device`` in eval mode.
+        preprocessor: input transform of the training run.
+        config: the training config.
+        label_names: ``L`` names or ``None``.
+        label_counts: int64 ``[L]`` training label counts.
+        num_train: number of training points (for propensities).
+        sampler_state: MIDX sampler tensors when saved (for ``--approx``), else ``None``.
+        summary: the summary JSON (metrics, steps) or ``{}``.
+    """
+
+    network: XMCNetwork
+    preprocessor: Preprocessor
+    config: TrainConfig
+    label_names: list[str] | None
+    label_counts: np.ndarray
+    num_train: int
+    sampler_state: dict[str, torch.Tensor] | None
+    summary: dict[str, Any]
+
+    @property
+    def num_features(self) -> int:
+        return self.network.num_features
+
+    @property
+    def num_labels(self) -> int:
+        return self.network.num_labels
+
+    def inv_prop(self) -> np.ndarray:
+        return inverse_propensity_from_counts(self.label_counts, self.num_train,
+                                              self.config.psp_a, self.config.psp_b)
+
+
+def _model_tensors(network: XMCNetwork, pre: Preprocessor) -> dict[str, torch.Tensor]:
+    tensors = {f"network.{k}": v.detach().cpu().contiguous()
+               for k, v in network.state_dict().items()}
+    if pre.idf is not None:
+        tensors["preprocess.idf"] = torch.from_numpy(np.ascontiguousarray(pre.idf))
+    return tensors
+
+
+def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Preprocessor,
+                   config: TrainConfig, *, label_names: list[str] | None,
+                   label_counts: np.ndarray, num_train: int,
+                   sampler_state: dict[str, torch.Tensor] | None = None,
+                   summary: dict[str, Any] | None = None) -> Path:
+    """Write a model directory (weights, config, label vocabulary and counts) atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _model_tensors(network, pre)
+    if sampler_state:
+        tensors.update({f"sampler.{k}": v.detach().cpu().contiguous()
+                        for k, v in sampler_state.items()})
+    _save_tensors(out / MODEL_FILE, tensors)
+    meta = {"format": "xmc-toolkit-model", "version": 1, "num_features": network.num_features,
+            "num_labels": network.num_labels, "l2_normalize": pre.l2_normalize,
+            "tfidf": pre.idf is not None, "train_config": config.to_dict()}
+    _write_json(out / CONFIG_FILE, meta)
+    _write_json(out / LABELS_FILE, {"label_names": label_names,
+                                    "label_counts": [int(c) for c in label_counts],
+                                    "num_train": int(num_train)})
+    if summary is not None:
+        _write_json(out / SUMMARY_FILE, summary)
+    return out
+
+
+def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device = "auto"
+                   ) -> LoadedModel:
+    """Load a model directory written by :func:`save_model_dir` / ``xmc train``.
+
+    Raises:
+        CheckpointError: the directory is not a model directory or its files are corrupt.
+    """
+    d = Path(model_dir)
+    missing = [f for f in (MODEL_FILE, CONFIG_FILE, LABELS_FILE) if not (d / f).is_file()]
+    if not d.is_dir() or missing:
+        what = "does not exist" if not d.exists() else (
+            "is not a directory" if not d.is_dir() else f"lacks {', '.join(missing)}")
+        raise CheckpointError(f"{str(d)!r} is not a model directory ({what}); pass the --out "
+                              "directory of `xmc train` as --model")
+    try:
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        labels = json.loads((d / LABELS_FILE).read_text())
+        config = TrainConfig.from_dict(meta["train_config"])
+        D, L = int(meta["num_features"]), int(meta["num_labels"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{str(d)!r}: {CONFIG_FILE} or {LABELS_FILE} is corrupt ({exc}); "
+                              "retrain or restore the directory") from exc
+    tensors = _load_tensors(d / MODEL_FILE)
+    dev = resolve_device(device)
+    network = XMCNetwork(D, L, config)
+    state = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{str(d / MODEL_FILE)!r} does not match its config: {exc}") from exc
+    network.to(dev).eval()
+    idf = tensors.get("preprocess.idf")
+    pre = Preprocessor(None if idf is None else idf.numpy(), bool(meta.get("l2_normalize", True)))
+    sampler_state = {k[len("sampler."):]: v for k, v in tensors.items()
+                     if k.startswith("sampler.")} or None
+    summary: dict[str, Any] = {}
+    if (d / SUMMARY_FILE).is_file():
+        with contextlib.suppress(ValueError):
+            summary = json.loads((d / SUMMARY_FILE).read_text())
+    names = labels.get("label_names")
+    return LoadedModel(network, pre, config, names,
+                       np.asarray(labels.get("label_counts", [0] * L), dtype=np.int64),
+                       int(labels.get("num_train", 1)), sampler_state, summary)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomic safetensors save (temporary file + ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc}); "
+                              "retrain or restore the file") from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# trainer
+# ------------------------------------------------------------------------------------------------
+
+
+class TrainingInterrupted(XMCError):
+    """Training was interrupted (SIGINT); a checkpoint was saved. ``resume`` continues it."""
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :meth:`Trainer.fit`.
+
+    Attributes:
+        history: one dict per epoch (``epoch``, ``step``, ``loss``, ``examples_per_s``, val
+            metrics ``val/P@1`` ...).
+        best: validation metrics of the kept epoch (``{}`` without validation).
+        best_epoch: 1-based epoch of ``best`` (or the last epoch).
+        steps: optimizer steps taken in total.
+        seconds: training wall time of this call.
+        stopped_early: early stopping triggered.
+        loss: resolved loss name; sampler: sampler name or ``None``.
+    """
+
+    history: list[dict[str, Any]]
+    best: dict[str, float]
+    best_epoch: int
+    steps: int
+    seconds: float
+    stopped_early: bool
+    loss: str
+    sampler: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+class Trainer:
+    """Trains an :class:`XMCNetwork` on sparse data.
+
+    Args:
+        config: the run's :class:`TrainConfig` (validated against the data in :meth:`fit`).
+        out_dir: model directory to write (weights, config, labels, ``metrics.jsonl``,
+            ``checkpoint/``); ``None`` keeps everything in memory (no checkpoints).
+        callbacks: ``callback(event, state)`` hooks; events ``"train_begin"``, ``"epoch_begin"``,
+            ``"step"`` (every step: ``step``, ``epoch``, ``loss``), ``"epoch_end"`` (with the
+            epoch's record), ``"checkpoint"``, ``"train_end"``.
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike[str] | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.config = config.validate()
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.callbacks = list(callbacks)
+        self.network: XMCNetwork | None = None
+        self.preprocessor: Preprocessor | None = None
+        self.sampler: Any = None
+        self.label_names: list[str] | None = None
+        self.label_counts: np.ndarray | None = None
+        self.num_train = 0
+        self.result: TrainResult | None = None
+        self._interrupted = False
+
+    # -- public -----------------------------------------------------------------------------
+    def fit(self, train: XMCDataset, val: XMCDataset | None = None, *,
+            show_progress: bool = False, resume: bool = False) -> TrainResult:
+        """Train (or continue training from ``out_dir/checkpoint`` when ``resume``).
+
+        Args:
+            train: training data (raw features; preprocessing is fitted here).
+            val: validation data in the same feature/label space, or ``None`` (then
+                ``val_fraction`` of ``train`` is held out when > 0).
+            show_progress: rich progress bar with loss, examples/s and ETA.
+            resume: continue the run saved in ``out_dir/checkpoint`` (same config and data).
+
+        Returns:
+            A :class:`TrainResult` (also in ``self.result``).
+
+        Raises:
+            ConfigError: every config problem (including data-dependent ones) at once.
+            XMCError: the loss became NaN/inf (names the step); checkpoints are kept.
+            TrainingInterrupted: SIGINT arrived; a checkpoint was saved first.
+        """
+        cfg = self.config
+        cfg.validate_for_data(train.num_points, train.num_features, train.num_labels)
+        if val is not None and (val.num_features != train.num_features or
+                                val.num_labels != train.num_labels):
+            raise ConfigError(
+                f"validation data has {val.num_features} features / {val.num_labels} labels but "
+                f"training data has {train.num_features} / {train.num_labels}; use data with the "
+                "same feature and label space (--val)")
+        if resume and self.out_dir is None:
+            raise ConfigError("resume needs an output directory (--out / --resume DIR)")
+        device = resolve_device(cfg.device)
+        self._seed_everything(cfg.seed)
+
+        if val is None and cfg.val_fraction > 0:
+            train, val = _split(train, cfg.val_fraction, cfg.seed)
+        X_raw = sp.csr_matrix(train.X, dtype=np.float32)
+        self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
+        X = self.preprocessor.transform(X_raw)
+        Y = sp.csr_matrix(train.Y, dtype=np.float32)
+        X_val = None if val is None else self.preprocessor.transform(val.X)
+        Y_val = None if val is None else sp.csr_matrix(val.Y)
+        D, L = train.num_features, train.num_labels
+        self.label_names = train.label_names
+        self.label_counts = np.bincount(Y.indices, minlength=L).astype(np.int64)
+        self.num_train = train.num_points
+        inv_prop = inverse_propensity_from_counts(self.label_counts, self.num_train,
+                                                  cfg.psp_a, cfg.psp_b)
+
+        loss_name = cfg.resolved_loss(L)
+        self.network = network = XMCNetwork(D, L, cfg).to(device)
+        network.train()
+        sampled = loss_name != "full"
+        self.sampler = self._make_sampler(L, device) if sampled else None
+
+        from .batching import BatchIterator
+
+        batches = BatchIterator(X, Y, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+        steps_per_epoch = len(batches)
+        total_steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total_steps = min(total_steps, cfg.max_steps)
+        from .optim import build_optimizers
+
+        label_opt = cfg.resolved_label_optimizer(L)
+        bundle = build_optimizers(
+            network.encoder_parameters(), network.label_parameters(), lr=cfg.lr,
+            label_lr=cfg.label_lr or cfg.lr, weight_decay=cfg.weight_decay,
+            label_optimizer=label_opt, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+            schedule=cfg.schedule)
+        amp_dtype, scaler = _amp_setup(cfg.amp, device)
+        sample_gen = torch.Generator(device=device)
+        sample_gen.manual_seed(cfg.seed + 1)
+
+        state: dict[str, Any] = {"step": 0, "epoch": 0, "history": [], "best": {},
+                                 "best_epoch": 0, "best_value": None, "bad_epochs": 0,
+                                 "stopped_early": False, "epoch_loss_sum": 0.0,
+                                 "epoch_loss_count": 0, "epoch_examples": 0}
+        if resume:
+            self._load_checkpoint(network, bundle, batches, sample_gen, scaler, state)
+            logger.info("resumed from step %d (epoch %d, batch %d)", state["step"],
+                        batches.epoch, batches.batch_index)
+        elif self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / LOG_FILE).write_text("")
+
+        ctx = dict(network=network, bundle=bundle, batches=batches, sample_gen=sample_gen,
+                   scaler=scaler, state=state)
+        self._emit("train_begin", {"config": cfg.to_dict(), "loss": loss_name,
+                                   "steps_per_epoch": steps_per_epoch, "device": str(device)})
+        t_start = time.perf_counter()
+        old_handler = self._install_sigint()
+        try:
+            self._loop(ctx, X_val, Y_val, inv_prop, loss_name, amp_dtype, total_steps,
+                       show_progress)
+        finally:
+            self._restore_sigint(old_handler)
+        seconds = time.perf_counter() - t_start
+        history = state["history"]
+        best_epoch = state["best_epoch"] or (history[-1]["epoch"] if history else 0)
+        self.result = TrainResult(
+            history=history, best=state["best"], best_epoch=best_epoch, steps=state["step"],
+            seconds=seconds, stopped_early=state["stopped_early"], loss=loss_name,
+            sampler=cfg.sampler if sampled else None)
+        if self._best_state is not None and cfg.keep_best:
+            network.load_state_dict(self._best_state)
+        if self.out_dir is not None:
+            self._save_model(summary=self.result.to_dict())
+        self._emit("train_end", self.result.to_dict())
+        return self.result
+
+    # -- loop -------------------------------------------------------------------------------
+    _best_state: dict[str, torch.Tensor] | None = None
+
+    def _loop(self, ctx: dict[str, Any], X_val: sp.csr_matrix | None,
+              Y_val: sp.csr_matrix | None, inv_prop: np.ndarray, loss_name: str,
+              amp_dtype: torch.dtype | None, total_steps: int, show_progress: bool) -> None:
+        cfg = self.config
+        network: XMCNetwork = ctx["network"]
+        bundle = ctx["bundle"]
+        batches = ctx["batches"]
+        state = ctx["state"]
+        device = next(network.parameters()).device
+        steps_per_epoch = len(batches)
+        with _progress(show_progress, "training", total_steps) as advance:
+            advance(state["step"])
+            while batches.epoch < cfg.epochs and not state["stopped_early"]:
+                if cfg.max_steps and state["step"] >= cfg.max_steps:
+                    break
+                epoch = batches.epoch
+                state["epoch"] = epoch
+                if batches.batch_index == 0:
+                    state.update(epoch_loss_sum=0.0, epoch_loss_count=0, epoch_examples=0,
+                                 epoch_seconds=0.0)
+                    self._emit("epoch_begin", {"epoch": epoch + 1, "step": state["step"]})
+                    if self.sampler is not None and self.sampler.needs_update:
+                        self._refresh_sampler(network)
+                elif self.sampler is not None and self.sampler.needs_update and \
+                        not getattr(self, "_sampler_loaded", False):
+                    self._refresh_sampler(network)
+                t0 = time.perf_counter()
+                for batch in batches:
+                    loss_value = self._step(network, bundle, batch, loss_name, amp_dtype,
+                                            ctx["scaler"], ctx["sample_gen"], state)
+                    state["step"] += 1
+                    state["epoch_loss_sum"] += loss_value
+                    state["epoch_loss_count"] += 1
+                    state["epoch_examples"] += int(batch.offsets.shape[0])
+                    el = state.get("epoch_seconds", 0.0) + time.perf_counter() - t0
+                    advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_value:.4f}",
+                            ex_s=f"{state['epoch_examples'] / max(el, 1e-9):.0f}")
+                    self._emit("step", {"step": state["step"], "epoch": epoch + 1,
+                                        "loss": loss_value, "lr": bundle.lr})
+                    refresh = cfg.refresh_every
+                    if (self.sampler is not None and self.sampler.needs_update and refresh
+                            and state["step"] % refresh == 0):
+                        self._refresh_sampler(network)
+                    stop_now = bool(cfg.max_steps) and state["step"] >= cfg.max_steps
+                    if self._interrupted or stop_now or (
+                            cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+                        if batches.batch_index < steps_per_epoch:  # mid-epoch
+                            state["epoch_seconds"] = el
+                            self._save_checkpoint(ctx)
+                    if self._interrupted:
+                        raise TrainingInterrupted(
+                            f"interrupted at step {state['step']}; checkpoint saved in "
+                            f"{self.out_dir}; continue with --resume {self.out_dir}")
+                    if stop_now and batches.batch_index < steps_per_epoch:
+                        return
+                state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + \
+                    time.perf_counter() - t0
+                self._end_epoch(ctx, epoch, X_val, Y_val, inv_prop)
+        return
+
+    def _end_epoch(self, ctx: dict[str, Any], epoch: int, X_val: sp.csr_matrix | None,
+                   Y_val: sp.csr_matrix | None, inv_prop: np.ndarray) -> None:
+        cfg = self.config
+        state = ctx["state"]
+        network: XMCNetwork = ctx["network"]
+        secs = state.get("epoch_seconds", 0.0)
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1, "step": state["step"],
+            "loss": state["epoch_loss_sum"] / max(1, state["epoch_loss_count"]),
+            "lr": ctx["bundle"].lr, "seconds": secs,
+            "examples_per_s": state["epoch_examples"] / max(secs, 1e-9)}
+        if X_val is not None and Y_val is not None:
+            metrics = self._validate(network, X_val, Y_val, inv_prop)
+            rec.update({f"val/{k}": v for k, v in metrics.items()})
+            value = metrics[cfg.val_metric]
+            best = state["best_value"]
+            if best is None or value > best:
+                state.update(best_value=value, best=metrics, best_epoch=epoch + 1, bad_epochs=0)
+                if cfg.keep_best:
+                    self._best_state = {k: v.detach().clone()
+                                        for k, v in network.state_dict().items()}
+                    if self.out_dir is not None:
+                        self._save_model(summary=None)
+            else:
+                state["bad_epochs"] += 1
+                if cfg.patience and state["bad_epochs"] >= cfg.patience:
+                    state["stopped_early"] = True
+                    logger.info("early stopping after epoch %d: %s did not improve for %d "
+                                "epochs (best %.4f at epoch %d)", epoch + 1, cfg.val_metric,
+                                cfg.patience, state["best_value"], state["best_epoch"])
+        state["history"].append(rec)
+        logger.info("epoch %d: %s", epoch + 1,
+                    ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)))
+        if self.out_dir is not None:
+            with open(self.out_dir / LOG_FILE, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        self._emit("epoch_end", rec)
+        if self.out_dir is not None:
+            self._save_checkpoint(ctx)
+
+    def _validate(self, network: XMCNetwork, X_val: sp.csr_matrix, Y_val: sp.csr_matrix,
+                  inv_prop: np.ndarray) -> dict[str, float]:
+        from .metrics import evaluate as evaluate_metrics
+
+        cfg = self.config
+        k = max(cfg.ks)
+        ids, _ = predict_topk_network(network, X_val, k, batch_size=cfg.eval_batch_size,
+                                      chunk_size=cfg.eval_chunk_size)
+        res = evaluate_metrics(Y_val, ids, cfg.ks, inv_prop)
+        return {key: float(v) for key, v in res.items() if "@" in key}
+
+    def _step(self, network: XMCNetwork, bundle: Any, batch: Any, loss_name: str,
+              amp_dtype: torch.dtype | None, scaler: Any, gen: torch.Generator,
+              state: dict[str, Any]) -> float:
+        cfg = self.config
+        bundle.zero_grad()
+        device = batch.indices.device
+        autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype)
+                    if amp_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            q = network(batch.indices, batch.offsets, batch.weights)  # [B, d]
+        q = q.float()
+        loss = compute_loss(network, q, batch.pos_ids, batch.pos_mask, loss_name,
+                            sampler=self.sampler, negatives=cfg.negatives,
+                            shared=cfg.shared_negatives, generator=gen,
+                            correct_target=cfg.correct_target, chunk_size=cfg.eval_chunk_size)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
+            raise XMCError(
+                f"loss became {value} at step {state['step'] + 1} (epoch {state['epoch'] + 1})"
+                f"{where}; lower --lr, set --clip-grad, or check the data for extreme values")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(bundle.optimizers["encoder"]) if "encoder" in bundle.optimizers \
+                else None
+            if "labels" in bundle.optimizers:
+                scaler.unscale_(bundle.optimizers["labels"])
+        else:
+            loss.backward()
+        if cfg.clip_grad > 0:
+            _clip_grad_norm(list(network.parameters()), cfg.clip_grad)
+        bundle.step(scaler)
+        if scaler is not None:
+            scaler.update()
+        return value
+
+    # -- sampler ----------------------------------------------------------------------------
+    def _make_sampler(self, L: int, device: torch.device) -> Any:
+        from .sampling import make_sampler
+
+        cfg = self.config
+        kwargs: dict[str, Any] = {}
+        name = cfg.sampler
+        if name.startswith("midx"):
+            kwargs = dict(num_codewords=cfg.resolved_codewords(L),
+                          quantizer=cfg.quantizer if name == "midx" else name.split("-")[1],
+                          within_cell=cfg.within_cell, alpha=cfg.popularity_alpha, seed=cfg.seed)
+            name = "midx"
+        elif name == "popularity":
+            kwargs = dict(alpha=cfg.popularity_alpha)
+        sampler = make_sampler(name, L, label_counts=torch.from_numpy(self.label_counts),
+                               **kwargs)
+        if hasattr(sampler, "to"):
+            sampler = sampler.to(device) or sampler
+        return sampler
+
+    def _refresh_sampler(self, network: XMCNetwork) -> None:
+        bias = network.label_bias
+        self.sampler.update(network.label_weight.detach(),
+                            None if bias is None else bias.detach())
+        self._sampler_loaded = True
+
+    # -- callbacks, signals -----------------------------------------------------------------
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb(event, payload)
+
+    def _install_sigint(self) -> Any:
+        if self.out_dir is None:
+            return None
+        try:
+            def handler(signum: int, frame: Any) -> None:
+                self._interrupted = True
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            return None
+
+    @staticmethod
+    def _restore_sigint(old: Any) -> None:
+        if old is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, old)
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % (2**32))
+
+    # -- persistence ------------------------------------------------------------------------
+    def _save_model(self, summary: dict[str, Any] | None) -> None:
+        assert self.network is not None and self.preprocessor is not None
+        network = self.network
+        if summary is None and self._best_state is not None:
+            pass
+        sampler_state = None
+        if self.sampler is not None and self.sampler.needs_update:
+            with contextlib.suppress(Exception):
+                sampler_state = self.sampler.state_dict()
+        save_model_dir(self.out_dir, network, self.preprocessor, self.config,  # type: ignore
+                       label_names=self.label_names, label_counts=self.label_counts,
+                       num_train=self.num_train, sampler_state=sampler_state, summary=summary)
+
+    def _save_checkpoint(self, ctx: dict[str, Any]) -> None:
+        """Write ``out_dir/checkpoint/ckpt-<step>`` through :mod:`xmc_toolkit.checkpoint`."""
+        if self.out_dir is None:
+            return
+        from .checkpoint import flatten_state, rng_state_to_tensors, save_checkpoint
+
+        network: XMCNetwork = ctx["network"]
+        state = ctx["state"]
+        groups: dict[str, dict[str, torch.Tensor]] = {
+            "model": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}}
+        if self._best_state is not None:
+            groups["best"] = {k: v.detach().cpu().contiguous()
+                              for k, v in self._best_state.items()}
+        opt_tensors, opt_structure = flatten_state(ctx["bundle"].state_dict())
+        groups["optimizer"] = {k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}
+        if self.sampler is not None:
+            sstate = self.sampler.state_dict()
+            if sstate:
+                groups["sampler"] = {k: v.detach().cpu().contiguous() for k, v in sstate.items()}
+        groups["rng"] = rng_state_to_tensors({"sample": ctx["sample_gen"]})
+        meta = dict(state)
+        meta.update(batches=ctx["batches"].state_dict(), optimizer_structure=opt_structure,
+                    sampler_loaded=bool(getattr(self, "_sampler_loaded", False)),
+                    config=self.config.to_dict(), label_names=self.label_names,
+                    label_counts=[int(c) for c in self.label_counts],  # type: ignore[union-attr]
+                    num_train=self.num_train)
+        if ctx["scaler"] is not None:
+            meta["scaler"] = ctx["scaler"].state_dict()
+        path = save_checkpoint(self.out_dir / CKPT_DIR, groups, meta=meta, step=state["step"])
+        self._emit("checkpoint", {"step": state["step"], "path": str(path)})
+
+    def _load_checkpoint(self, network: XMCNetwork, bundle: Any, batches: Any,
+                         gen: torch.Generator, scaler: Any, state: dict[str, Any]) -> None:
+        from .checkpoint import load_checkpoint, restore_rng_state, unflatten_state
+
+        ck = self.out_dir / CKPT_DIR  # type: ignore[operator]
+        if not ck.is_dir():
+            raise CheckpointError(f"{str(self.out_dir)!r} holds no checkpoint to resume from "
+                                  f"({CKPT_DIR}/ is missing); train without --resume first, or "
+                                  "pass the --out directory of an earlier run")
+        groups, meta = load_checkpoint(ck, verify=True, device="cpu", fallback=True)
+        saved = TrainConfig.from_dict(meta["config"], validate=False).to_dict()
+        mine = self.config.to_dict()
+        free = ("epochs", "patience", "checkpoint_every", "max_steps", "device")
+        diff = [k for k, v in saved.items() if v != mine.get(k) and k not in free]
+        if diff:
+            raise CheckpointError(
+                "the checkpoint was trained with another config (" + ", ".join(
+                    f"{k}: {saved[k]!r} vs {mine[k]!r}" for k in diff)
+                + "); resume with the same settings (only --epochs, --patience, "
+                "--checkpoint-every, --max-steps, --device may change)")
+        dev = next(network.parameters()).device
+        try:
+            network.load_state_dict(groups["model"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint in {str(ck)!r} does not match the data/model: "
+                                  f"{exc}") from exc
+        best = groups.get("best")
+        self._best_state = None if not best else {k: v.to(dev) for k, v in best.items()}
+        opt_state = unflatten_state(groups["optimizer"], meta["optimizer_structure"])
+        bundle.load_state_dict(opt_state)
+        if self.sampler is not None and groups.get("sampler"):
+            self.sampler.load_state_dict({k: v.to(dev) for k, v in groups["sampler"].items()})
+        self._sampler_loaded = bool(meta.get("sampler_loaded", False))
+        restore_rng_state(groups["rng"], {"sample": gen})
+        if scaler is not None and "scaler" in meta:
+            scaler.load_state_dict(meta["scaler"])
+        batches.load_state_dict(meta["batches"])
+        for key in ("step", "epoch", "history", "best", "best_epoch", "best_value", "bad_epochs",
+                    "stopped_early", "epoch_loss_sum", "epoch_loss_count", "epoch_examples",
+                    "epoch_seconds"):
+            if key in meta:
+                state[key] = meta[key]
+        if self.config.patience == 0:
+            state["stopped_early"] = False
+
+
+# ------------------------------------------------------------------------------------------------
+# loss computation (pure function of the network and a batch)
+# ------------------------------------------------------------------------------------------------
+
+
+def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tensor,
+                 pos_mask: torch.Tensor, loss_name: str, *, sampler: Any = None,
+                 negatives: int = 64, shared: bool = False,
+                 generator: torch.Generator | None = None, correct_target: bool = False,
+                 chunk_size: int = 65536) -> torch.Tensor:
+    """The training loss of one batch.
+
+    Args:
+        network: gives the label table.
+        queries: ``[B, d] float32``.
+        pos_ids: ``[B, P] int64`` padded positives; pos_mask ``[B, P] bool``.
+        loss_name: ``full | sampled | negative-sampling``.
+        sampler: a :class:`xmc_toolkit.sampling.Sampler` (sampled losses).
+        negatives: ``M`` samples per query (or shared by the batch when ``shared``).
+        generator: torch generator of the samples (reproducibility).
+        correct_target: TensorFlow-style target correction (sampled softmax).
+        chunk_size: label chunk of the full softmax.
+
+    Returns:
+        Scalar loss.
+    """
+    from . import losses
+
+    if loss_name == "full":
+        return losses.full_softmax_loss(queries, network.label_weight, pos_ids, pos_mask,
+                                        network.label_bias, chunk_size=chunk_size)
+    qd = queries.detach()
+    smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
+    pos_scores = network.labels.score_ids(queries, pos_ids)  # [B, P]
+    neg_scores = network.labels.score_ids(queries, smp.ids)  # [B, M]
+    if loss_name == "sampled":
+        pos_log_q = sampler.log_prob(qd, pos_ids)  # [B, P]
+        return losses.sampled_softmax_loss(pos_scores, pos_ids, pos_mask, pos_log_q,
+                                           neg_scores, smp.ids, smp.log_q,
+                                           correct_target=correct_target)
+    return losses.negative_sampling_loss(pos_scores, pos_ids, pos_mask, neg_scores, smp.ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _split(ds: XMCDataset, fraction: float, seed: int) -> tuple[XMCDataset, XMCDataset]:
+    n = ds.num_points
+    n_val = max(1, int(round(n * fraction)))
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    val_rows, tr_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return ds.subset(tr_rows), ds.subset(val_rows)
+
+
+def _amp_setup(mode: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    if device.type != "cuda" or mode == "off":
+        return None, None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+@torch.no_grad()
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the global L2 norm of dense *and sparse* gradients (sparse ones are coalesced)."""
+    sq: list[torch.Tensor] = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce()
+            p.grad = g
+            sq.append(g._values().float().pow(2).sum())
+        else:
+            sq.append(g.float().pow(2).sum())
+    if not sq:
+        return 0.0
+    total = torch.stack(sq).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g._values().mul_(scale.to(g.dtype))
+        else:
+            g.mul_(scale.to(g.dtype))
+    return float(total)
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m xmc_toolkit.train
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xmc_toolkit.train``: the ``xmc train`` command without the ``xmc`` group."""
+    from cli.main import xmc
+
+    args = list(argv) if argv is not None else None
+    import sys
+
+    xmc.main(args=["train", *(args if args is not None else sys.argv[1:])], prog_name="xmc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
