@@ -24,6 +24,8 @@ __all__ = ["COMMANDS", "eval_"]
 logger = logging.getLogger(__name__)
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+# Data sets may be split prefixes or folders: the loader checks them and names the problem.
+_DATA = click.Path(path_type=Path)
 
 
 def _load_labels(path: Path) -> Any:
@@ -107,10 +109,10 @@ def _evaluate_model(
 
 @click.command("eval")
 @click.option("--predictions", type=_FILE, help="Prediction file (text or .jsonl) to evaluate.")
-@click.option("--labels", type=_FILE, help="Label file of the predicted points (any format).")
+@click.option("--labels", type=_DATA, help="Label file of the predicted points (any format).")
 @click.option(
     "--train-labels",
-    type=_FILE,
+    type=_DATA,
     help="Training labels for the propensities of PSP/PSnDCG (default: the evaluated labels).",
 )
 @click.option(
@@ -127,7 +129,7 @@ def _evaluate_model(
 )
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Trained model directory to evaluate (instead of --predictions).")
-@click.option("--data", type=_FILE, help="Test data set for --model.")
+@click.option("--data", type=_DATA, help="Test data set for --model.")
 @click.option("--device", default=None, help="auto | cpu | cuda (with --model; default auto).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="Labels scored at once (with --model; lower it when out of memory).")
