@@ -30,4 +30,14 @@ __all__ += [
 ]
 
 # synthetic.py / registry.py exports (owned by the synthetic-data work):
-# SYNTH-EXPORTS
+from .registry import download, get_card, list_cards  # noqa: E402
+from .synthetic import SyntheticConfig, make_synthetic, write_synthetic  # noqa: E402
+
+__all__ += [
+    "SyntheticConfig",
+    "download",
+    "get_card",
+    "list_cards",
+    "make_synthetic",
+    "write_synthetic",
+]
