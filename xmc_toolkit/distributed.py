@@ -62,6 +62,7 @@ __all__ = [
     "merge_topk",
     "sharded_topk",
     "sum_allreduce_hook",
+    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -317,6 +318,14 @@ class _MaskedShardLSE(torch.autograd.Function):
         return gq, gw, gb, None, None, None
 
 
+def _bias_at(bias: torch.Tensor, ids: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
+    """``bias[ids]``; a ``[L_r, 1]`` bias (an ``nn.Embedding(L_r, 1)`` weight) is looked up with
+    ``F.embedding`` so that its gradient can be sparse."""
+    if bias.dim() == 2:
+        return F.embedding(ids, bias, sparse=sparse_grad).squeeze(-1)
+    return bias[ids]
+
+
 def _owned_positive_scores(
     q: torch.Tensor,
     weight: torch.Tensor,
@@ -332,7 +341,7 @@ def _owned_positive_scores(
     rows = F.embedding(idx, weight, sparse=sparse_grad)  # [N, P, d]
     x = (rows * q[:, None, :]).sum(-1)  # [N, P]
     if bias is not None:
-        x = x + bias[idx]
+        x = x + _bias_at(bias, idx, sparse_grad)
     return torch.where(own, x, torch.zeros_like(x))
 
 
@@ -362,9 +371,13 @@ def _check_inputs(
             f"pos_ids {tuple(pos_ids.shape)} and pos_mask {tuple(pos_mask.shape)} must both be "
             f"[B, P] with B = {queries.shape[0]}"
         )
-    if local_bias is not None and local_bias.shape != (local_weight.shape[0],):
+    if local_bias is not None and local_bias.shape not in (
+        (local_weight.shape[0],),
+        (local_weight.shape[0], 1),
+    ):
         raise ConfigError(
-            f"local_bias {tuple(local_bias.shape)} must be [L_r] = [{local_weight.shape[0]}]"
+            f"local_bias {tuple(local_bias.shape)} must be [L_r] or [L_r, 1] with "
+            f"L_r = {local_weight.shape[0]}"
         )
 
 
@@ -410,12 +423,13 @@ def sharded_full_softmax_loss(
     own = mask_all & (local_pos >= 0) & (local_pos < num_local)  # [N, P]
     hit_rows, hit_slot = own.nonzero(as_tuple=True)
     hit_cols = local_pos[hit_rows, hit_slot]
+    flat_bias = None if local_bias is None else local_bias.reshape(-1)  # [L_r]
     lse_local = _MaskedShardLSE.apply(
-        q_all, local_weight, local_bias, hit_rows, hit_cols, int(chunk_size)
+        q_all, local_weight, flat_bias, hit_rows, hit_cols, int(chunk_size)
     )  # [N]
     lse_neg = combine_logsumexp(lse_local, group)  # [N]
     x_pos = replicated_all_reduce_sum(
-        _owned_positive_scores(q_all, local_weight, local_bias, local_pos, own), group
+        _owned_positive_scores(q_all, local_weight, flat_bias, local_pos, own), group
     )  # [N, P]
     return _pair_loss(x_pos, lse_neg, mask_all)
 
@@ -556,12 +570,12 @@ def sharded_sampled_softmax_loss(
             rows = F.embedding(ids, local_weight, sparse=sparse_grad)  # [M_r, d]
             neg = q_all @ rows.t()  # [N, M_r]
             if local_bias is not None:
-                neg = neg + local_bias[ids]
+                neg = neg + _bias_at(local_bias, ids, sparse_grad)[None, :]
         else:
             rows = F.embedding(ids, local_weight, sparse=sparse_grad)  # [N, M_r, d]
             neg = (rows * q_all[:, None, :]).sum(-1)  # [N, M_r]
             if local_bias is not None:
-                neg = neg + local_bias[ids]
+                neg = neg + _bias_at(local_bias, ids, sparse_grad)
         lq = log_q[None, :] if shared else log_q  # [1 or N, M_r]
         if remove_accidental_hits:
             hits = _accidental_hits(ids + label_offset, pos_all, mask_all)  # [N, M_r]
@@ -643,6 +657,7 @@ def sharded_topk(
     label_offset: int,
     group: Any = None,
     chunk_size: int = 65536,
+    replicated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the whole (sharded) label table for this rank's queries.
 
@@ -654,6 +669,7 @@ def sharded_topk(
         local_weight: ``[L_r, d]``; ``local_bias``: ``[L_r]`` or ``None``.
         k: number of labels to return (``1 <= k``; at most ``L`` are returned).
         label_offset: first global id of this shard.
+        replicated: every rank passes the *same* queries (no gather; all rows are returned).
 
     Returns:
         ``(scores [B_r, k'] float, ids [B_r, k'] int64 global)`` with ``k' = min(k, L)``.
@@ -661,7 +677,7 @@ def sharded_topk(
     if k < 1:
         raise ConfigError(f"k={k} must be >= 1 (--k)")
     rank, world = world_info(group)
-    q_all = all_gather_no_grad(queries, group)  # [N, d]
+    q_all = queries if replicated else all_gather_no_grad(queries, group)  # [N, d]
     s, i = _local_topk(q_all, local_weight, local_bias, k, chunk_size)  # [N, k]
     i = torch.where(i >= 0, i + label_offset, i)
     if _is_dist(group):
@@ -669,7 +685,11 @@ def sharded_topk(
         i_parts = [torch.empty_like(i) for _ in range(world)]
         dist.all_gather(s_parts, s.contiguous(), group=group)
         dist.all_gather(i_parts, i.contiguous(), group=group)
-        sizes = _gather_sizes(queries.shape[0], queries.device, group)
+        sizes = (
+            [queries.shape[0]] * world
+            if replicated
+            else _gather_sizes(queries.shape[0], queries.device, group)
+        )
     else:
         s_parts, i_parts, sizes = [s], [i], [queries.shape[0]]
     top_s, top_i = merge_topk(s_parts, i_parts, k)  # [N, k]
@@ -677,6 +697,8 @@ def sharded_topk(
     if _is_dist(group):
         dist.all_reduce(total, group=group)
     kk = min(k, int(total.item()))
+    if replicated:
+        return top_s[:, :kk], top_i[:, :kk]
     start = sum(sizes[:rank])
     return top_s[start : start + sizes[rank], :kk], top_i[start : start + sizes[rank], :kk]
 
@@ -694,3 +716,26 @@ def sum_allreduce_hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Te
     buf = bucket.buffer()
     fut = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=state, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``torchrun --nproc-per-node N -m xmc_toolkit.distributed TRAIN --out DIR [xmc train flags]``.
+
+    Delegates to :func:`xmc_toolkit.dist_train.main`; returns the training result.
+    """
+    from .dist_train import main as _main
+
+    return _main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover - command-line shell
+    import sys
+
+    from .errors import XMCError
+
+    logging.basicConfig(level=logging.INFO, format="[rank %(process)d] %(message)s")
+    try:
+        main()
+    except XMCError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
