@@ -314,8 +314,8 @@ def parse_block(
             "token {tok!r} is neither a label (labels come first, joined by commas) nor an "
             "id:value pair",
         )
-        flag(is_lab & (prev != _WS) & ~lab_prev_ok, "malformed label list near {tok!r}")
-        flag(is_lab & (nxt == _COMMA) & ~glued, "malformed label list near {tok!r}")
+        flag(is_lab & (prev != _WS) & ~lab_prev_ok, "malformed label list near {tok!r}: expected label ids joined by single commas, e.g. 0,3,7")
+        flag(is_lab & (nxt == _COMMA) & ~glued, "malformed label list near {tok!r}: expected label ids joined by single commas, e.g. 0,3,7")
     else:
         flag(is_lab, "expected id:value pairs, found {tok!r}")
     for code, name in ((_COMMA, "','"), (_COLON, "':'")):
