@@ -330,3 +330,55 @@ def test_download_plain_file_validates(served: _Server, tmp_path: Path):
     })
     folder = registry.download("x", tmp_path, card=card, show_progress=False)
     assert (folder / "plain_train.txt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: the real Bibtex card against the shared Bibtex files, and the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _bibtex_zip(train: Path, test: Path) -> bytes:
+    """A zip shaped like the repository's Bibtex.zip: one data file with train + test rows."""
+    tr = train.read_text().splitlines()
+    te = test.read_text().splitlines()
+    n_tr, d, l = (int(v) for v in tr[0].split())
+    n_te = int(te[0].split()[0])
+    text = "\n".join([f"{n_tr + n_te} {d} {l}"] + tr[1:] + te[1:]) + "\n"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("Bibtex/Bibtex_data.txt", text)
+    return buf.getvalue()
+
+
+def test_bibtex_card_validates_real_files(served: _Server, tmp_path: Path, bibtex_train: Path,
+                                          bibtex_test: Path):
+    _needs_load()
+    served.files["/Bibtex.zip"] = _bibtex_zip(bibtex_train, bibtex_test)
+    folder = registry.download("BIBTEX", tmp_path, url=served.url + "/Bibtex.zip",
+                               show_progress=False)
+    assert (folder / "Bibtex" / "Bibtex_data.txt").is_file()
+
+
+def test_cli_download(served: _Server, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from cli.main import xmc
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("Bibtex/Bibtex_data.txt", "1 3 2\n0 1:0.5\n")
+    served.files["/b.zip"] = buf.getvalue()
+    runner = CliRunner()
+    res = runner.invoke(xmc, ["data", "download", "bibtex", "--dir", str(tmp_path), "--url",
+                              served.url + "/b.zip", "--no-progress", "--no-validate"])
+    assert res.exit_code == 0, res.output
+    assert "Bibtex: ready in" in res.output
+    if hasattr(pytest.importorskip("xmc_toolkit.data.formats"), "load"):
+        res = runner.invoke(xmc, ["data", "download", "bibtex", "--dir", str(tmp_path),
+                                  "--url", served.url + "/b.zip", "--no-progress"])
+        assert res.exit_code == 2
+        assert "error:" in res.output and "num_points expected 7395 found 1" in res.output
+    res = runner.invoke(xmc, ["data", "download", "--list"])
+    assert res.exit_code == 0 and "Amazon-3M" in res.output
+    res = runner.invoke(xmc, ["data", "download", "nope"])
+    assert res.exit_code == 2 and "known data sets" in res.output

@@ -225,3 +225,27 @@ def test_write_synthetic_matches_make_and_is_chunk_invariant(tmp_path: Path):
 def test_write_synthetic_validates(tmp_path: Path):
     with pytest.raises(ConfigError, match="--test-out"):
         write_synthetic(tmp_path / "x.txt", 10, 10, 10, num_test_points=5)
+
+
+def test_cli_synth(tmp_path: Path):
+    _load_or_skip()
+    from click.testing import CliRunner
+
+    from cli.main import xmc
+
+    runner = CliRunner()
+    args = ["data", "synth", "--labels", "40", "--points", "300", "--features", "200",
+            "--seed", "2", "--out", str(tmp_path / "tr.txt"), "--test-out",
+            str(tmp_path / "te.txt"), "--test-points", "50", "--clusters", "4",
+            "--avg-labels", "3", "--no-progress"]
+    res = runner.invoke(xmc, args)
+    assert res.exit_code == 0, res.output
+    assert "train:" in res.output and "test:" in res.output
+    assert (tmp_path / "tr.txt").read_text().split("\n", 1)[0] == "300 200 40"
+    assert (tmp_path / "te.txt").read_text().split("\n", 1)[0] == "50 200 40"
+    res = runner.invoke(xmc, ["data", "synth", "--labels", "0", "--points", "3", "--features",
+                              "5", "--out", str(tmp_path / "x.txt")])
+    assert res.exit_code == 2 and "num_labels must be >= 1" in res.output
+    res = runner.invoke(xmc, ["data", "synth", "--labels", "5", "--points", "3", "--features",
+                              "5", "--out", str(tmp_path / "x.txt"), "--test-points", "4"])
+    assert res.exit_code == 2 and "--test-out" in res.output
