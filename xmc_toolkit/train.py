@@ -955,11 +955,7 @@ class Trainer:
             name = "midx"
         elif name == "popularity":
             kwargs = dict(alpha=cfg.popularity_alpha)
-        sampler = make_sampler(name, L, label_counts=torch.from_numpy(self.label_counts),
-                               **kwargs)
-        if hasattr(sampler, "to"):
-            sampler = sampler.to(device) or sampler
-        return sampler
+        return make_sampler(name, L, label_counts=self.label_counts.astype(np.float64), **kwargs)
 
     def _refresh_sampler(self, network: XMCNetwork) -> None:
         bias = network.label_bias
