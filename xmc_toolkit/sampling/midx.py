@@ -68,8 +68,23 @@ def codeword_scores(
     return q @ c1.t(), q @ c2.t()
 
 
+_TINY = 1e-280  # below this a max-shifted float64 normalizer has lost precision: go dense
+_DENSE_CHUNK = 1 << 22  # [rows, K^2] entries per chunk of the dense fallback
+
+
+def _dense_cell_logits(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
+    """``[B, K^2]`` float64 cell logits ``a1[k1] + a2[k2] + log N[k1, k2]``."""
+    b, k = a1.shape
+    return (a1.double().unsqueeze(2) + a2.double().unsqueeze(1)).reshape(b, k * k) + log_n.double()
+
+
 def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
-    """``log Z_b = log sum_{k1,k2} N[k1,k2] exp(a1[b,k1] + a2[b,k2])`` without a [B, K^2] tensor.
+    """``log Z_b = log sum_{k1,k2} N[k1,k2] exp(a1[b,k1] + a2[b,k2])``.
+
+    Fast path: the max-shifted closed form ``log rowsum((E1 @ N') * E2) + shift`` in float64,
+    without a ``[B, K^2]`` tensor. Rows whose shifted sum underflows (score spreads of hundreds
+    of nats where the best codewords meet only empty cells) are recomputed exactly with a dense
+    log-sum-exp over their cells.
 
     Args:
         a1, a2: ``[B, K]`` codeword scores.
@@ -80,7 +95,12 @@ def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     """
     e1, e2, nm, shift = _exp_factors(a1, a2, log_n)
     z = ((e1 @ nm) * e2).sum(1)  # [B]
-    return torch.log(z) + shift
+    out = torch.log(z) + shift
+    bad = ~(z > _TINY)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        out[rows] = torch.logsumexp(_dense_cell_logits(a1[rows], a2[rows], log_n), dim=1)
+    return out
 
 
 def _exp_factors(a1: Tensor, a2: Tensor, log_n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -102,16 +122,28 @@ def mixture_cell_log_prob(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     """Log cell marginal of the batch mixture ``(1/B) sum_b q(. | q_b)``.
 
     ``P[k1, k2] = N'[k1, k2] * sum_b E1[b, k1] E2[b, k2] / Z'_b / B`` -- a ``[K, B] x [B, K]``
-    product, with the max-shifted factors of :func:`cell_log_normalizer`.
+    product, with the max-shifted factors of :func:`cell_log_normalizer` (cells whose mixture
+    probability is below ~1e-300 may come out as 0). When some ``Z'_b`` underflows, the mixture is
+    computed exactly as a log-sum-exp over the batch of dense ``[rows, K^2]`` cell log-probs.
 
     Returns:
         ``[K * K]`` float64, ``-inf`` for empty cells; ``logsumexp == 0``.
     """
+    b = a1.shape[0]
     e1, e2, nm, _ = _exp_factors(a1, a2, log_n)
     zp = ((e1 @ nm) * e2).sum(1)  # [B]
-    mix = (e1 / zp.unsqueeze(1)).t() @ e2  # [K, K]
-    p = nm * mix / a1.shape[0]  # [K, K]
-    return torch.log(p).flatten()
+    if bool((zp > _TINY).all()):
+        mix = (e1 / zp.unsqueeze(1)).t() @ e2  # [K, K]
+        return torch.log(nm * mix / b).flatten()
+    rows = max(1, _DENSE_CHUNK // log_n.numel())
+    acc = None
+    for start in range(0, b, rows):
+        lg = _dense_cell_logits(a1[start : start + rows], a2[start : start + rows], log_n)
+        lp = lg - torch.logsumexp(lg, dim=1, keepdim=True)  # [rows, K^2] cell log-probs
+        part = torch.logsumexp(lp, dim=0)  # [K^2]
+        acc = part if acc is None else torch.logaddexp(acc, part)
+    assert acc is not None
+    return acc - math.log(b)
 
 
 def _draw_in_cells(
