@@ -103,5 +103,14 @@ def _plain(value: Any) -> Any:
 
 
 def metrics_json(metrics: Mapping[str, Any]) -> str:
-    """One JSON object (a single line) with the metrics as fractions and the row counts."""
-    return json.dumps({str(k): _plain(v) for k, v in metrics.items()}, allow_nan=False)
+    """One JSON object (a single line) with the metrics as fractions and the row counts.
+
+    NaN/inf become ``null``; integral row counts (``num_*``) are written as integers.
+    """
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        v = _plain(value)
+        if str(key).startswith("num_") and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        out[str(key)] = v
+    return json.dumps(out, allow_nan=False)

@@ -248,10 +248,13 @@ def test_metrics_table_renders() -> None:
 
 
 def test_metrics_json_is_one_line_with_fractions() -> None:
-    metrics = {"P@1": np.float64(0.5), "R@1": float("nan"), "num_rows_evaluated": np.int64(3)}
+    metrics = {"P@1": np.float64(0.5), "R@1": float("nan"), "num_rows_evaluated": np.int64(3),
+               "num_rows_without_labels": 2.0}
     text = metrics_json(metrics)
     assert "\n" not in text
-    assert json.loads(text) == {"P@1": 0.5, "R@1": None, "num_rows_evaluated": 3}
+    assert json.loads(text) == {"P@1": 0.5, "R@1": None, "num_rows_evaluated": 3,
+                                "num_rows_without_labels": 2}
+    assert '"num_rows_without_labels": 2}' in text
 
 
 # --------------------------------------------------------------------------------------------
