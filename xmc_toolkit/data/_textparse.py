@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockError", "ParsedBlock", "parse_block", "parse_uint_tokens", "parse_float_tokens"]
+__all__ = [
+    "BlockError",
+    "ParsedBlock",
+    "parse_block",
+    "parse_uint_tokens",
+    "parse_float_tokens",
+]
 
 # byte classes: 0 token byte, 1 blank (space, tab, CR), 2 newline, 3 comma, 4 colon
 _TOK, _WS, _NL, _COMMA, _COLON = 0, 1, 2, 3, 4

@@ -42,7 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMATS = ("xc", "xc-split", "svmlight", "npz", "arff")
-_BLOCK_BYTES = 32 * 1024 * 1024
+_BLOCK_BYTES = 8 * 1024 * 1024
 _WRITE_ROWS = 65536
 _SPLIT_X = "_X_Xf.txt"
 _SPLIT_Y = "_X_Y.txt"
