@@ -356,3 +356,42 @@ def test_bibtex_popularity_baseline_matches_reference(bibtex_train, bibtex_test)
         )
     assert m["num_rows_evaluated"] + m["num_rows_without_labels"] == 2515
     assert 0.0 < m["P@1"] < 0.3  # a popularity baseline is far below Parabel's 64.53
+
+
+def xc_repository_style(Y: np.ndarray, ids: np.ndarray, k: int, w: np.ndarray) -> dict:
+    """A dense re-statement of the XC repository's conventions: averages over ALL rows."""
+    N, L = Y.shape
+    safe = np.where(ids[:, :k] >= 0, ids[:, :k], 0)
+    flags = np.take_along_axis(Y, safe, axis=1) * (ids[:, :k] >= 0)  # [N, k]
+    ranks = np.arange(1, k + 1)
+    disc = 1 / np.log2(ranks + 1)
+    nrel = Y.sum(axis=1).astype(int)  # [N]
+    idcg = np.cumsum(disc)[np.clip(np.minimum(ranks[None, :], nrel[:, None]), 1, None) - 1]
+    gains = flags * w[safe]
+    best = -np.sort(-(Y * w[None, :]), axis=1)[:, :k]  # [N, k]
+    if best.shape[1] < k:
+        best = np.pad(best, ((0, 0), (0, k - best.shape[1])))
+    return {
+        "P": (np.cumsum(flags, 1) / ranks).mean(0),
+        "nDCG": (np.cumsum(flags * disc, 1) / idcg).mean(0),
+        "PSP": (np.cumsum(gains, 1) / ranks).mean(0) / (np.cumsum(best, 1) / ranks).mean(0),
+        "PSnDCG": (np.cumsum(gains * disc, 1) / idcg).mean(0)
+        / (np.cumsum(best * disc, 1) / idcg).mean(0),
+    }
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 6))
+def test_relation_to_xc_repository_conventions(seed: int, k: int) -> None:
+    """Empty rows: P/nDCG differ by the factor n/N; PSP/PSnDCG are identical (docs/metrics.md)."""
+    Y, ids, w = random_problem(seed, 15, 5, k, density=0.2)
+    dense = Y.toarray().astype(np.float64)
+    xc = xc_repository_style(dense, ids, k, w)
+    acc = MetricsAccumulator(5, k, w)
+    acc.update(Y, ids)
+    ours = acc.arrays()
+    scale = acc.num_rows_evaluated / Y.shape[0]
+    np.testing.assert_allclose(ours["P"] * scale, xc["P"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours["nDCG"] * scale, xc["nDCG"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours["PSP"], xc["PSP"], rtol=1e-10)
+    np.testing.assert_allclose(ours["PSnDCG"], xc["PSnDCG"], rtol=1e-10)
