@@ -227,6 +227,9 @@ def _math_worker(rank: int, world: int, port: int, out: str) -> None:
         rows = slice(r0, r0 + N_PER_RANK[rank])
         lo, hi = D.shard_range(NUM_LABELS, rank, world)
         res: dict[str, Any] = {"range": (lo, hi), "rows": (rows.start, rows.stop)}
+        if rank == 1:  # ranks pad their positives to different widths P_r
+            pos = torch.cat([pos, torch.zeros(n, 2, dtype=pos.dtype)], 1)
+            mask = torch.cat([mask, torch.zeros(n, 2, dtype=torch.bool)], 1)
 
         q = Q[rows].clone().requires_grad_(True)
         w = W[lo:hi].clone().requires_grad_(True)

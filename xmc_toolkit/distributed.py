@@ -123,20 +123,29 @@ def _backend(group: Any = None) -> str:
 # ------------------------------------------------------------------------------------------
 # collectives with autograd
 # ------------------------------------------------------------------------------------------
-def _gather_sizes(n: int, device: torch.device, group: Any) -> list[int]:
+def _gather_shapes(x: torch.Tensor, group: Any) -> list[list[int]]:
     _, world = world_info(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    mine = torch.tensor(list(x.shape), dtype=torch.int64, device=x.device)
     out = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
-    return [int(t.item()) for t in out]
+    return [[int(v) for v in t.tolist()] for t in out]
+
+
+def _gather_sizes(n: int, device: torch.device, group: Any) -> list[int]:
+    return [s[0] for s in _gather_shapes(torch.empty(n, 0, device=device), group)]
 
 
 def _all_gather_padded(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, list[int]]:
-    """All-gather tensors whose first dimension may differ across ranks -> (cat, sizes)."""
-    sizes = _gather_sizes(x.shape[0], x.device, group)
-    nmax = max(sizes)
-    padded = x.new_zeros((nmax, *x.shape[1:]))
-    padded[: x.shape[0]] = x
+    """All-gather tensors whose shapes may differ across ranks (e.g. ``[B_r, P_r]`` padded
+    positives): every dimension is zero-padded to the largest, then the rows are concatenated.
+
+    Returns ``(cat [sum_r B_r, max ...], sizes B_r)``.
+    """
+    shapes = _gather_shapes(x, group)
+    sizes = [s[0] for s in shapes]
+    full = [max(s[i] for s in shapes) for i in range(x.dim())]
+    padded = x.new_zeros(full)
+    padded[tuple(slice(0, n) for n in x.shape)] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0), sizes
@@ -716,6 +725,14 @@ def sum_allreduce_hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Te
     buf = bucket.buffer()
     fut = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=state, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+# DDP checks the hook's annotations as objects (this module uses postponed annotations)
+sum_allreduce_hook.__annotations__ = {
+    "state": Any,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
