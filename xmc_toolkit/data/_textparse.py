@@ -60,9 +60,9 @@ class ParsedBlock:
     Attributes:
         num_lines: number of lines in the block.
         label_counts: ``[num_lines] int64`` labels per line.
-        label_ids: ``[sum(label_counts)] int64`` label ids, sorted within each line.
+        label_ids: ``[sum(label_counts)]`` int32 (int64 for ids >= 2**31), sorted within each line.
         feature_counts: ``[num_lines] int64`` id:value pairs per line.
-        feature_ids: ``[sum(feature_counts)] int64`` sorted within each line.
+        feature_ids: ``[sum(feature_counts)]`` int32 (or int64), sorted within each line.
         values: ``[sum(feature_counts)] float32``.
     """
 
@@ -394,6 +394,11 @@ def parse_block(
     label_ids, _ = _sort_rows(lab_line, label_ids, None, "label")
     feature_ids, values_sorted = _sort_rows(fid_line, feature_ids, values, "feature")
     assert values_sorted is not None
+    # store ids compactly: the blocks are kept until the whole file is read
+    if len(label_ids) and label_ids.max() < 2**31:
+        label_ids = label_ids.astype(np.int32)
+    if len(feature_ids) and feature_ids.max() < 2**31:
+        feature_ids = feature_ids.astype(np.int32)
     return ParsedBlock(
         num_lines=num_lines,
         label_counts=np.bincount(lab_line, minlength=num_lines),

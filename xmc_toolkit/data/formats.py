@@ -169,27 +169,40 @@ class _Rows:
     def matrices(
         self, num_rows: int, num_features: int, num_labels: int
     ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        def cat(name: str, dtype: Any) -> np.ndarray:
-            parts = [getattr(b, name) for b in self.blocks]
-            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+        """Assemble CSR matrices, releasing each block as soon as it is copied.
 
-        f_counts = cat("feature_counts", np.int64)[:num_rows]
-        l_counts = cat("label_counts", np.int64)[:num_rows]
+        The outputs are allocated with ``np.empty`` (pages are only touched while blocks are
+        copied in and freed), so the peak stays near one copy of the data.
+        """
+        f_counts = np.concatenate([b.feature_counts for b in self.blocks] or [np.zeros(0, np.int64)])
+        l_counts = np.concatenate([b.label_counts for b in self.blocks] or [np.zeros(0, np.int64)])
+        f_counts, l_counts = f_counts[:num_rows], l_counts[:num_rows]
         x_ptr = np.zeros(num_rows + 1, dtype=np.int64)
         np.cumsum(f_counts, out=x_ptr[1:])
         y_ptr = np.zeros(num_rows + 1, dtype=np.int64)
         np.cumsum(l_counts, out=y_ptr[1:])
-        idx_x = np.int32 if max(num_features, x_ptr[-1]) < 2**31 else np.int64
-        idx_y = np.int32 if max(num_labels, y_ptr[-1]) < 2**31 else np.int64
-        x_ind = cat("feature_ids", idx_x)
-        x_val = cat("values", np.float32)
-        y_ind = cat("label_ids", idx_y)
-        self.blocks = []
+        nnz_x, nnz_y = int(x_ptr[-1]), int(y_ptr[-1])
+        idx_x = np.int32 if max(num_features, nnz_x) < 2**31 else np.int64
+        idx_y = np.int32 if max(num_labels, nnz_y) < 2**31 else np.int64
+        x_ind = np.empty(nnz_x, dtype=idx_x)
+        x_val = np.empty(nnz_x, dtype=np.float32)
+        y_ind = np.empty(nnz_y, dtype=idx_y)
+        fx = fy = 0
+        while self.blocks:
+            b = self.blocks.pop(0)
+            k = min(len(b.feature_ids), nnz_x - fx)  # rows past num_rows hold no ids (checked)
+            x_ind[fx : fx + k] = b.feature_ids[:k]
+            x_val[fx : fx + k] = b.values[:k]
+            fx += k
+            k = min(len(b.label_ids), nnz_y - fy)
+            y_ind[fy : fy + k] = b.label_ids[:k]
+            fy += k
+            del b
         X = sp.csr_matrix(
             (x_val, x_ind, x_ptr.astype(idx_x)), shape=(num_rows, num_features), copy=False
         )
         Y = sp.csr_matrix(
-            (np.ones(len(y_ind), dtype=np.float32), y_ind, y_ptr.astype(idx_y)),
+            (np.ones(nnz_y, dtype=np.float32), y_ind, y_ptr.astype(idx_y)),
             shape=(num_rows, num_labels),
             copy=False,
         )
