@@ -141,7 +141,9 @@ class _Server:
                 self.wfile.write(chunk)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -168,7 +170,8 @@ def _xc_text(n: int, d: int, l: int) -> bytes:
     lines = [f"{n} {d} {l}"]
     for i in range(n):
         labels = ",".join(str(j) for j in sorted({i % l, (3 * i + 1) % l}))
-        feats = " ".join(f"{f}:{(i + f) % 7 / 7 + 0.25:.4f}" for f in sorted({i % d, (5 * i + 2) % d}))
+        fids = sorted({i % d, (5 * i + 2) % d})
+        feats = " ".join(f"{f}:{(i + f) % 7 / 7 + 0.25:.4f}" for f in fids)
         lines.append(f"{labels} {feats}")
     return ("\n".join(lines) + "\n").encode()
 

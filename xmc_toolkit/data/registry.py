@@ -258,7 +258,9 @@ def extract_archive(path: str | os.PathLike[str], dest: str | os.PathLike[str],
             with opener(path, "rb") as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
         else:
-            raise XMCError(f"unknown archive kind {k!r} for {path}; use zip, tar.gz, tar.bz2 or bz2")
+            raise XMCError(
+                f"unknown archive kind {k!r} for {path}; use zip, tar.gz, tar.bz2 or bz2"
+            )
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
         raise XMCError(
             f"cannot extract {path} as {k}: {exc}; the download may be an HTML page (Google Drive "

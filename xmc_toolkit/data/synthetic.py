@@ -73,7 +73,9 @@ class SyntheticConfig(ConfigBase):
     """Parameters of the latent model (not the number of points: train and test share a model)."""
 
     num_labels: int = field(default=1000, metadata={"help": "L, number of labels (--labels)"})
-    num_features: int = field(default=10000, metadata={"help": "D, number of features (--features)"})
+    num_features: int = field(
+        default=10000, metadata={"help": "D, number of features (--features)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the latent model and of the points"})
     num_clusters: int | None = field(
         default=None, metadata={"help": "latent label clusters C; default round(sqrt(L))"}
@@ -188,7 +190,7 @@ class SyntheticModel:
 
 
 def _zipf_cdf(n: int, a: float) -> np.ndarray:
-    """Cumulative distribution ``[n] float64`` of ``p_r ∝ (r + 1) ** -a``, last entry exactly 1."""
+    """Cumulative distribution ``[n] float64`` of ``p_r ∝ (r + 1) ** -a`` (last entry 1)."""
     w = np.arange(1, n + 1, dtype=np.float64) ** (-a)
     c = np.cumsum(w)
     c /= c[-1]
@@ -452,7 +454,6 @@ def write_synthetic(
     num_points: int,
     num_features: int,
     seed: int = 0,
-    *,
     test_path: str | os.PathLike[str] | None = None,
     num_test_points: int = 0,
     chunk_size: int = 65536,
