@@ -386,3 +386,128 @@ def test_conditional_one_rank_equals_library_sampled_softmax(shared) -> None:
         S.gather(1, pos), pos, mask, sampler.log_p[pos], neg_scores, smp.ids, smp.log_q
     )
     torch.testing.assert_close(loss, lib.to(loss.dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# distributed trainer: 2 processes vs 1, sharded checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+def _toy_data(seed: int, n: int):
+    """A learnable problem: 40 features, 12 labels; label j <-> features 3j..3j+2."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from xmc_toolkit.data import XMCDataset
+
+    g = np.random.default_rng(seed)
+    L, F = 12, 40
+    Y = np.zeros((n, L), np.float32)
+    X = np.zeros((n, F), np.float32)
+    for i in range(n):
+        labs = g.choice(L, size=g.integers(1, 3), replace=False)
+        Y[i, labs] = 1
+        for j in labs:
+            X[i, 3 * j : 3 * j + 3] = g.random(3) + 0.5
+        X[i, 36 + i % 4] = 0.2
+    return XMCDataset(sp.csr_matrix(X), sp.csr_matrix(Y))
+
+
+def _toy_config(**kw: Any):
+    from xmc_toolkit.train import TrainConfig
+
+    base = dict(dim=16, hidden=(32,), dropout=0.0, epochs=4, batch_size=40, lr=0.05,
+                warmup_steps=0, loss="full", ks=(1, 3), seed=3, device="cpu", clip_grad=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    try:
+        from xmc_toolkit.dist_train import (DistContext, DistributedTrainer,
+                                            sharded_predict_topk)
+
+        ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
+        train, val = _toy_data(0, 200), _toy_data(1, 80)
+        res: dict[str, Any] = {}
+        tr = DistributedTrainer(_toy_config(), ctx, Path(out) / "full")
+        res["full"] = tr.fit(train, val)
+        X_val = tr.preprocessor.transform(val.X)
+        res["topk"] = sharded_predict_topk(tr.network, X_val, 3)
+        tr = DistributedTrainer(
+            _toy_config(loss="sampled", sampler="uniform", negatives=4, label_optimizer="auto"),
+            ctx, None)
+        res["sampled"] = tr.fit(train, val)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def train_results(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("dist_train")
+    return tmp, _spawn(_train_worker, WORLD, tmp)
+
+
+def test_two_process_training_matches_one_process(train_results) -> None:
+    from xmc_toolkit.dist_train import DistContext, DistributedTrainer
+
+    _tmp, results = train_results
+    one = DistributedTrainer(_toy_config(), DistContext(), None).fit(_toy_data(0, 200),
+                                                                     _toy_data(1, 80))
+    for res in results:  # every rank reports the same global numbers
+        h2, h1 = res["full"]["history"], one["history"]
+        assert len(h2) == len(h1) == 4
+        for a, b in zip(h2, h1):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+            assert a["val/P@1"] == pytest.approx(b["val/P@1"], abs=0.03)
+    assert one["history"][-1]["val/P@1"] > 0.6  # it learned something
+
+
+def test_two_process_training_close_to_library_trainer(train_results) -> None:
+    from xmc_toolkit.train import Trainer
+
+    _tmp, results = train_results
+    lib = Trainer(_toy_config()).fit(_toy_data(0, 200), _toy_data(1, 80))
+    assert results[0]["full"]["history"][-1]["val/P@1"] == pytest.approx(
+        lib.history[-1]["val/P@1"], abs=0.15)
+
+
+def test_two_process_sampled_training_learns(train_results) -> None:
+    _tmp, results = train_results
+    h = results[0]["sampled"]["history"]
+    assert h[-1]["loss"] < h[0]["loss"]
+    assert h[-1]["val/P@1"] > 0.5
+    assert results[1]["sampled"]["history"][-1]["loss"] == pytest.approx(h[-1]["loss"])
+
+
+def test_checkpoint_saved_on_two_ranks_loads_in_one(train_results, tmp_path: Path) -> None:
+    import numpy as np
+
+    from xmc_toolkit.dist_train import consolidate, load_sharded_network, read_label_rows
+    from xmc_toolkit.train import load_model_dir, predict_topk_network
+
+    tmp, results = train_results
+    sharded = tmp / "full" / "sharded"
+    model = load_model_dir(tmp / "full", device="cpu")  # consolidated by rank 0 after training
+    model2 = load_model_dir(consolidate(sharded, tmp_path / "m"), device="cpu")
+    X_val = model.preprocessor.transform(_toy_data(1, 80).X)
+    ids, _ = predict_topk_network(model.network, X_val, 3)
+    ids2, _ = predict_topk_network(model2.network, X_val, 3)
+    assert np.array_equal(ids, results[0]["topk"]) and np.array_equal(ids2, ids)
+    # any number of ranks: 3 shards re-assemble the same table
+    W = model.network.label_weight.detach()
+    parts = [load_sharded_network(sharded, r, 3) for r in range(3)]
+    torch.testing.assert_close(torch.cat([p.weight.weight.detach() for p in parts]), W)
+    w, b = read_label_rows(sharded, 5, 9)
+    torch.testing.assert_close(w, W[5:9])
+    torch.testing.assert_close(b, model.network.label_bias.detach()[5:9])
+
+
+def test_missing_manifest_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from xmc_toolkit.dist_train import read_manifest
+    from xmc_toolkit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sharded"):
+        read_manifest(tmp_path)
