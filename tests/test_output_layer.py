@@ -94,15 +94,25 @@ def test_chunked_topk_memory_bound(monkeypatch):
     import xmc_toolkit.output_layer as ol
 
     seen = []
-    orig = ol._select_topk_stable
+    fast, stable = ol._topk_fast, ol._select_topk_stable
 
-    def spy(scores, k):
+    def spy_fast(scores, k):
         seen.append(scores.shape)
-        return orig(scores, k)
+        return fast(scores, k)
 
-    monkeypatch.setattr(ol, "_select_topk_stable", spy)
+    def spy_stable(scores, k):
+        seen.append(scores.shape)
+        return stable(scores, k)
+
+    monkeypatch.setattr(ol, "_topk_fast", spy_fast)
+    monkeypatch.setattr(ol, "_select_topk_stable", spy_stable)
     chunked_topk(torch.randn(4, 8), torch.randn(1000, 8), None, 5, chunk_size=128)
-    assert max(s[1] for s in seen) == 128 and len(seen) == 8
+    assert max(s[1] for s in seen) == 128 and len(seen) == 8  # one pass, no tie re-scan
+    seen.clear()
+    W = torch.zeros(1000, 8)  # every score ties: the exact re-scan runs, still chunked
+    _, ids = chunked_topk(torch.randn(4, 8), W, None, 5, chunk_size=128)
+    assert max(s[1] for s in seen) == 128
+    assert torch.equal(ids, torch.arange(5).expand(4, 5))
 
 
 # -- LabelTable ------------------------------------------------------------------------------------

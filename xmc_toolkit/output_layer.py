@@ -56,6 +56,27 @@ def _check_k(k: int, num_labels: int) -> None:
         raise ConfigError(f"k={k} exceeds the number of labels ({num_labels}); lower --k")
 
 
+def _topk_fast(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` of each row without a host sync, plus a flag telling whether it may be ambiguous.
+
+    Args:
+        scores: ``[B, c]`` float.
+        k: ``1 <= k <= c``.
+
+    Returns:
+        ``(values [B, k], cols [B, k], ambiguous [] bool)``; columns in increasing order. When
+        ``ambiguous`` is False the selected set is the unique top-k (no tie straddles the k-th
+        place and no NaN), so tie-breaking cannot change it.
+    """
+    c = scores.shape[1]
+    top = torch.topk(scores, min(k + 1, c), dim=1, sorted=True)  # one extra to detect ties
+    ambiguous = torch.isnan(top.values[:, :1]).any()  # [] bool (topk ranks NaN first)
+    if k < c:  # the set is unique iff the k-th and (k+1)-th values differ
+        ambiguous = ambiguous | (top.values[:, k - 1] == top.values[:, k]).any()
+    cols = torch.sort(top.indices[:, :k], dim=1).values  # [B, k]
+    return scores.gather(1, cols), cols, ambiguous
+
+
 def _select_topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of each row with ties at the boundary resolved to the smallest column.
 
@@ -65,9 +86,15 @@ def _select_topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
 
     Returns:
         ``(values [B, k], cols [B, k])`` with columns in *increasing* order (not by score).
+
+    Raises:
+        XMCError: the scores contain NaN.
     """
     B, c = scores.shape
-    kth = torch.topk(scores, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # [B, 1]
+    vals, cols, ambiguous = _topk_fast(scores, k)
+    if not bool(ambiguous):
+        return vals, cols
+    kth = vals.min(dim=1, keepdim=True).values  # [B, 1]
     gt = scores > kth  # [B, c]
     eq = scores == kth  # [B, c]
     need = k - gt.sum(dim=1, keepdim=True)  # [B, 1] how many of the ties to take
@@ -134,15 +161,26 @@ def chunked_topk(
         raise ConfigError(f"chunk_size={chunk_size!r} must be a positive integer (--chunk-size)")
     if bias is not None:
         bias = bias.reshape(-1)  # [L]
-    run_s: torch.Tensor | None = None
-    run_i: torch.Tensor | None = None
-    for start in range(0, L, chunk_size):
-        stop = min(L, start + chunk_size)
-        s = queries @ weight[start:stop].T  # [B, c]
-        if bias is not None:
-            s = s + bias[start:stop]
-        vals, cols = _select_topk_stable(s, min(k, stop - start))  # [B, kc]
-        run_s, run_i = _merge(run_s, run_i, vals, cols + start, k)
+    # Pass 1 uses the sync-free top-k; if any chunk had a tie straddling its k-th place (or a
+    # NaN), pass 2 redoes the scan with exact id-order tie-breaking. Float scores rarely tie.
+    for exact_ties in (False, True):
+        run_s: torch.Tensor | None = None
+        run_i: torch.Tensor | None = None
+        ambiguous = torch.zeros((), dtype=torch.bool, device=queries.device)
+        for start in range(0, L, chunk_size):
+            stop = min(L, start + chunk_size)
+            s = queries @ weight[start:stop].T  # [B, c]
+            if bias is not None:
+                s = s + bias[start:stop]
+            kc = min(k, stop - start)
+            if exact_ties:
+                vals, cols = _select_topk_stable(s, kc)  # [B, kc]
+            else:
+                vals, cols, amb = _topk_fast(s, kc)
+                ambiguous |= amb
+            run_s, run_i = _merge(run_s, run_i, vals, cols + start, k)
+        if exact_ties or not bool(ambiguous):  # one host sync per call
+            break
     assert run_s is not None and run_i is not None  # L >= k >= 1, so at least one chunk
     return run_s, run_i
 
