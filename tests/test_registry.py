@@ -110,6 +110,7 @@ class _Server:
     def __init__(self, files: dict[str, bytes], honor_range: bool = True) -> None:
         self.files = files
         self.honor_range = honor_range
+        self.cut_after: int | None = None  # send only this many body bytes, then hang up
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         server = self
 
@@ -138,6 +139,10 @@ class _Server:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(chunk)))
                 self.end_headers()
+                if server.cut_after is not None:
+                    chunk = chunk[: server.cut_after]
+                    server.cut_after = None
+                    self.close_connection = True
                 self.wfile.write(chunk)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -218,6 +223,20 @@ def test_resumed_download_requests_only_the_rest(served: _Server, tmp_path: Path
     assert out.read_bytes() == PAYLOAD
     assert served.requests == [("/blob.bin", f"bytes={have}-")]
     assert not (tmp_path / "blob.bin.part").exists()
+
+
+def test_interrupted_download_keeps_part_and_resumes(served: _Server, tmp_path: Path):
+    served.files["/blob.bin"] = PAYLOAD
+    served.cut_after = 400_000
+    with pytest.raises(XMCError, match="run the same command again"):
+        registry.fetch_url(served.url + "/blob.bin", tmp_path / "blob.bin", show_progress=False)
+    part = tmp_path / "blob.bin.part"
+    assert not (tmp_path / "blob.bin").exists()
+    have = part.stat().st_size
+    assert 0 < have <= 400_000 and part.read_bytes() == PAYLOAD[:have]
+    out = registry.fetch_url(served.url + "/blob.bin", tmp_path / "blob.bin", show_progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert served.requests[-1] == ("/blob.bin", f"bytes={have}-")
 
 
 def test_server_ignoring_range_restarts(tmp_path: Path):

@@ -18,6 +18,7 @@ import bz2
 import copy
 import difflib
 import gzip
+import http.client
 import json
 import logging
 import os
@@ -174,7 +175,7 @@ def fetch_url(
                 while True:
                     try:
                         buf = response.read(_CHUNK)
-                    except OSError as exc:
+                    except (OSError, http.client.HTTPException) as exc:
                         raise XMCError(
                             f"download of {url} interrupted after {written} bytes ({exc}); "
                             "run the same command again to resume"
