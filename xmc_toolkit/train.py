@@ -174,8 +174,8 @@ class TrainConfig(ConfigBase):
         "also checkpoint every N steps (resumable mid-epoch); 0: at epoch ends only"
         " (--checkpoint-every)"))
     max_steps: int = field(default=0, metadata=_h(
-        "stop after this many steps in total (checkpointed, resumable); 0: no limit"
-        " (--max-steps)"))
+        "pause after this many steps in total (checkpointed; --resume continues; the LR"
+        " schedule still spans all epochs); 0: no limit (--max-steps)"))
 
     # -- validation ----------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -739,9 +739,7 @@ class Trainer:
 
         batches = BatchIterator(X, Y, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
         steps_per_epoch = len(batches)
-        total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
+        total_steps = steps_per_epoch * cfg.epochs  # schedule horizon (max_steps only pauses)
         from .optim import build_optimizers
 
         label_opt = cfg.resolved_label_optimizer(L)

@@ -1,0 +1,200 @@
+"""Trainer contract tests: every loss x sampler learns the tiny problem; config validation;
+sparse label gradients on the sampled path; NaN handling; schedule and clipping references."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xmc_toolkit.data.dataset import XMCDataset
+from xmc_toolkit.errors import ConfigError, XMCError
+from xmc_toolkit.metrics import inverse_propensity
+from xmc_toolkit.optim import build_optimizers, lr_multiplier
+from xmc_toolkit.train import (TrainConfig, Trainer, XMCNetwork, _clip_grad_norm, compute_loss,
+                               inverse_propensity_from_counts)
+
+TINY = dict(epochs=25, batch_size=16, hidden=(32,), dim=16, lr=0.02, warmup_steps=5,
+            dropout=0.0, ks=(1, 3), device="cpu", seed=0)
+
+COMBOS = [
+    dict(loss="full"),
+    dict(loss="sampled", sampler="uniform", negatives=3),
+    dict(loss="sampled", sampler="popularity", negatives=3),
+    dict(loss="sampled", sampler="log-uniform", negatives=3),
+    dict(loss="sampled", sampler="midx", negatives=3, refresh_every=10),
+    dict(loss="sampled", sampler="midx", quantizer="rq", within_cell="popularity", negatives=3,
+         shared_negatives=True, refresh_every=10),
+    dict(loss="negative-sampling", sampler="uniform", negatives=3),
+    dict(loss="negative-sampling", sampler="midx", negatives=3, label_optimizer="adagrad"),
+]
+
+
+def _popularity_p1(Y: sp.csr_matrix) -> float:
+    """P@1 of always predicting the most frequent label (the popularity baseline)."""
+    top = int(np.argmax(np.asarray(Y.sum(0)).ravel()))
+    return float(np.asarray(Y[:, top].todense()).mean())
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_contract_every_loss_and_sampler_learns(tiny_xy, combo):
+    X, Y = tiny_xy
+    ds = XMCDataset(X, Y)
+    events: list[str] = []
+    trainer = Trainer(TrainConfig(**{**TINY, **combo}),
+                      callbacks=[lambda ev, st_: events.append(ev)])
+    res = trainer.fit(ds, ds)
+    losses = [h["loss"] for h in res.history]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < losses[0]  # loss decreases
+    assert res.best["P@1"] > _popularity_p1(Y) + 0.15  # well above the popularity baseline
+    assert events[0] == "train_begin" and events[-1] == "train_end"
+    assert events.count("epoch_end") == TINY["epochs"]
+    assert res.loss == combo["loss"]
+
+
+def test_auto_loss_resolution():
+    cfg = TrainConfig(full_max_labels=100)
+    assert cfg.resolved_loss(100) == "full" and cfg.resolved_loss(101) == "sampled"
+    assert cfg.resolved_label_optimizer(100) == "adamw"
+    assert cfg.resolved_label_optimizer(1000) == "sparse-adam"
+    assert 4 <= TrainConfig.auto_codewords(6) <= TrainConfig.auto_codewords(10**6) == 64
+
+
+def test_config_round_trip_and_every_field_documented(tmp_path):
+    cfg = TrainConfig(loss="sampled", hidden=(64, 32), ks=(1, 5), negatives=7)
+    p = tmp_path / "c.json"
+    p.write_text(cfg.to_json())
+    assert TrainConfig.from_json(p) == cfg
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    docs = TrainConfig.field_docs()
+    assert all(docs[name] for name in docs), [n for n, d in docs.items() if not d]
+
+
+def test_config_lists_every_problem_at_once():
+    bad = dict(loss="softmaxx", sampler="midz", negatives=0, dropout=1.5, batch_size=-1,
+               val_metric="F1@1", ks=(0,))
+    with pytest.raises(ConfigError) as exc:
+        TrainConfig(**bad).validate()
+    probs = exc.value.problems
+    for key in ("loss=", "sampler=", "negatives=", "dropout=", "batch_size=", "val_metric=",
+                "ks="):
+        assert any(p.startswith(key) for p in probs), (key, probs)
+    assert "--sampler" in str(exc.value)
+    with pytest.raises(ConfigError) as exc2:
+        TrainConfig.from_dict({"negatives": 3, "negativs": 4, "epochs": "ten"})
+    assert any("did you mean 'negatives'" in p for p in exc2.value.problems)
+    assert any(p.startswith("epochs=") for p in exc2.value.problems)
+
+
+def test_data_dependent_problems_listed_together(tiny_xy):
+    X, Y = tiny_xy  # 60 rows, 6 labels
+    cfg = TrainConfig(loss="sampled", sampler="midx", negatives=6, codewords=16, batch_size=100,
+                      ks=(1, 10))
+    with pytest.raises(ConfigError) as exc:
+        Trainer(cfg).fit(XMCDataset(X, Y))
+    text = " | ".join(exc.value.problems)
+    assert "negatives=6 must be smaller than the number of labels (6)" in text
+    assert "codewords=16" in text and "far above" in text
+    assert "batch_size=100 is larger than the 60 training rows" in text
+    assert "ks=[1, 10]" in text
+
+
+def test_sampled_path_label_gradient_is_sparse(tiny_xy):
+    X, Y = tiny_xy
+    from xmc_toolkit.batching import csr_to_bag, csr_to_padded
+    from xmc_toolkit.sampling import make_sampler
+
+    cfg = TrainConfig(**{**TINY, "loss": "sampled"})
+    net = XMCNetwork(X.shape[1], Y.shape[1], cfg)
+    idx, off, w = csr_to_bag(X[:8])
+    pos, mask = csr_to_padded(Y[:8])
+    sampler = make_sampler("uniform", Y.shape[1])
+    g = torch.Generator().manual_seed(0)
+    q = net(idx, off, w)
+    loss = compute_loss(net, q, pos, mask, "sampled", sampler=sampler, negatives=2, generator=g)
+    loss.backward()
+    grad = net.label_weight.grad
+    assert grad is not None and grad.is_sparse
+    touched = torch.unique(grad.coalesce().indices()[0])
+    assert touched.numel() <= Y.shape[1]
+    assert net.labels.bias.weight.grad.is_sparse
+    # the optimizer for sparse gradients steps only the touched rows
+    bundle = build_optimizers(net.encoder_parameters(), net.label_parameters(), lr=0.1,
+                              label_lr=0.1, weight_decay=0.0, label_optimizer="sparse-adam",
+                              warmup_steps=0, total_steps=10)
+    before = net.label_weight.detach().clone()
+    bundle.step()
+    changed = (net.label_weight.detach() != before).any(1).nonzero().view(-1)
+    assert set(changed.tolist()) <= set(touched.tolist())
+
+
+def test_nan_loss_stops_with_step_number(tiny_xy, tmp_path):
+    X, Y = tiny_xy
+    Xbad = X.copy()
+    Xbad.data[:] = 3e38  # bag sums overflow float32 -> non-finite queries and loss
+    cfg = TrainConfig(**{**TINY, "tfidf": False, "l2_normalize": False, "clip_grad": 0.0})
+    with pytest.raises(XMCError, match=r"loss became (nan|inf).* at step 1 \(epoch 1\)"):
+        Trainer(cfg, out_dir=tmp_path / "run").fit(XMCDataset(Xbad, Y))
+
+
+def test_validation_mismatch_and_early_stopping(tiny_xy):
+    X, Y = tiny_xy
+    ds = XMCDataset(X, Y)
+    with pytest.raises(ConfigError, match="same feature and label space"):
+        Trainer(TrainConfig(**TINY)).fit(ds, XMCDataset(X[:, :10], Y))
+    # lr = tiny: no improvement after the first epochs -> early stop with patience 2
+    cfg = TrainConfig(**{**TINY, "epochs": 30, "patience": 2, "lr": 1e-9, "warmup_steps": 0,
+                         "val_fraction": 0.0})
+    res = Trainer(cfg).fit(ds, ds)
+    assert res.stopped_early and len(res.history) < 30
+
+
+def test_val_fraction_holds_out_rows(tiny_xy):
+    X, Y = tiny_xy
+    res = Trainer(TrainConfig(**{**TINY, "epochs": 2, "val_fraction": 0.25})).fit(
+        XMCDataset(X, Y))
+    assert "val/P@1" in res.history[0]
+
+
+def test_inverse_propensity_from_counts_matches_metrics(tiny_xy):
+    _, Y = tiny_xy
+    counts = np.bincount(Y.indices, minlength=Y.shape[1])
+    np.testing.assert_allclose(inverse_propensity_from_counts(counts, Y.shape[0], 0.55, 1.5),
+                               inverse_propensity(Y, 0.55, 1.5), rtol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(warm=st.integers(0, 20), total=st.integers(1, 200), step=st.integers(0, 250),
+       schedule=st.sampled_from(["linear", "cosine", "constant"]))
+def test_lr_multiplier_properties(warm, total, step, schedule):
+    m = lr_multiplier(step, warmup_steps=warm, total_steps=total, schedule=schedule)
+    assert 0.0 < m <= 1.0
+    if warm and step < warm:
+        assert m == pytest.approx((step + 1) / warm)
+    if schedule == "constant" and step >= warm:
+        assert m == 1.0
+    if schedule != "constant" and step >= max(total, warm + 1) + 1:
+        assert m <= 1e-6
+
+
+def test_clip_grad_norm_matches_torch_with_sparse_grads():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(7, 3))
+    emb = torch.nn.Embedding(7, 3, sparse=True)
+    emb.weight = b
+    (a.sum() * 3 + emb(torch.tensor([1, 1, 4])).pow(2).sum()).backward()
+    dense_ref = [a.grad.clone(), b.grad.to_dense().clone()]
+    total = _clip_grad_norm([a, b], 1.0)
+    ref_total = torch.sqrt(sum(g.pow(2).sum() for g in dense_ref))
+    assert total == pytest.approx(float(ref_total), rel=1e-5)
+    scale = 1.0 / float(ref_total)
+    torch.testing.assert_close(a.grad, dense_ref[0] * scale)
+    torch.testing.assert_close(b.grad.to_dense(), dense_ref[1] * scale)
