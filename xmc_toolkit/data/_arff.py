@@ -155,7 +155,7 @@ def _parse_header(path: Path, lines: list[str]) -> tuple[str, list[_Attr], int]:
             return relation, attrs, i + 1
         else:
             raise DataFormatError(path, i + 1, f"unexpected header line {s[:80]!r}: expected @relation, @attribute or @data")
-    raise DataFormatError(path, len(lines), "no @data line: truncated or not an ARFF file")
+    raise DataFormatError(path, max(1, len(lines)), "no @data line: truncated or not an ARFF file")
 
 
 def _label_columns(
@@ -220,7 +220,7 @@ def read_arff(
         ``(X [N, D] csr float32, Y [N, L] csr float32, label_names, feature_names)``.
     """
     with open(path, encoding="utf-8", errors="replace") as fh:
-        lines = fh.read().splitlines()
+        lines = fh.read().split("\n")  # only \n ends a line (keeps line numbers exact)
     relation, attrs, data_start = _parse_header(path, lines)
     label_cols, label_names = _label_columns(path, relation, attrs, label_xml)
     n_attr = len(attrs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +48,7 @@ _WRITE_ROWS = 65536
 _SPLIT_X = "_X_Xf.txt"
 _SPLIT_Y = "_X_Y.txt"
 _SVM_SUFFIXES = (".svm", ".svmlight", ".libsvm")
+_MAX_DIM = 2**62  # header counts must fit int64 index arithmetic
 PathLike = str | os.PathLike
 
 
@@ -120,14 +122,20 @@ def _read_header(fh: IO[bytes], path: Path, names: tuple[str, ...]) -> tuple[int
     expected = " ".join(names)
     if not raw:
         raise DataFormatError(path, 1, f"empty file: expected a header line '{expected}'")
-    if len(fields) != len(names) or not all(f.isdigit() for f in fields):
+    if len(fields) != len(names) or not all(re.fullmatch(r"[0-9]+", f) for f in fields):
         raise DataFormatError(
             path,
             1,
             f"expected a header '{expected}' ({len(names)} non-negative integers), found "
             f"{text[:80]!r}",
         )
-    return tuple(int(f) for f in fields)
+    values = tuple(int(f) for f in fields)
+    for name, v in zip(names, values):
+        if v >= _MAX_DIM:
+            raise DataFormatError(
+                path, 1, f"header {name}={v} is too large (limit {_MAX_DIM - 1}); fix the header"
+            )
+    return values
 
 
 def _iter_blocks(fh: IO[bytes], block_bytes: int) -> Any:
@@ -305,6 +313,8 @@ def _load_svmlight(
         raise DataFormatError(path, None, f"zero_based={zero_based!r}: use True, False or 'auto'")
     _, rows = _parse_file(path, None, True, lambda h: (None, None), block_bytes)
     n = rows.num_lines  # every line is a row (a row with no labels starts with a space)
+    if n == 0:
+        raise DataFormatError(path, None, "empty file: no rows (expected 'labels id:value ...' lines)")
     max_f = max((int(b.feature_ids.max()) for b in rows.blocks if len(b.feature_ids)), default=-1)
     min_f = min((int(b.feature_ids.min()) for b in rows.blocks if len(b.feature_ids)), default=0)
     max_l = max((int(b.label_ids.max()) for b in rows.blocks if len(b.label_ids)), default=-1)
@@ -344,7 +354,17 @@ def _csr_from_npz(z: Any, key: str, path: Path) -> sp.csr_matrix:
     missing = [k for k in names if k not in z]
     if missing:
         raise DataFormatError(path, None, f"npz lacks arrays {missing}; write it with xmc save")
-    shape = tuple(int(s) for s in z[f"{key}_shape"])
+    shape_arr = z[f"{key}_shape"]
+    if shape_arr.shape != (2,) or shape_arr.dtype.kind not in "iu":
+        raise DataFormatError(
+            path, None, f"array {key}_shape must hold 2 integers, found {shape_arr.tolist()!r}"
+        )
+    for part in ("indices", "indptr"):
+        if z[f"{key}_{part}"].dtype.kind not in "iu":
+            raise DataFormatError(
+                path, None, f"array {key}_{part} has dtype {z[f'{key}_{part}'].dtype}; it must hold integers"
+            )
+    shape = tuple(int(s) for s in shape_arr)
     try:
         m = sp.csr_matrix((z[f"{key}_data"], z[f"{key}_indices"], z[f"{key}_indptr"]), shape=shape)
         m.check_format(full_check=True)
@@ -388,8 +408,11 @@ def _load_npz(path: Path) -> XMCDataset:
             X, Y = _finish(_csr_from_npz(z, "X", path), _csr_from_npz(z, "Y", path), path, "npz")
             names = [str(s) for s in z["label_names"]] if "label_names" in z else None
             fnames = [str(s) for s in z["feature_names"]] if "feature_names" in z else None
+        for what, got, want in (("label_names", names, Y.shape[1]), ("feature_names", fnames, X.shape[1])):
+            if got is not None and len(got) != want:
+                raise DataFormatError(path, None, f"npz: {len(got)} {what} for {want} columns")
         return XMCDataset(X, Y, names, fnames)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DataFormatError):
             raise
         raise DataFormatError(path, None, f"cannot read npz: {exc}") from None
