@@ -52,11 +52,15 @@ def xmc(debug: bool, verbose: int) -> None:
     if debug:
         level = min(level, logging.INFO)
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=debug)
+        # logs go to stderr so that `--json` output on stdout stays machine-readable
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_path=False, rich_tracebacks=debug
+        )
     except ImportError:  # pragma: no cover
-        handler = logging.StreamHandler()
+        handler = logging.StreamHandler(sys.stderr)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 

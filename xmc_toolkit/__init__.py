@@ -37,6 +37,11 @@ _LAZY = {
     "precision_at_k": "xmc_toolkit.metrics",
     "ndcg_at_k": "xmc_toolkit.metrics",
     "psp_at_k": "xmc_toolkit.metrics",
+    "recall_at_k": "xmc_toolkit.metrics",
+    "evaluate": "xmc_toolkit.metrics",
+    "inverse_propensity": "xmc_toolkit.metrics",
+    "make_synthetic": "xmc_toolkit.data",
+    "make_sampler": "xmc_toolkit.sampling",
 }
 
 __all__ = ["__version__", *_LAZY]
