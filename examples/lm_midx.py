@@ -131,16 +131,27 @@ def oracle_metrics(cfg: LMConfig) -> dict[str, float]:
 
 
 class NextItemModel(nn.Module):
-    """Token embedding -> GRU -> query; a separate output label table ``[V, d]`` plus bias."""
+    """Token embedding -> GRU -> query; a separate output label table ``[V, d]`` plus bias.
 
-    def __init__(self, vocab: int, dim: int) -> None:
+    With ``sparse_out=True`` the output table and bias are ``nn.Embedding(..., sparse=True)`` so
+    a sampled loss touches (and the optimizer updates) only the scored rows; the full softmax
+    needs every row anyway and uses dense gradients.
+    """
+
+    def __init__(self, vocab: int, dim: int, sparse_out: bool = False) -> None:
         super().__init__()
         self.inp = nn.Embedding(vocab, dim)
         self.gru = nn.GRU(dim, dim, batch_first=True)
         self.proj = nn.Linear(dim, dim)
-        self.out = nn.Embedding(vocab, dim)  # label (output) embeddings
-        self.out_bias = nn.Parameter(torch.zeros(vocab))
+        self.out = nn.Embedding(vocab, dim, sparse=sparse_out)  # label (output) embeddings
+        self.out_b = nn.Embedding(vocab, 1, sparse=sparse_out)  # label bias, [V, 1]
         nn.init.normal_(self.out.weight, std=0.05)
+        nn.init.zeros_(self.out_b.weight)
+
+    @property
+    def out_bias(self) -> Tensor:
+        """``[V]`` view of the label bias."""
+        return self.out_b.weight[:, 0]
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``tokens [B, T] int64`` -> queries ``[B, T, d]``."""
@@ -149,7 +160,7 @@ class NextItemModel(nn.Module):
 
     def score_ids(self, queries: Tensor, ids: Tensor) -> Tensor:
         """``queries [N, d]``, ``ids [N, K]`` -> scores ``[N, K]`` (no ``[V, d]`` temporary)."""
-        return torch.einsum("nd,nkd->nk", queries, self.out(ids)) + self.out_bias[ids]
+        return torch.einsum("nd,nkd->nk", queries, self.out(ids)) + self.out_b(ids)[..., 0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -179,8 +190,12 @@ def train(mode: str, train_data: Tensor, test_data: Tensor, cfg: LMConfig) -> di
     """Train one model with ``mode`` in ``{"full", "midx", "uniform"}``; return its metrics."""
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
-    model = NextItemModel(cfg.vocab, cfg.dim).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sparse = mode != "full"
+    model = NextItemModel(cfg.vocab, cfg.dim, sparse_out=sparse).to(dev)
+    table = [model.out.weight, model.out_b.weight]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("out")]
+    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(rest, lr=cfg.lr)]
+    opts.append(torch.optim.SparseAdam(table, lr=cfg.lr) if sparse else torch.optim.Adam(table, lr=cfg.lr))
     gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     sampler = None
     if mode == "midx":
@@ -209,9 +224,13 @@ def train(mode: str, train_data: Tensor, test_data: Tensor, cfg: LMConfig) -> di
                 model.score_ids(q, y), y, mask, pos_log_q,
                 model.score_ids(q, smp.ids), smp.ids, smp.log_q,
             )
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # honest per-step wall clock
         step_time += time.perf_counter() - t0
     metrics = evaluate(model, test_data, cfg)
     metrics["ms_per_step"] = 1e3 * step_time / max(cfg.steps, 1)
