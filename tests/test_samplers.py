@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import xmc_toolkit.sampling.midx as midx_module
 from xmc_toolkit.errors import CheckpointError, ConfigError, SamplerError
 from xmc_toolkit.sampling import (
     LogUniformSampler,
@@ -161,8 +162,32 @@ def test_single_label():
     torch.testing.assert_close(pq.sample(torch.randn(1, 3), 4, shared=True).log_q, torch.zeros(4))
 
 
-def test_extreme_scores_no_nan():
-    """Huge query norms and biases: log q stays finite and normalized (max shifting)."""
+@pytest.fixture(params=["dense", "closed-form"])
+def normalizer_path(request, monkeypatch):
+    """Run a test with the dense log Z and again with the closed form (forced by a tiny limit)."""
+    if request.param == "closed-form":
+        monkeypatch.setattr(midx_module, "_DENSE_CHUNK", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("quantizer,within_cell,use_bias", [("pq", "uniform", False), ("rq", "popularity", True)])
+def test_closed_form_normalizer_matches_brute_force(normalizer_path, quantizer, within_cell, use_bias):
+    w, g = _clustered(10, 4, 3, seed=1)  # K^2 = 16 > L = 10: empty cells
+    bias = torch.randn(10, generator=g) if use_bias else None
+    counts = torch.arange(10.0)
+    q = torch.randn(3, 4, generator=g)
+    s = MIDXSampler(10, 4, quantizer=quantizer, within_cell=within_cell, label_counts=counts, seed=0)
+    s.update(w, bias)
+    lw = reference_item_log_weight(10, within_cell, counts.tolist(), 0.75, 1.0, None if bias is None else bias.tolist())
+    ref = reference_midx_log_prob(q, s.codebooks, s.codes, quantizer, lw)
+    torch.testing.assert_close(s.log_prob(q, torch.arange(10)).double(), ref, atol=1e-4, rtol=1e-5)
+    out = s.sample(q, 50)
+    torch.testing.assert_close(out.log_q, s.log_prob(q, out.ids), atol=1e-5, rtol=1e-5)
+
+
+def test_extreme_scores_no_nan(normalizer_path):
+    """Huge query norms and biases: log q stays finite and normalized (max shifting, and the
+    dense fallback when the closed form underflows)."""
     w, g = _clustered(30, 4, 3, seed=5)
     s = MIDXSampler(30, 5, seed=0)
     s.update(w * 50, torch.randn(30, generator=g) * 40)

@@ -125,31 +125,32 @@ def _kmeans_pp(x: Tensor, k: int, g: torch.Generator, chunk_size: int) -> Tensor
     """Greedy k-means++ seeding (2 + log k candidates per step) on ``x [n, d]`` -> ``[k, d]``."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
+    x2 = (x * x).sum(1)  # [n]
     first = int(torch.randint(n, (1,), generator=g).item())
     centroids = x.new_empty((k, x.shape[1]))
     centroids[0] = x[first]
     closest = ((x - x[first]) ** 2).sum(1)  # [n] squared distance to the nearest chosen centroid
+    rows = _chunk_rows(chunk_size, trials)
     for j in range(1, k):
-        total = float(closest.sum().item())
-        if total <= 0.0:  # all remaining points coincide with a centroid: pick at random
+        weights = closest.double().cpu()
+        if float(weights.sum()) <= 0.0:  # every point coincides with a centroid: pick at random
             cand = torch.randint(n, (trials,), generator=g)
         else:
-            cand = torch.multinomial(closest.double().cpu(), trials, replacement=True, generator=g)
-        cand = cand.to(x.device)
-        xc = x[cand]  # [t, d]
-        # distance of every point to each candidate, in chunks of points
-        rows = _chunk_rows(chunk_size, trials)
-        new_closest = x.new_empty((trials, n))
-        cc = (xc * xc).sum(1)
-        for start in range(0, n, rows):
-            xs = x[start : start + rows]
-            d = torch.addmm(cc.unsqueeze(1), xc, xs.t(), alpha=-2.0)  # [t, r]
-            d += (xs * xs).sum(1).unsqueeze(0)
-            new_closest[:, start : start + rows] = torch.minimum(
-                d.clamp_min_(0.0), closest[start : start + rows].unsqueeze(0)
-            )
-        pots = new_closest.sum(1)  # [t]
-        best = int(pots.argmin().item())
+            cand = torch.multinomial(weights, trials, replacement=True, generator=g)
+        xc = x[cand.to(x.device)]  # [t, d]
+        cc = x2[cand.to(x.device)]  # [t]
+        if n <= rows:
+            d = torch.addmm(cc.unsqueeze(1) + x2.unsqueeze(0), xc, x.t(), alpha=-2.0)  # [t, n]
+            new_closest = torch.minimum(d.clamp_min_(0.0), closest.unsqueeze(0))
+        else:
+            new_closest = x.new_empty((trials, n))
+            for start in range(0, n, rows):
+                xs = x[start : start + rows]
+                d = torch.addmm(cc.unsqueeze(1) + x2[start : start + rows].unsqueeze(0), xc, xs.t(), alpha=-2.0)
+                new_closest[:, start : start + rows] = torch.minimum(
+                    d.clamp_min_(0.0), closest[start : start + rows].unsqueeze(0)
+                )
+        best = int(new_closest.sum(1).argmin().item())  # candidate with the lowest potential
         centroids[j] = xc[best]
         closest = new_closest[best]
     return centroids

@@ -81,10 +81,11 @@ def _dense_cell_logits(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
 def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     """``log Z_b = log sum_{k1,k2} N[k1,k2] exp(a1[b,k1] + a2[b,k2])``.
 
-    Fast path: the max-shifted closed form ``log rowsum((E1 @ N') * E2) + shift`` in float64,
-    without a ``[B, K^2]`` tensor. Rows whose shifted sum underflows (score spreads of hundreds
-    of nats where the best codewords meet only empty cells) are recomputed exactly with a dense
-    log-sum-exp over their cells.
+    Small problems (``B * K^2 <= 4M``) use a dense float64 log-sum-exp over the cells: exact,
+    robust, and free of host synchronisation. Larger ones use the max-shifted closed form
+    ``log rowsum((E1 @ N') * E2) + shift`` in float64 without a ``[B, K^2]`` tensor; rows whose
+    shifted sum underflows (score spreads of hundreds of nats where the best codewords meet only
+    empty cells) are then recomputed densely.
 
     Args:
         a1, a2: ``[B, K]`` codeword scores.
@@ -93,6 +94,8 @@ def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     Returns:
         ``[B]`` float64.
     """
+    if a1.shape[0] * log_n.numel() <= _DENSE_CHUNK:
+        return torch.logsumexp(_dense_cell_logits(a1, a2, log_n), dim=1)
     e1, e2, nm, shift = _exp_factors(a1, a2, log_n)
     z = ((e1 @ nm) * e2).sum(1)  # [B]
     out = torch.log(z) + shift
@@ -498,11 +501,13 @@ class MIDXSampler(Sampler):
 
         k = self.num_codewords
         logits = (a1.unsqueeze(2) + a2.unsqueeze(1)).reshape(b, k * k) + log_n  # [B, K^2]
-        weights = torch.exp(logits - logits.max(1, keepdim=True).values)  # [B, K^2], 0 if empty
+        m = logits.max(1, keepdim=True).values  # [B, 1]
+        weights = torch.exp(logits - m)  # [B, K^2], 0 for empty cells, max entry 1
         cells = torch.multinomial(weights, num_samples, True, generator=generator)  # [B, M]
         u = torch.rand(b, num_samples, generator=generator, device=dev, dtype=torch.float64)
         ids = self._in_cells(s, cells, u)  # [B, M]
-        log_z = cell_log_normalizer(a1, a2, log_n)  # [B]
+        # log Z from the weights at hand (sum >= 1: no underflow, no host sync)
+        log_z = m.squeeze(1).double() + torch.log(weights.sum(1, dtype=torch.float64))  # [B]
         return Samples(ids, self._item_log_q(s, a1, a2, log_z, ids))
 
     def _in_cells(self, s: dict[str, Tensor | None], cells: Tensor, u: Tensor) -> Tensor:
