@@ -32,6 +32,7 @@ __all__ = ["read_arff", "read_label_names", "read_label_xml"]
 
 logger = logging.getLogger(__name__)
 
+_F32_MAX = float(np.finfo(np.float32).max)  # larger values overflow to inf in X
 _MEKA_C = re.compile(r"(?:^|[\s'\"])-C\s+(-?\d+)")
 _SPLIT_SUFFIX = re.compile(r"([-_.](train|test|trn|tst|tr|te|val|valid))$", re.IGNORECASE)
 
@@ -298,8 +299,8 @@ def read_arff(
                     x = float(v)
                 except ValueError:
                     raise DataFormatError(path, lineno, f"non-numeric value {v!r} for attribute {attrs[j].raw!r}") from None
-                if not math.isfinite(x):
-                    raise DataFormatError(path, lineno, f"value {v!r} of attribute {attrs[j].raw!r} is NaN or infinite")
+                if not math.isfinite(x) or abs(x) > _F32_MAX:
+                    raise DataFormatError(path, lineno, f"value {v!r} of attribute {attrs[j].raw!r} is NaN or infinite (in float32)")
             if is_label[j]:
                 if x not in (0.0, 1.0):
                     raise DataFormatError(path, lineno, f"label attribute {attrs[j].raw!r} has value {v!r}: expected 0 or 1")
