@@ -213,7 +213,7 @@ def approx_topk(
         num_cells: cells probed per query (``<= C``; clamped).
         max_candidates: cap on candidates per query (``None``: no cap).
         row_block: queries re-ranked at once (``None``: chosen to keep the gathered
-            ``[rows, candidates, d]`` block under about 16M floats).
+            ``[rows, candidates, d]`` block under about 16M floats on CPU, 64M on GPU).
 
     Returns:
         ``(scores [B, k], ids [B, k] int64)`` sorted by decreasing score (ties by id). Slots
@@ -257,8 +257,9 @@ def approx_topk(
     cand = torch.where(valid, items[pos.clamp(max=items.numel() - 1)], -1)  # [B, M] label ids
     bias_flat = None if bias is None else bias.reshape(-1)
     B, d = queries.shape
-    if row_block is None:
-        row_block = max(1, (1 << 24) // max(1, M * d))
+    if row_block is None:  # bound the gathered [rows, M, d] block: 64M floats on GPU, 16M on CPU
+        budget = 1 << (26 if dev.type == "cuda" else 24)
+        row_block = max(1, budget // max(1, M * d))
     out_s: list[torch.Tensor] = []
     out_i: list[torch.Tensor] = []
     kk = min(k, M)
