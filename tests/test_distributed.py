@@ -511,3 +511,43 @@ def test_missing_manifest_is_a_checkpoint_error(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="sharded"):
         read_manifest(tmp_path)
+
+
+def test_sampled_loss_sparse_grads_with_embedding_bias() -> None:
+    """sparse_grad=True with an [L, 1] bias (nn.Embedding weight) gives sparse grads equal to
+    the dense ones, so SparseAdam can step the shard."""
+    Q, W, b, pos, mask = _problem(2, 6, 4, 15, 2)
+    grads = {}
+    for sparse in (False, True):
+        w = torch.nn.Parameter(W.clone())
+        bb = torch.nn.Parameter(b.clone()[:, None])
+        loss = D.sharded_sampled_softmax_loss(
+            Q, w, bb, pos, mask, 0, _TableSampler(15, 1), 5,
+            generator=torch.Generator().manual_seed(0), sparse_grad=sparse)
+        loss.backward()
+        assert w.grad.is_sparse == sparse and bb.grad.is_sparse == sparse
+        grads[sparse] = (w.grad.to_dense(), bb.grad.to_dense())
+        if sparse:
+            torch.optim.SparseAdam([w, bb], lr=0.1).step()
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+
+
+def test_command_line_entry_in_one_process(tmp_path: Path) -> None:
+    import json
+
+    from xmc_toolkit.data import save
+    from xmc_toolkit.distributed import main
+    from xmc_toolkit.train import load_model_dir
+
+    save(_toy_data(0, 120), tmp_path / "train.txt", "xc")
+    save(_toy_data(1, 40), tmp_path / "val.txt", "xc")
+    out = tmp_path / "model"
+    res = main([str(tmp_path / "train.txt"), "--val", str(tmp_path / "val.txt"), "--out",
+                str(out), "--epochs", "2", "--dim", "8", "--hidden", "16", "--ks", "1,3",
+                "--batch-size", "30", "--device", "cpu", "--no-label-bias"])
+    assert res["world_size"] == 1 and res["steps"] == 8
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    man = json.loads((out / "sharded" / "manifest.json").read_text())
+    assert man["world_size"] == 1 and man["bias"] is False
+    assert load_model_dir(out, device="cpu").num_labels == 12
