@@ -102,7 +102,9 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
             raise ConfigError(f"{str(resume)!r} is not a training run directory ({RUN_FILE} is "
                               "missing); pass the --out directory of an earlier `xmc train`")
         run = json.loads(run_file.read_text())
-        base = base.merged(run.get("config", {}), validate=False)
+        saved = dict(run.get("config", {}))
+        saved.pop("max_steps", None)  # a pause point of the earlier call, not of this one
+        base = base.merged(saved, validate=False)
         if out is not None and Path(out) != Path(resume):
             raise click.UsageError("--resume DIR writes to DIR; drop --out")
         out = resume

@@ -920,7 +920,11 @@ class Trainer:
                             correct_target=cfg.correct_target, chunk_size=cfg.eval_chunk_size)
         value = float(loss.detach())
         if not math.isfinite(value):
-            where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
+            where = ""
+            if self.out_dir is not None:
+                ck = self.out_dir / CKPT_DIR
+                where = (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
+                         else "; no checkpoint had been written yet")
             raise XMCError(
                 f"loss became {value} at step {state['step'] + 1} (epoch {state['epoch'] + 1})"
                 f"{where}; lower --lr, set --clip-grad, or check the data for extreme values")
