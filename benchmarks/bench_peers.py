@@ -1,0 +1,300 @@
+"""Accuracy, speed and size against peers on every real data set in ``../shared/data``.
+
+Methods (each trained and timed in its own subprocess, default settings everywhere):
+
+* ``xmc-full``: ``XMCModel(loss="full")`` -- the toolkit's defaults otherwise.
+* ``xmc-midx``: ``XMCModel(loss="sampled", sampler="midx")``.
+* ``omikuji``: ``omikuji.Model.train_on_data`` with ``default_hyper_param()`` (Parabel-like).
+* ``napkinxc-plt``: ``napkinxc.models.PLT`` with its defaults.
+* ``pecos-xrlinear``: ``pecos.xmc.xlinear.XLinearModel.train(X, Y)`` with its defaults.
+
+Inputs: the toolkit preprocesses raw features itself (TF-IDF + row L2, part of its model); the
+peers get the same TF-IDF + L2 rows (fitted on the training split) so that the comparison is
+about the models (``--peer-features raw`` gives them the raw rows instead). Every method's top-5
+predictions are scored by ``xmc_toolkit.metrics.evaluate`` (propensities from the training
+labels, A=0.55, B=1.5): P@1/3/5, nDCG@1/3/5, PSP@1/3/5. Also: training seconds, prediction
+milliseconds per test point (whole test set in one call, divided), model size on disk.
+
+Peers are installed with ``pip install omikuji napkinxc libpecos`` (the ``bench`` extra). libpecos
+1.2.8 needs ``numpy<2`` and ``scipy<1.14``; so as not to downgrade the shared environment it can
+live in its own target directory, ``pip install --no-deps --target .venv/pecos-site libpecos
+numpy==1.26.4 scipy==1.13.1``, which ``--pecos-path`` (default: that folder when it exists) puts
+first on the PECOS subprocess's ``PYTHONPATH``. A peer that fails to import, train or predict is
+recorded with its error and the table moves on.
+
+    python benchmarks/bench_peers.py
+    python benchmarks/bench_peers.py --datasets bibtex --methods xmc-midx,omikuji
+    python benchmarks/bench_peers.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    machine_info,
+    print_table,
+    shared_data_dir,
+    write_results,
+)
+
+NAME = "peers"
+METHODS = ("xmc-full", "xmc-midx", "omikuji", "napkinxc-plt", "pecos-xrlinear")
+DATASETS = ("bibtex", "medical", "enron", "emotions")
+KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5")
+TOPK = 5
+_DEFAULT_PECOS = Path(__file__).resolve().parent.parent / ".venv" / "pecos-site"
+
+
+def _dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- child: one method on one prepared data set ------------------------------------------------
+def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None:
+    import numpy as np
+    import scipy.sparse as sp
+
+    model_dir = work / f"model_{method}"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    out: dict[str, Any] = {"method": method}
+    if method.startswith("xmc"):
+        from xmc_toolkit.model import XMCModel
+
+        Xtr, Ytr = sp.load_npz(work / "Xtr_raw.npz"), sp.load_npz(work / "Ytr.npz")
+        Xte = sp.load_npz(work / "Xte_raw.npz")
+        cfg: dict[str, Any] = {"device": device, "seed": 0}
+        if method == "xmc-full":
+            cfg["loss"] = "full"
+        else:
+            cfg.update(loss="sampled", sampler="midx")
+            # the trainer refuses negatives >= L (default 64): tiny label sets get L // 2
+            cfg["negatives"] = min(64, max(1, Ytr.shape[1] // 2))
+            out["negatives"] = cfg["negatives"]
+        if xmc_epochs:
+            cfg["epochs"] = xmc_epochs
+        t = time.perf_counter()
+        m = XMCModel(**cfg).fit(Xtr, Ytr)
+        out["train_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ids, _ = m.predict_topk(Xte, TOPK)
+        out["predict_s"] = time.perf_counter() - t
+        m.save(model_dir)
+    else:
+        Xtr, Ytr = sp.load_npz(work / "Xtr.npz"), sp.load_npz(work / "Ytr.npz")
+        Xte = sp.load_npz(work / "Xte.npz")
+        n = Xte.shape[0]
+        if method == "omikuji":
+            import omikuji
+
+            hp = omikuji.Model.default_hyper_param()
+            t = time.perf_counter()
+            m = omikuji.Model.train_on_data(str(work / "train_omikuji.txt"), hp)
+            out["train_s"] = time.perf_counter() - t
+            Xte = Xte.tocsr()
+            t = time.perf_counter()
+            ids = np.full((n, TOPK), -1, dtype=np.int64)
+            for i in range(n):
+                a, b = Xte.indptr[i], Xte.indptr[i + 1]
+                pairs = list(zip(Xte.indices[a:b].tolist(), Xte.data[a:b].tolist()))
+                pred = m.predict(pairs, top_k=TOPK)
+                ids[i, : len(pred)] = [lab for lab, _ in pred]
+            out["predict_s"] = time.perf_counter() - t
+            m.save(str(model_dir))
+        elif method == "napkinxc-plt":
+            from napkinxc.models import PLT
+
+            Y_lists = [Ytr.indices[Ytr.indptr[i]: Ytr.indptr[i + 1]].tolist()
+                       for i in range(Ytr.shape[0])]
+            m = PLT(str(model_dir))
+            t = time.perf_counter()
+            m.fit(Xtr, Y_lists)
+            out["train_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pred = m.predict(Xte, top_k=TOPK)
+            out["predict_s"] = time.perf_counter() - t
+            ids = np.full((n, TOPK), -1, dtype=np.int64)
+            for i, row in enumerate(pred):
+                row = [int(x[0]) if isinstance(x, (tuple, list)) else int(x) for x in row][:TOPK]
+                ids[i, : len(row)] = row
+        elif method == "pecos-xrlinear":
+            from pecos.xmc.xlinear.model import XLinearModel
+
+            Xtr, Ytr, Xte = Xtr.astype(np.float32), Ytr.astype(np.float32), Xte.astype(np.float32)
+            t = time.perf_counter()
+            m = XLinearModel.train(Xtr, Ytr)
+            out["train_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            P = m.predict(Xte, only_topk=TOPK).tocsr()  # [n, L] sparse scores
+            out["predict_s"] = time.perf_counter() - t
+            ids = np.full((n, TOPK), -1, dtype=np.int64)
+            for i in range(n):
+                a, b = P.indptr[i], P.indptr[i + 1]
+                order = np.argsort(-P.data[a:b], kind="stable")[:TOPK]
+                ids[i, : len(order)] = P.indices[a:b][order]
+            m.save(str(model_dir))
+        else:
+            raise SystemExit(f"unknown method {method}")
+    out["model_bytes"] = _dir_bytes(model_dir) if model_dir.exists() else None
+    np.save(work / f"topk_{method}.npy", np.asarray(ids, dtype=np.int64))
+    print(json.dumps(out))
+
+
+# -- parent ------------------------------------------------------------------------------------
+def _dataset_paths(root: Path, name: str) -> tuple[Path, Path] | None:
+    if name == "bibtex":
+        tr, te = root / "xc" / "bibtex_train.txt", root / "xc" / "bibtex_test.txt"
+    else:
+        tr, te = (root / "arff" / name / f"{name}-train.arff",
+                  root / "arff" / name / f"{name}-test.arff")
+    return (tr, te) if tr.exists() and te.exists() else None
+
+
+def _prepare(name: str, tr_path: Path, te_path: Path, work: Path, peer_features: str,
+             max_train: int | None) -> dict[str, Any]:
+    import numpy as np
+    import scipy.sparse as sp
+
+    from xmc_toolkit.batching import fit_idf, l2_normalize_rows, tfidf_transform
+    from xmc_toolkit.data import XMCDataset, load, save
+
+    tr, te = load(tr_path), load(te_path)
+    Xtr, Ytr, Xte, Yte = tr.X, tr.Y, te.X, te.Y
+    if max_train:
+        Xtr, Ytr = Xtr[:max_train], Ytr[:max_train]
+        Xte, Yte = Xte[:max_train], Yte[:max_train]
+    if peer_features == "tfidf-l2":
+        idf = fit_idf(Xtr)
+        Ptr, Pte = (l2_normalize_rows(tfidf_transform(Xtr, idf)),
+                    l2_normalize_rows(tfidf_transform(Xte, idf)))
+    else:
+        Ptr, Pte = Xtr, Xte
+    work.mkdir(parents=True, exist_ok=True)
+    for fname, M in (("Xtr_raw", Xtr), ("Xte_raw", Xte), ("Xtr", Ptr), ("Xte", Pte),
+                     ("Ytr", Ytr), ("Yte", Yte)):
+        sp.save_npz(work / f"{fname}.npz", sp.csr_matrix(M, dtype=np.float32))
+    save(XMCDataset(sp.csr_matrix(Ptr, dtype=np.float32), sp.csr_matrix(Ytr, dtype=np.float32)),
+         work / "train_omikuji.txt", fmt="xc")
+    return {"train_points": int(Xtr.shape[0]), "test_points": int(Xte.shape[0]),
+            "features": int(Xtr.shape[1]), "labels": int(Ytr.shape[1]),
+            "avg_labels_per_point": float(Ytr.nnz / max(1, Ytr.shape[0]))}
+
+
+def _run_child(args: argparse.Namespace, method: str, work: Path) -> dict[str, Any]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    if method == "pecos-xrlinear" and args.pecos_path:
+        env["PYTHONPATH"] = str(args.pecos_path) + os.pathsep + env["PYTHONPATH"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--work",
+           str(work), "--device", args.device]
+    if args.xmc_epochs:
+        cmd += ["--xmc-epochs", str(args.xmc_epochs)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "error": f"timeout after {args.timeout:.0f} s (--timeout)"}
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        return {"method": method, "error": (lines[-1] if lines else f"exit {res.returncode}")[:300]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--peer-features", choices=("tfidf-l2", "raw"), default="tfidf-l2")
+    ap.add_argument("--pecos-path", type=Path,
+                    default=_DEFAULT_PECOS if _DEFAULT_PECOS.is_dir() else None,
+                    help="folder prepended to PYTHONPATH for PECOS (numpy<2 / scipy<1.14)")
+    ap.add_argument("--xmc-epochs", type=int, default=0, help="override XMCModel epochs (0: default)")
+    ap.add_argument("--max-points", type=int, default=0, help="cut train/test (0: all)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per method")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (xmc methods)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args.child, args.work, args.device, args.xmc_epochs or None)
+        return {}
+
+    from xmc_toolkit.device import resolve_device
+    from xmc_toolkit.metrics import evaluate, inverse_propensity
+
+    if args.quick:
+        args.datasets, args.xmc_epochs, args.max_points = "emotions", 1, 120
+        args.methods = "xmc-midx,napkinxc-plt"
+    device = resolve_device(args.device)
+    root = shared_data_dir()
+    out_path = args.out or (RESULTS_DIR / f"{NAME}.json")
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "child", "work")}
+    config["device"] = str(device)
+    payload: dict[str, Any] = {"benchmark": NAME, "config": config,
+                               "machine": machine_info(device), "datasets": {}, "results": []}
+    methods = [m for m in args.methods.split(",") if m]
+    scratch = Path(tempfile.mkdtemp(prefix="xmc_peers_")) if args.work is None else args.work
+    rows: list[list[Any]] = []
+    try:
+        for name in [d for d in args.datasets.split(",") if d]:
+            paths = None if root is None else _dataset_paths(root, name)
+            if paths is None:
+                payload["datasets"][name] = {"skipped": "not found under ../shared/data"}
+                continue
+            import scipy.sparse as sp
+
+            work = scratch / name
+            payload["datasets"][name] = _prepare(name, *paths, work, args.peer_features,
+                                                 args.max_points or None)
+            Ytr, Yte = sp.load_npz(work / "Ytr.npz"), sp.load_npz(work / "Yte.npz")
+            inv = inverse_propensity(Ytr)
+            for method in methods:
+                rec = {"dataset": name, **_run_child(args, method, work)}
+                topk = work / f"topk_{method}.npy"
+                if "error" not in rec and topk.exists():
+                    import numpy as np
+
+                    ids = np.load(topk)
+                    m = evaluate(Yte, ids, ks=(1, 3, 5), inv_prop=inv)
+                    rec["metrics"] = {k: float(m[k]) for k in KEYS if k in m}
+                    rec["predict_ms_per_point"] = 1e3 * rec["predict_s"] / Yte.shape[0]
+                    topk.unlink()
+                payload["results"].append(rec)
+                met = rec.get("metrics", {})
+                rows.append([name, method, *[100 * met[k] if k in met else None for k in KEYS],
+                             rec.get("train_s"), rec.get("predict_ms_per_point"),
+                             None if rec.get("model_bytes") is None
+                             else rec["model_bytes"] / 2**20,
+                             "error (below)" if "error" in rec else ""])
+                write_results(NAME, payload, out_path)
+    finally:
+        if args.work is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print_table("accuracy (%, xmc_toolkit.metrics) and cost against peers",
+                ["data set", "method", *KEYS, "train s", "pred ms/pt", "size MB", "note"], rows)
+    for rec in payload["results"]:
+        if "error" in rec:
+            print(f"{rec['dataset']} / {rec['method']}: {rec['error']}")
+    write_results(NAME, payload, out_path)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
