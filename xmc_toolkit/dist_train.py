@@ -468,6 +468,7 @@ class DistributedTrainer:
         self.preprocessor: Any = None
         self.sampler: Any = None
         self.history: list[dict[str, Any]] = []
+        self.quota = 0
 
     def _emit(self, event: str, payload: dict[str, Any]) -> None:
         for cb in self.callbacks:
@@ -549,6 +550,8 @@ class DistributedTrainer:
             encoder.register_comm_hook(None, sum_allreduce_hook)
         lo, hi = net.label_offset, net.label_offset + net.num_local
         self.sampler = self._make_sampler(counts[lo:hi]) if sampled else None
+        # proportional allocation: the quotas M_r sum to about --negatives, as in one process
+        self.quota = max(1, round(cfg.negatives * net.num_local / L))
 
         batches = BatchIterator(X, Y, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                 device=ctx.device)
@@ -586,7 +589,7 @@ class DistributedTrainer:
                     if sampled:
                         loss = sharded_sampled_softmax_loss(
                             q, net.weight.weight, None if net.bias is None else net.bias.weight,
-                            batch.pos_ids, batch.pos_mask, lo, self.sampler, cfg.negatives,
+                            batch.pos_ids, batch.pos_mask, lo, self.sampler, self.quota,
                             shared=cfg.shared_negatives, generator=gen,
                             correction="conditional", sparse_grad=True)
                     else:
