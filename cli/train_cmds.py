@@ -113,7 +113,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     if config_file is not None:
         file_cfg = TrainConfig.from_json(config_file, validate=False)
         base = base.merged(file_cfg.to_dict(), validate=False)
-    cfg = base.merged(flags)  # validates once, listing every problem
+    cfg = base.merged(flags, validate=print_config or data is None)
     if print_config:
         click.echo(cfg.to_json())
         return
@@ -126,6 +126,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     from xmc_toolkit.train import Trainer
 
     train_ds = load(data)
+    # every config problem, data-dependent ones included, at once and before any work
+    cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
     val_ds = load(val) if val is not None else None
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps({

@@ -936,8 +936,13 @@ class Trainer:
                 scaler.unscale_(bundle.optimizers["labels"])
         else:
             loss.backward()
-        if cfg.clip_grad > 0:
-            _clip_grad_norm(list(network.parameters()), cfg.clip_grad)
+        gnorm = _clip_grad_norm(list(network.parameters()),
+                                cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
+        if scaler is None and not math.isfinite(gnorm):  # with a GradScaler the step is skipped
+            where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
+            raise XMCError(
+                f"gradient norm became {gnorm} at step {state['step'] + 1} (epoch "
+                f"{state['epoch'] + 1}){where}; lower --lr, set --clip-grad, or check the data")
         bundle.step(scaler)
         if scaler is not None:
             scaler.update()
