@@ -30,6 +30,7 @@ __all__ = [
     "fmt",
     "shared_data_dir",
     "auto_codewords",
+    "apply_threads",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -208,3 +209,18 @@ def auto_codewords(num_labels: int) -> int:
     import math
 
     return int(min(num_labels, max(4, min(64, round(math.sqrt(num_labels / 4))))))
+
+
+def apply_threads(n: int) -> None:
+    """Use ``n`` torch threads here and in child processes (``0``: leave torch's default).
+
+    On an oversubscribed machine (load above the core count) OpenMP worker threads spin and
+    wait: a 2-thread ``logsumexp`` of ``[256, 1024]`` measured 60x slower than 1 thread here,
+    so the numbers in docs/benchmarks.md were taken with ``--threads 1``.
+    """
+    if n and n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        os.environ["MKL_NUM_THREADS"] = str(n)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    apply_threads,
     machine_info,
     print_table,
     sync,
@@ -205,7 +206,7 @@ def _run_memory(args: argparse.Namespace, method: str, L: int) -> dict[str, Any]
            "--dim", str(args.dim), "--batch", str(args.batch), "--negatives",
            str(args.negatives), "--positives", str(args.positives), "--codewords",
            str(args.codewords), "--chunk-size", str(args.chunk_size), "--device", args.device,
-           "--full-optimizer", args.full_optimizer]
+           "--full-optimizer", args.full_optimizer, "--threads", str(args.threads)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, check=True,
                              timeout=args.memory_timeout)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--memory-methods", default=None,
                     help="methods measured for peak memory (default: all of --methods)")
     ap.add_argument("--memory-timeout", type=float, default=900.0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads here and in children (0: torch default; 1 on a loaded machine)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path")
@@ -254,8 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from xmc_toolkit.device import resolve_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.child_memory:
         _child_memory(args)
         return {}

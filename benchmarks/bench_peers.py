@@ -43,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    apply_threads,
     machine_info,
     print_table,
     shared_data_dir,
@@ -227,11 +228,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-points", type=int, default=0, help="cut train/test (0: all)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per method")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads here and in children (0: torch default; 1 on a loaded "
+                         "machine)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (xmc methods)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    apply_threads(args.threads)
     if args.child:
         _child(args.child, args.work, args.device, args.xmc_epochs or None)
         return {}

@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    apply_threads,
     auto_codewords,
     machine_info,
     print_table,
@@ -187,11 +188,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--bibtex-epochs", type=int, default=15)
     ap.add_argument("--syn-labels", type=int, default=100_000)
     ap.add_argument("--syn-scale", type=float, default=8.0, help="query norm (1/temperature)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads here and in children (0: torch default; 1 on a loaded "
+                         "machine)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG path ('' to skip)")
     args = ap.parse_args(argv)
+    apply_threads(args.threads)
 
     from xmc_toolkit.device import resolve_device
 
