@@ -107,7 +107,8 @@ def test_cli_subprocess_exit_status(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 CFG_ALL = case("config", "negatives >= labels, codewords^2 >> labels, batch > rows, unknown "
                "sampler and norm, in one run",
-               "one ConfigError listing all 5 problems, raised before any work (no output dir)")
+               "one ConfigError listing every problem (the codewords check needs a MIDX sampler), "
+               "raised before any work (no output dir)")
 CFG_CLI = case("config", "xmc train with several impossible flags",
                "one 'error: invalid configuration (N problems): ...' line, exit 2, nothing written")
 CFG_UNKNOWN_KEY = case("config", "unknown key in a --config JSON file",
