@@ -37,14 +37,14 @@ def _sk_inertia(x: np.ndarray, k: int, seed: int) -> float:
     return float(KMeans(k, n_init=1, random_state=seed).fit(x).inertia_)
 
 
-@pytest.mark.parametrize("k", [24, 40])
+@pytest.mark.parametrize("k", [32])
 def test_inertia_close_to_sklearn_on_gaussian_mixture(k):
-    """Best of 5 seeds within 2% of scikit-learn's best of 5. (k-means has local minima: a single
+    """Best of 4 seeds within 2% of scikit-learn's best of 4. (k-means has local minima: a single
     run of either can be 10-30% off on this mixture; measured over 10 seeds both are distributed
     alike, so the comparison is between the best runs.)"""
-    x = _mixture(2500, 16, 24, seed=0, sep=6.0)
-    ours = min(kmeans(x, k, seed=s, iters=100).inertia for s in range(5))
-    theirs = min(_sk_inertia(x.numpy(), k, s) for s in range(5))
+    x = _mixture(1500, 16, 24, seed=0, sep=6.0)
+    ours = min(kmeans(x, k, seed=s, iters=100).inertia for s in range(4))
+    theirs = min(_sk_inertia(x.numpy(), k, s) for s in range(4))
     assert ours <= 1.02 * theirs, (ours, theirs)
 
 
