@@ -61,3 +61,15 @@ def test_example_runs_every_mode(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["results"]["midx"]["ppl"] == results["midx"]["ppl"]
     assert "test ppl" in capsys.readouterr().out
+
+
+def test_example_sparse_output_table():
+    ex = _load()
+    pytest.importorskip("xmc_toolkit.sampling.midx")
+    argv = ["--vocab", "300", "--clusters", "6", "--num-seqs", "40", "--seq-len", "5",
+            "--dim", "8", "--batch", "4", "--steps", "3", "--samples", "8", "--refresh", "2",
+            "--codewords", "4", "--eval-rows", "30", "--chunk-size", "64", "--sparse-out",
+            "--modes", "midx"]
+    results = ex.main(argv)
+    assert set(results) == {"midx", "oracle"}
+    assert math.isfinite(results["midx"]["ppl"])
