@@ -94,7 +94,8 @@ def _generate(cfg: LMConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for pos in range(length):  # generating data, not a hot path
         u = rng.random(n)
         jump = rng.integers(0, c, size=n)
-        state = np.where(u < cfg.stay, state, np.where(u < cfg.stay + cfg.move, (state + 1) % c, jump))
+        moved = np.where(u < cfg.stay + cfg.move, (state + 1) % c, jump)
+        state = np.where(u < cfg.stay, state, moved)
         idx = np.searchsorted(cdf, state + rng.random(n) * (1 - 1e-12), side="right")
         out[:, pos] = order[np.minimum(idx, v - 1)]
         states[:, pos] = state
@@ -197,7 +198,8 @@ def train(mode: str, train_data: Tensor, test_data: Tensor, cfg: LMConfig) -> di
     table = [model.out.weight, model.out_b.weight]
     rest = [p for n, p in model.named_parameters() if not n.startswith("out")]
     opts: list[torch.optim.Optimizer] = [torch.optim.Adam(rest, lr=cfg.lr)]
-    opts.append(torch.optim.SparseAdam(table, lr=cfg.lr) if sparse else torch.optim.Adam(table, lr=cfg.lr))
+    table_opt = torch.optim.SparseAdam if sparse else torch.optim.Adam
+    opts.append(table_opt(table, lr=cfg.lr))
     gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     sampler = None
     if mode == "midx":
@@ -276,19 +278,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     results = run(cfg)
-    print(f"vocab={cfg.vocab} clusters={cfg.clusters} steps={cfg.steps} batch={cfg.batch}x{cfg.seq_len}"
+    print(f"vocab={cfg.vocab} clusters={cfg.clusters} steps={cfg.steps} "
+          f"batch={cfg.batch}x{cfg.seq_len}"
           f" M={cfg.samples} K={cfg.codewords} refresh={cfg.refresh} sparse_out={cfg.sparse_out}")
     print(f"{'mode':8s} {'test ppl':>10s} {'R@10':>7s} {'ms/step':>9s} {'refresh ms':>11s}")
     for mode, m in results.items():
         if mode == "oracle":
-            print(f"{mode:8s} {m['ppl']:10.1f} {m['R@10']:7.3f}   (true law given the hidden topic)")
+            print(f"{mode:8s} {m['ppl']:10.1f} {m['R@10']:7.3f}   (true law, hidden topic known)")
         else:
             print(f"{mode:8s} {m['ppl']:10.1f} {m['R@10']:7.3f} {m['ms_per_step']:9.1f} "
                   f"{m['refresh_ms_total']:11.0f}")
     path = cfg.__dict__.get("_json")
     if path:
         with open(path, "w") as f:
-            json.dump({"config": {k: v for k, v in asdict(cfg).items()}, "results": results}, f, indent=2)
+            json.dump({"config": asdict(cfg), "results": results}, f, indent=2)
     return results
 
 

@@ -50,7 +50,8 @@ def loop_full_softmax(scores: torch.Tensor, pos_ids: torch.Tensor, pos_mask: tor
             if not pos_mask[i, j]:
                 continue
             xt = scores[i, int(pos_ids[i, j])]
-            z = torch.exp(xt) + sum((torch.exp(scores[i, c]) for c in negs), torch.zeros((), dtype=scores.dtype))
+            zero = torch.zeros((), dtype=scores.dtype)
+            z = torch.exp(xt) + sum((torch.exp(scores[i, c]) for c in negs), zero)
             terms.append(-xt + torch.log(z))
     if not terms:
         return scores.sum() * 0
@@ -188,7 +189,8 @@ def test_full_chunked_matches_dense(chunk: int, bias: bool):
     q, w, bb, pos_ids, pos_mask = _full_problem(0, 6, 4, 37, 5, bias)
     pos_mask[2] = False  # a row without positives
     got = full_softmax_loss(q, w, pos_ids, pos_mask, bias=bb, chunk_size=chunk)
-    ref = full_softmax_loss_from_scores(q @ w.t() + (bb if bb is not None else 0), pos_ids, pos_mask)
+    dense = q @ w.t() + (bb if bb is not None else 0)  # [B, L]
+    ref = full_softmax_loss_from_scores(dense, pos_ids, pos_mask)
     torch.testing.assert_close(got, ref)
     for a, r in zip(_grads(got, [q, w, bb]), _grads(ref, [q, w, bb])):
         torch.testing.assert_close(a, r)
@@ -212,7 +214,8 @@ def test_full_chunked_matches_dense_property(b, p, num_labels, chunk, density, b
     bb = torch.randn(num_labels, generator=g, dtype=F64).requires_grad_() if bias else None
     pos_ids, pos_mask = make_positives(g, b, p, num_labels, density)
     got = full_softmax_loss(q, w, pos_ids, pos_mask, bias=bb, chunk_size=chunk)
-    ref = full_softmax_loss_from_scores(q @ w.t() + (bb if bb is not None else 0), pos_ids, pos_mask)
+    dense = q @ w.t() + (bb if bb is not None else 0)  # [B, L]
+    ref = full_softmax_loss_from_scores(dense, pos_ids, pos_mask)
     torch.testing.assert_close(got, ref)
     assert got.item() >= 0.0
     for a, r in zip(_grads(got, [q, w, bb]), _grads(ref, [q, w, bb])):
@@ -241,7 +244,9 @@ def test_full_float32_gradcheck_like_parity():
 
 def test_full_autograd_gradcheck():
     q, w, bb, pos_ids, pos_mask = _full_problem(5, 3, 2, 9, 3, True)
-    fn = lambda q_, w_, b_: full_softmax_loss(q_, w_, pos_ids, pos_mask, bias=b_, chunk_size=4)  # noqa: E731
+    def fn(q_, w_, b_):
+        return full_softmax_loss(q_, w_, pos_ids, pos_mask, bias=b_, chunk_size=4)
+
     assert torch.autograd.gradcheck(fn, (q, w, bb))
 
 
@@ -272,7 +277,8 @@ def test_full_with_embedding_weight_and_large_scores():
 def test_full_sparse_embedding_weight_gets_dense_grad():
     emb = torch.nn.Embedding(20, 4, sparse=True)
     q = torch.randn(3, 4)
-    loss = full_softmax_loss(q, emb.weight, torch.tensor([[1], [2], [3]]), torch.ones(3, 1, dtype=torch.bool))
+    ones = torch.ones(3, 1, dtype=torch.bool)
+    loss = full_softmax_loss(q, emb.weight, torch.tensor([[1], [2], [3]]), ones)
     loss.backward()
     assert emb.weight.grad is not None and emb.weight.grad.shape == (20, 4)
 
@@ -308,7 +314,8 @@ def test_full_module_wrapper():
     q, w, bb, pos_ids, pos_mask = _full_problem(8, 3, 2, 10, 4, True)
     mod = FullSoftmaxLoss(chunk_size=3)
     assert list(mod.parameters()) == [] and "chunk_size=3" in repr(mod)
-    torch.testing.assert_close(mod(q, w, pos_ids, pos_mask, bb), full_softmax_loss(q, w, pos_ids, pos_mask, bb))
+    want = full_softmax_loss(q, w, pos_ids, pos_mask, bb)
+    torch.testing.assert_close(mod(q, w, pos_ids, pos_mask, bb), want)
 
 
 def test_full_validation_errors():
@@ -399,7 +406,8 @@ def test_sampled_shared_equals_expanded(correct_target: bool):
     a = sampled_softmax_loss(ps, pi, pm, plq, ns, ni, nlq, correct_target)
     e = sampled_softmax_loss(ps, pi, pm, plq, ns, ni.expand(b, m), nlq.expand(b, m), correct_target)
     torch.testing.assert_close(a, e)
-    torch.testing.assert_close(torch.autograd.grad(a, scores, retain_graph=True)[0], torch.autograd.grad(e, scores)[0])
+    (ga,) = torch.autograd.grad(a, scores, retain_graph=True)
+    torch.testing.assert_close(ga, torch.autograd.grad(e, scores)[0])
 
 
 def test_sampled_all_hits_gives_zero_and_finite_grads():
@@ -464,7 +472,8 @@ def test_sampled_exact_with_a_single_positive_full_coverage():
     neg_ids = torch.tensor([[0, 1, 3, 4, 5]])
     lq = torch.full((num_labels,), -math.log(num_labels), dtype=F64)
     got = sampled_softmax_loss(
-        scores[:, [2]], pos_ids, pos_mask, lq[[2]][None], scores.gather(1, neg_ids), neg_ids, lq[neg_ids]
+        scores[:, [2]], pos_ids, pos_mask, lq[[2]][None],
+        scores.gather(1, neg_ids), neg_ids, lq[neg_ids],
     )
     # M' = 5, q_c = 1/6, 1 - q(P) = 5/6 => each weight is 1: exactly the full softmax.
     torch.testing.assert_close(got, full_softmax_loss_from_scores(scores, pos_ids, pos_mask))
@@ -549,7 +558,8 @@ def test_negative_sampling_matches_literal_loop(shared: bool, corr: bool):
     got = negative_sampling_loss(ps, pi, pm, ns, ni, nlq if corr else None, log_q_correction=corr)
     ref = loop_negative_sampling(ps, pi, pm, ns, ni, nlq, corr)
     torch.testing.assert_close(got, ref)
-    torch.testing.assert_close(torch.autograd.grad(got, scores, retain_graph=True)[0], torch.autograd.grad(ref, scores)[0])
+    (ga,) = torch.autograd.grad(got, scores, retain_graph=True)
+    torch.testing.assert_close(ga, torch.autograd.grad(ref, scores)[0])
 
 
 def test_negative_sampling_hand_case():

@@ -13,7 +13,11 @@ import importlib
 import pytest
 import torch
 
-from xmc_toolkit.losses import full_softmax_loss, full_softmax_loss_from_scores, sampled_softmax_loss
+from xmc_toolkit.losses import (
+    full_softmax_loss,
+    full_softmax_loss_from_scores,
+    sampled_softmax_loss,
+)
 
 F64 = torch.float64
 
@@ -125,7 +129,9 @@ def test_midx_exact_within_cell_gives_full_loss_every_draw(quantizer: str, m: in
         pytest.skip("xmc_toolkit.sampling.MIDXSampler is not available yet")
     queries, weight, pos_ids, pos_mask = _problem(3, dtype=torch.float32)
     num_labels = weight.shape[0]
-    sampler = midx_cls(num_labels, num_codewords=4, quantizer=quantizer, within_cell="exact", seed=0)
+    sampler = midx_cls(
+        num_labels, num_codewords=4, quantizer=quantizer, within_cell="exact", seed=0
+    )
     sampler.update(weight)
     scores = queries @ weight.t()
     full = full_softmax_loss(queries, weight, pos_ids, pos_mask, chunk_size=32)
