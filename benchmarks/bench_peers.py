@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from xmc_toolkit.metrics import evaluate, inverse_propensity
 
     if args.quick:
-        args.datasets, args.xmc_epochs, args.max_points = "emotions", 1, 120
+        args.datasets, args.xmc_epochs, args.max_points = "emotions", 1, 200
         args.methods = "xmc-midx,napkinxc-plt"
     device = resolve_device(args.device)
     root = shared_data_dir()

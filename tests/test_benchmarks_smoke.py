@@ -37,7 +37,7 @@ def _check_payload(path: Path) -> dict:
 
 def test_output_layer_quick(tmp_path: Path) -> None:
     out = tmp_path / "ol.json"
-    _load("bench_output_layer").main(["--quick", "--device", "cpu", "--out", str(out)])
+    _load("bench_output_layer").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
     data = _check_payload(out)
     methods = {r["method"] for r in data["results"]}
     assert {"full", "uniform", "midx-pq", "midx-rq-shared"} <= methods
@@ -49,7 +49,7 @@ def test_output_layer_quick(tmp_path: Path) -> None:
 
 def test_sampler_quality_quick(tmp_path: Path) -> None:
     out = tmp_path / "sq.json"
-    _load("bench_sampler_quality").main(["--quick", "--device", "cpu", "--out", str(out)])
+    _load("bench_sampler_quality").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
     data = _check_payload(out)
     kl = {r["sampler"]: r["kl_mean"] for r in data["divergence"]}
     assert set(kl) == {"uniform", "popularity", "log-uniform", "midx-pq", "midx-rq"}
@@ -60,7 +60,7 @@ def test_sampler_quality_quick(tmp_path: Path) -> None:
 
 def test_peers_quick(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
-    _load("bench_peers").main(["--quick", "--device", "cpu", "--out", str(out)])
+    _load("bench_peers").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
     data = _check_payload(out)
     for rec in data["results"]:  # a peer may be missing (recorded error), xmc must work
         if rec["method"].startswith("xmc"):
@@ -70,7 +70,7 @@ def test_peers_quick(tmp_path: Path) -> None:
 
 def test_convergence_quick(tmp_path: Path) -> None:
     out = tmp_path / "conv.json"
-    _load("bench_convergence").main(["--quick", "--device", "cpu", "--out", str(out)])
+    _load("bench_convergence").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
     data = _check_payload(out)
     assert data["curves"]
     for curve in data["curves"]:
@@ -81,7 +81,7 @@ def test_convergence_quick(tmp_path: Path) -> None:
 
 def test_scale_quick(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    _load("bench_scale").main(["--quick", "--device", "cpu", "--out", str(out),
+    _load("bench_scale").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out),
                                "--work", str(tmp_path / "work")])
     data = _check_payload(out)
     r = data["results"]
