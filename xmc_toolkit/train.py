@@ -98,6 +98,9 @@ class TrainConfig(ConfigBase):
     dropout: float = field(default=0.5, metadata=_h("dropout after each hidden layer (--dropout)"))
     norm: str = field(default="none", metadata=_h("normalization after each hidden layer: none |"
                                                  " layernorm | batchnorm (--norm)"))
+    bag_init_std: float = field(default=1.0, metadata=_h(
+        "std of the normal init of the EmbeddingBag rows; 0 keeps the encoder's default"
+        " 1/sqrt(width) (--bag-init-std)"))
     linear_only: bool = field(default=False, metadata=_h(
         "linear model: one EmbeddingBag to d, no MLP (--linear-only)"))
     tfidf: bool = field(default=True, metadata=_h(
@@ -131,7 +134,7 @@ class TrainConfig(ConfigBase):
         "sampled softmax: also subtract log(Mq) from the target logit, TensorFlow style"
         " (--correct-target)"))
     # -- optimization -------------------------------------------------------------------------
-    epochs: int = field(default=30, metadata=_h("number of passes over the training data"
+    epochs: int = field(default=20, metadata=_h("number of passes over the training data"
                                                 " (--epochs)"))
     batch_size: int = field(default=128, metadata=_h("training rows per step (--batch-size)"))
     lr: float = field(default=1e-3, metadata=_h("AdamW learning rate of the encoder (--lr)"))
@@ -145,7 +148,7 @@ class TrainConfig(ConfigBase):
     warmup_steps: int = field(default=100, metadata=_h("linear warm-up steps (--warmup-steps)"))
     schedule: str = field(default="linear", metadata=_h(
         "decay after warm-up: linear | cosine | constant (--schedule)"))
-    clip_grad: float = field(default=5.0, metadata=_h(
+    clip_grad: float = field(default=0.0, metadata=_h(
         "clip the global gradient norm to this value; 0 disables (--clip-grad)"))
     amp: str = field(default="auto", metadata=_h(
         "mixed precision on CUDA: auto (bf16 if supported, else fp16 + GradScaler) | bf16 | fp16"
@@ -207,7 +210,8 @@ class TrainConfig(ConfigBase):
                      "eval_batch_size", "full_max_labels", "lr"):
             positive(name, getattr(self, name))
         for name in ("codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
-                     "clip_grad", "patience", "checkpoint_every", "max_steps", "psp_b"):
+                     "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
+                     "psp_b"):
             positive(name, getattr(self, name), zero_ok=True)
         positive("psp_a", self.psp_a)
         positive("popularity_alpha", self.popularity_alpha, zero_ok=True)
@@ -351,6 +355,10 @@ class XMCNetwork(nn.Module):
             num_features, dim=config.dim, hidden=tuple(config.hidden), dropout=config.dropout,
             norm=config.norm, linear_only=config.linear_only)
         self.labels = LabelTable(num_labels, config.dim, bias=config.label_bias)
+        if config.bag_init_std > 0:
+            # N(0, 1) bag rows give O(1) hidden pre-activations on L2-normalized inputs; the
+            # encoder's own 1/sqrt(width) default trains markedly worse on Bibtex (55 vs 62 P@1).
+            nn.init.normal_(self.encoder.bag.weight, std=config.bag_init_std)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
