@@ -134,8 +134,14 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
         "config": cfg.to_dict()}, indent=2))
     show = sys.stderr.isatty() if progress is None else progress
-    result = Trainer(cfg, out_dir=out).fit(train_ds, val_ds, show_progress=show,
-                                           resume=resume is not None)
+    from xmc_toolkit.train import TrainingInterrupted
+
+    try:
+        result = Trainer(cfg, out_dir=out).fit(train_ds, val_ds, show_progress=show,
+                                               resume=resume is not None)
+    except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
+        click.echo(str(exc), err=True)
+        sys.exit(130)
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,

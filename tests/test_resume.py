@@ -89,3 +89,24 @@ def test_resume_errors(tiny_xy, tmp_path):
     with pytest.raises(CheckpointError, match="another config.*dim"):
         Trainer(TrainConfig(**{**BASE, "dim": 8}, epochs=2), out_dir=tmp_path / "r").fit(
             ds, resume=True)
+
+
+def test_real_sigint_saves_checkpoint_and_stops(tiny_xy, tmp_path):
+    import os
+    import signal
+
+    X, Y = tiny_xy
+    ds = XMCDataset(X, Y)
+    trainer = Trainer(TrainConfig(**BASE, epochs=2), out_dir=tmp_path / "s")
+
+    def send(event, state):
+        if event == "step" and state["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.callbacks.append(send)
+    with pytest.raises(TrainingInterrupted, match="step 2"):
+        trainer.fit(ds)
+    assert (tmp_path / "s" / "checkpoint" / "latest").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = Trainer(TrainConfig(**BASE, epochs=2), out_dir=tmp_path / "s")
+    assert resumed.fit(ds, resume=True).steps == 8

@@ -688,6 +688,8 @@ class Trainer:
         self.num_train = 0
         self.result: TrainResult | None = None
         self._interrupted = False
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._sampler_loaded = False
 
     # -- public -----------------------------------------------------------------------------
     def fit(self, train: XMCDataset, val: XMCDataset | None = None, *,
@@ -721,6 +723,7 @@ class Trainer:
             raise ConfigError("resume needs an output directory (--out / --resume DIR)")
         device = resolve_device(cfg.device)
         self._seed_everything(cfg.seed)
+        self._best_state, self._sampler_loaded, self._interrupted = None, False, False
 
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
@@ -798,8 +801,6 @@ class Trainer:
         return self.result
 
     # -- loop -------------------------------------------------------------------------------
-    _best_state: dict[str, torch.Tensor] | None = None
-
     def _loop(self, ctx: dict[str, Any], X_val: sp.csr_matrix | None,
               Y_val: sp.csr_matrix | None, inv_prop: np.ndarray, loss_name: str,
               amp_dtype: torch.dtype | None, total_steps: int, show_progress: bool) -> None:
