@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import math
 import os
 import signal
@@ -240,9 +241,8 @@ def test_sigkill_then_resume_matches_uninterrupted(train_files, tmp_path: Path,
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
-    reliability.record(KILL, f"killed after checkpoint step {killed_at} of {total}; resumed run "
-                       f"ends with the same val metrics (P@1 {res['val']['P@1']:.4f}) and "
-                       "weights as the uninterrupted run")
+    reliability.record(KILL, f"killed mid-run after a checkpoint (of {total} steps); the resumed "
+                       "run ends with the same val metrics and weights as the uninterrupted run")
 
 
 def test_sigint_saves_checkpoint_and_exits_cleanly(train_files, tmp_path: Path,
@@ -325,7 +325,7 @@ def test_checkpoint_byte_flip_and_torn_manifest(tmp_path: Path, reliability) -> 
     f.write_bytes(bytes(data))
     err = outcome_of(lambda: verify_checkpoint(cks[-1]))
     assert err.startswith("CheckpointError") and "sha256" in err, err
-    reliability.record(CK_FLIP, err)
+    reliability.record(CK_FLIP, re.sub(r"[0-9a-f]{12}\.\.\.", "<sha256>...", err))
     m = cks[-2] / "manifest.json"
     m.write_text(m.read_text()[:20])
     err = outcome_of(lambda: load_checkpoint(cks[-2]))
@@ -469,7 +469,7 @@ def test_sampled_loss_finite_when_all_samples_are_hits(reliability) -> None:
             gp, gn = torch.autograd.grad(loss, (pos_s, neg_s), allow_unused=True)
             for g_ in (gp, gn):
                 assert g_ is None or torch.isfinite(g_).all()
-            out.append(f"{name}{' (shared)' if shared else ''} {float(loss):.3f}")
+            out.append(f"{name}{' (shared)' if shared else ''}")
     reliability.record(ALL_HITS, "finite: " + ", ".join(out))
 
 
@@ -545,7 +545,7 @@ def test_data_mismatch_error_and_ignore_extra(small_model: Path, tmp_path: Path,
                                  "--device", "cpu", "--ignore-extra", "--json"])
     assert r.exit_code == 0, r.output
     reliability.record(IGNORE_EXTRA, f"logged: dropped {dropped_f} feature values and "
-                       f"{dropped_l} label assignments; P@1={res['P@1']:.3f}; CLI exit 0")
+                       f"{dropped_l} label assignments; metrics computed; CLI exit 0")
 
 
 def test_rows_without_labels_skipped_and_counted(small_model: Path, tmp_path: Path,
