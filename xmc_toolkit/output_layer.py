@@ -169,9 +169,10 @@ def chunked_topk(
         ambiguous = torch.zeros((), dtype=torch.bool, device=queries.device)
         for start in range(0, L, chunk_size):
             stop = min(L, start + chunk_size)
-            s = queries @ weight[start:stop].T  # [B, c]
-            if bias is not None:
-                s = s + bias[start:stop]
+            if bias is None:
+                s = queries @ weight[start:stop].T  # [B, c]
+            else:  # one fused op: no second [B, c] block for the bias add
+                s = torch.addmm(bias[start:stop].to(queries.dtype), queries, weight[start:stop].T)
             kc = min(k, stop - start)
             if exact_ties:
                 vals, cols = _select_topk_stable(s, kc)  # [B, kc]
