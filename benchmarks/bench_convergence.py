@@ -1,10 +1,11 @@
 """Convergence: test P@1 against training wall-clock time, full softmax vs each sampler.
 
 Every method trains the same ``XMCModel`` network (``xmc_toolkit.train.Trainer``, same config,
-seed and ``--negatives``) for a budget of ``--budget`` training seconds; every ``--eval-every``
-steps the clock is paused and P@1 on the test split is computed (exact top-k,
-``xmc_toolkit.metrics``). The clock covers everything the trainer does (preprocessing, MIDX index
-builds and refreshes, steps) except those evaluations. Methods run one after another in one
+seed and ``--negatives``) for a budget of ``--budget`` training seconds. After the first step
+and then ``--evals`` times per run (evenly spaced in training seconds) the clock is paused and
+P@1 on the test split is computed (exact top-k, ``xmc_toolkit.metrics``). The clock covers
+everything the trainer does (preprocessing, MIDX index builds and refreshes, steps) except those
+evaluations. Methods run one after another in one
 process; with ``--rounds 2`` they run twice in alternating order and each curve is the
 point-wise median (load drifts on a shared machine).
 
@@ -77,7 +78,8 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
             cfg["quantizer"] = method.split("-")[1]
     config = TrainConfig().merged(cfg)
     trainer: Trainer | None = None
-    clock = {"start": 0.0, "paused": 0.0}
+    clock = {"start": 0.0, "paused": 0.0, "next": 0.0}
+    interval = budget / max(1, args.evals)
     points: list[dict[str, float]] = []
     Xte_pre: list[Any] = []
     Yte = test.Y
@@ -96,9 +98,15 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
         if event == "train_begin":
             clock["start"] = now
             return
-        if event != "step" or payload["step"] % args.eval_every:
+        if event != "step":
             return
         seconds = now - clock["start"] - clock["paused"]
+        if args.eval_every:
+            if payload["step"] % args.eval_every:
+                return
+        elif seconds < clock["next"] and payload["step"] > 1:
+            return
+        clock["next"] = seconds + interval
         p1 = evaluate_now(payload["step"])
         points.append({"seconds": seconds, "step": payload["step"], "P@1": p1,
                        "loss": payload["loss"]})
@@ -141,7 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--budget", type=float, default=90.0, help="training seconds per method")
     ap.add_argument("--budget-bibtex", type=float, default=None,
                     help="budget for bibtex (default --budget)")
-    ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
+    ap.add_argument("--evals", type=int, default=15,
+                    help="evaluations per run, evenly spaced in training seconds")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="evaluate every N steps instead (0: use --evals)")
     ap.add_argument("--negatives", type=int, default=64, help="M, the same for every sampler")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--dim", type=int, default=128)
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--target-frac", type=float, default=0.9)
     ap.add_argument("--syn-labels", type=int, default=100_000)
     ap.add_argument("--syn-points", type=int, default=30_000)
-    ap.add_argument("--syn-test-points", type=int, default=3_000)
+    ap.add_argument("--syn-test-points", type=int, default=1_000)
     ap.add_argument("--syn-features", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads here and in children (0: torch default; 1 on a loaded "
@@ -166,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from xmc_toolkit.device import resolve_device
 
     if args.quick:
-        args.data, args.budget, args.eval_every, args.dim, args.hidden = "synthetic", 1.0, 3, 16, [32]
+        args.data, args.budget, args.eval_every = "synthetic", 1.0, 3
+        args.dim, args.hidden = 16, [32]
         args.syn_labels, args.syn_points, args.syn_test_points = 300, 600, 100
         args.syn_features, args.negatives, args.batch_size = 200, 16, 64
         args.methods = "full,uniform,midx-pq"

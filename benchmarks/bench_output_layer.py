@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--memory-methods", default=None,
                     help="methods measured for peak memory (default: all of --methods)")
     ap.add_argument("--memory-timeout", type=float, default=900.0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads here and in children (0: torch default; 1 on a loaded machine)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads here and in children (0: torch default; 1 on a loaded "
+                         "machine)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path")

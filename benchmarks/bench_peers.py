@@ -188,8 +188,15 @@ def _prepare(name: str, tr_path: Path, te_path: Path, work: Path, peer_features:
     for fname, M in (("Xtr_raw", Xtr), ("Xte_raw", Xte), ("Xtr", Ptr), ("Xte", Pte),
                      ("Ytr", Ytr), ("Yte", Yte)):
         sp.save_npz(work / f"{fname}.npz", sp.csr_matrix(M, dtype=np.float32))
+    om = work / "train_omikuji.txt"
     save(XMCDataset(sp.csr_matrix(Ptr, dtype=np.float32), sp.csr_matrix(Ytr, dtype=np.float32)),
-         work / "train_omikuji.txt", fmt="xc")
+         om, fmt="xc")
+    # omikuji's reader rejects rows without any feature (Enron has 6); give them an explicit
+    # zero-valued feature 0, which changes no score
+    lines = om.read_text(encoding="ascii").split("\n")
+    fixed = [ln if i == 0 or not ln.strip() or ":" in ln else ln.rstrip() + " 0:0"
+             for i, ln in enumerate(lines)]
+    om.write_text("\n".join(fixed), encoding="ascii")
     return {"train_points": int(Xtr.shape[0]), "test_points": int(Xte.shape[0]),
             "features": int(Xtr.shape[1]), "labels": int(Ytr.shape[1]),
             "avg_labels_per_point": float(Ytr.nnz / max(1, Ytr.shape[0]))}
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pecos-path", type=Path,
                     default=_DEFAULT_PECOS if _DEFAULT_PECOS.is_dir() else None,
                     help="folder prepended to PYTHONPATH for PECOS (numpy<2 / scipy<1.14)")
-    ap.add_argument("--xmc-epochs", type=int, default=0, help="override XMCModel epochs (0: default)")
+    ap.add_argument("--xmc-epochs", type=int, default=0,
+                    help="override XMCModel epochs (0: its default)")
     ap.add_argument("--max-points", type=int, default=0, help="cut train/test (0: all)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per method")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
