@@ -20,7 +20,7 @@ from xmc_toolkit.optim import build_optimizers, lr_multiplier
 from xmc_toolkit.train import (TrainConfig, Trainer, XMCNetwork, _clip_grad_norm, compute_loss,
                                inverse_propensity_from_counts)
 
-TINY = dict(epochs=25, batch_size=16, hidden=(32,), dim=16, lr=0.02, warmup_steps=5,
+TINY = dict(epochs=12, batch_size=16, hidden=(32,), dim=16, lr=0.03, warmup_steps=5,
             dropout=0.0, ks=(1, 3), device="cpu", seed=0)
 
 COMBOS = [
