@@ -18,12 +18,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from .data.dataset import XMCDataset
 from .errors import ConfigError, XMCError
-from .train import (LoadedModel, Preprocessor, TrainConfig, Trainer, TrainResult, load_model_dir,
-                    predict_topk_network, save_model_dir)
+from .train import LoadedModel, TrainConfig, Trainer, TrainResult, load_model_dir, save_model_dir
 
 __all__ = ["XMCModel"]
 
@@ -73,7 +71,8 @@ class XMCModel:
         trainer = Trainer(self.config, out_dir=out_dir, callbacks=callbacks)
         self.result = trainer.fit(XMCDataset(X, Y, label_names), val,
                                   show_progress=show_progress)
-        assert trainer.network is not None and trainer.preprocessor is not None
+        if trainer.network is None or trainer.preprocessor is None:  # pragma: no cover
+            raise XMCError("training produced no network")
         trainer.network.eval()
         sampler_state = None
         if trainer.sampler is not None and trainer.sampler.needs_update:
@@ -179,6 +178,3 @@ def _csr(M: Any, name: str) -> sp.csr_matrix:
                        f"{type(M).__name__}")
     return sp.csr_matrix(M, dtype=np.float32)
 
-
-# silence unused-import linters for names re-exported for type checkers
-_ = (Preprocessor, predict_topk_network, torch)

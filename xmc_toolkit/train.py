@@ -52,6 +52,8 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "inverse_propensity_from_counts",
+    "compute_loss",
+    "predict_topk_network",
     "save_model_dir",
     "load_model_dir",
     "LoadedModel",
@@ -231,8 +233,6 @@ class TrainConfig(ConfigBase):
         if name not in METRIC_NAMES or not k.isdigit() or int(k) < 1:
             p.append(f"val_metric={self.val_metric!r} must look like P@1, nDCG@3, PSP@5, "
                      "PSnDCG@k or R@k (--val-metric)")
-        if self.sampler == "popularity" and self.within_cell == "exact":
-            pass  # irrelevant combination; within_cell is only read by MIDX
         return p
 
     def data_problems(self, num_points: int, num_features: int, num_labels: int) -> list[str]:
@@ -809,7 +809,6 @@ class Trainer:
         bundle = ctx["bundle"]
         batches = ctx["batches"]
         state = ctx["state"]
-        device = next(network.parameters()).device
         steps_per_epoch = len(batches)
         with _progress(show_progress, "training", total_steps) as advance:
             advance(state["step"])
@@ -1007,10 +1006,9 @@ class Trainer:
 
     # -- persistence ------------------------------------------------------------------------
     def _save_model(self, summary: dict[str, Any] | None) -> None:
-        assert self.network is not None and self.preprocessor is not None
+        if self.network is None or self.preprocessor is None:  # pragma: no cover
+            raise XMCError("nothing to save: the trainer has not been fitted")
         network = self.network
-        if summary is None and self._best_state is not None:
-            pass
         sampler_state = None
         if self.sampler is not None and self.sampler.needs_update:
             with contextlib.suppress(Exception):
