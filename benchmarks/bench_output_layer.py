@@ -359,12 +359,14 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in payload["results"]))
-    for m in methods:
+    for i, m in enumerate(methods):
         rs = [r for r in payload["results"] if r["method"] == m]
         xs = [r["labels"] for r in rs]
-        axes[0].plot(xs, [r["step_s"] * 1e3 for r in rs], marker="o", label=m)
+        style = {"marker": "o", "label": m, "color": f"C{i}",
+                 "ls": "--" if m.endswith("-shared") else "-"}
+        axes[0].plot(xs, [r["step_s"] * 1e3 for r in rs], **style)
         if m != "full" and all("speedup_vs_full" in r for r in rs):
-            axes[1].plot(xs, [r["speedup_vs_full"] for r in rs], marker="o", label=m)
+            axes[1].plot(xs, [r["speedup_vs_full"] for r in rs], **style)
     for ax, yl in zip(axes, ("step time (ms)", "speed-up vs full softmax")):
         ax.set_xscale("log")
         ax.set_yscale("log")
