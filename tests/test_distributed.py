@@ -551,3 +551,22 @@ def test_command_line_entry_in_one_process(tmp_path: Path) -> None:
     man = json.loads((out / "sharded" / "manifest.json").read_text())
     assert man["world_size"] == 1 and man["bias"] is False
     assert load_model_dir(out, device="cpu").num_labels == 12
+
+
+def test_train_entry_point_delegates_under_torchrun(monkeypatch):
+    """`torchrun -m xmc_toolkit.train` (WORLD_SIZE > 1) runs the distributed trainer."""
+    import xmc_toolkit.distributed as distributed
+    import xmc_toolkit.train as train
+
+    seen = {}
+    monkeypatch.setattr(distributed, "main", lambda argv: seen.setdefault("argv", argv))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train.main(["--data", "x.txt", "--out", "o"])
+    assert seen["argv"] == ["--data", "x.txt", "--out", "o"]
+
+
+def test_distributed_cli_accepts_data_flag_like_xmc_train():
+    from xmc_toolkit.dist_train import build_parser
+
+    args = build_parser().parse_args(["--data", "t.txt", "--out", "o", "--epochs", "2"])
+    assert args.data == "t.txt" and args.train is None and args.epochs == 2

@@ -686,7 +686,10 @@ def build_parser() -> Any:
     p = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m xmc_toolkit.distributed",
         description="Distributed training (DDP encoder, label table sharded across processes).")
-    p.add_argument("train", help="training data file (any format `xmc data` reads)")
+    p.add_argument("train", nargs="?", default=None,
+                   help="training data file (any format `xmc data` reads); or --data")
+    p.add_argument("--data", dest="data", default=None,
+                   help="training data file, as in `xmc train --data`")
     p.add_argument("--val", default=None, help="validation data file")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig values")
@@ -716,13 +719,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from .data import load
     from .train import TrainConfig
 
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if (args.train is None) == (args.data is None):
+        parser.error("give the training data once: --data TRAIN (as in `xmc train`) or TRAIN")
+    train_path = args.data if args.data is not None else args.train
     base = TrainConfig.from_json(args.config, validate=False) if args.config else TrainConfig()
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = base.merged({k: v for k, v in vars(args).items() if k in names})
     ctx = init_distributed(cfg.device, args.backend)
     try:
-        train = load(args.train)
+        train = load(train_path)
         val = load(args.val) if args.val else None
         trainer = DistributedTrainer(cfg, ctx, args.out,
                                      consolidate_model=not args.no_consolidate)

@@ -1193,13 +1193,23 @@ def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m xmc_toolkit.train``: the ``xmc train`` command without the ``xmc`` group."""
-    from cli.main import xmc
+    """``python -m xmc_toolkit.train``: the ``xmc train`` command without the ``xmc`` group.
 
-    args = list(argv) if argv is not None else None
+    Under ``torchrun`` (``WORLD_SIZE > 1``) it runs the data-parallel, label-sharded trainer of
+    :mod:`xmc_toolkit.distributed` with the same flags.
+    """
+    import os
     import sys
 
-    xmc.main(args=["train", *(args if args is not None else sys.argv[1:])], prog_name="xmc")
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import main as distributed_main
+
+        distributed_main(args)
+        return
+    from cli.main import xmc
+
+    xmc.main(args=["train", *args], prog_name="xmc")
 
 
 if __name__ == "__main__":  # pragma: no cover
