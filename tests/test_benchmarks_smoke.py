@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,21 @@ from types import ModuleType
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+QUICK = ["--quick", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads(monkeypatch: pytest.MonkeyPatch):
+    """The scripts' ``--threads 1`` sets torch threads and OMP/MKL variables: undo both."""
+    import torch
+
+    n = torch.get_num_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+        if var not in os.environ:
+            monkeypatch.delenv(var)
+    yield
+    torch.set_num_threads(n)
 
 
 def _load(name: str) -> ModuleType:
@@ -37,7 +53,7 @@ def _check_payload(path: Path) -> dict:
 
 def test_output_layer_quick(tmp_path: Path) -> None:
     out = tmp_path / "ol.json"
-    _load("bench_output_layer").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    _load("bench_output_layer").main([*QUICK, "--out", str(out)])
     data = _check_payload(out)
     methods = {r["method"] for r in data["results"]}
     assert {"full", "uniform", "midx-pq", "midx-rq-shared"} <= methods
@@ -49,7 +65,7 @@ def test_output_layer_quick(tmp_path: Path) -> None:
 
 def test_sampler_quality_quick(tmp_path: Path) -> None:
     out = tmp_path / "sq.json"
-    _load("bench_sampler_quality").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    _load("bench_sampler_quality").main([*QUICK, "--out", str(out)])
     data = _check_payload(out)
     kl = {r["sampler"]: r["kl_mean"] for r in data["divergence"]}
     assert set(kl) == {"uniform", "popularity", "log-uniform", "midx-pq", "midx-rq"}
@@ -60,7 +76,7 @@ def test_sampler_quality_quick(tmp_path: Path) -> None:
 
 def test_peers_quick(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
-    _load("bench_peers").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    _load("bench_peers").main([*QUICK, "--out", str(out)])
     data = _check_payload(out)
     for rec in data["results"]:  # a peer may be missing (recorded error), xmc must work
         if rec["method"].startswith("xmc"):
@@ -70,7 +86,7 @@ def test_peers_quick(tmp_path: Path) -> None:
 
 def test_convergence_quick(tmp_path: Path) -> None:
     out = tmp_path / "conv.json"
-    _load("bench_convergence").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    _load("bench_convergence").main([*QUICK, "--out", str(out)])
     data = _check_payload(out)
     assert data["curves"]
     for curve in data["curves"]:
@@ -81,7 +97,7 @@ def test_convergence_quick(tmp_path: Path) -> None:
 
 def test_scale_quick(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    _load("bench_scale").main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out),
+    _load("bench_scale").main([*QUICK, "--out", str(out),
                                "--work", str(tmp_path / "work")])
     data = _check_payload(out)
     r = data["results"]
