@@ -198,3 +198,60 @@ def test_clip_grad_norm_matches_torch_with_sparse_grads():
     scale = 1.0 / float(ref_total)
     torch.testing.assert_close(a.grad, dense_ref[0] * scale)
     torch.testing.assert_close(b.grad.to_dense(), dense_ref[1] * scale)
+
+
+def test_bce_term_matches_dense_reference():
+    """full + bce_weight == full softmax + bce_weight * dense BCE (sum over labels, mean rows)."""
+    from xmc_toolkit import losses
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(hidden=(8,), dim=4, device="cpu")
+    net = XMCNetwork(10, 6, cfg)
+    with torch.no_grad():
+        net.label_bias.normal_()
+    q = torch.randn(3, 4)
+    pos = torch.tensor([[0, 2], [5, 0], [0, 0]])
+    mask = torch.tensor([[True, True], [True, False], [True, False]])
+    got = compute_loss(net, q, pos, mask, "full", bce_weight=0.3)
+    scores = q @ net.label_weight.t() + net.label_bias  # [3, 6]
+    target = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0]],
+                          dtype=torch.float32)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
+    ref = losses.full_softmax_loss_from_scores(scores, pos, mask) + 0.3 * bce.sum(1).mean()
+    torch.testing.assert_close(got, ref)
+
+
+def test_sparse_bag_with_input_dropout_learns(tiny_xy):
+    """The sparse-gradient bag (SparseAdam) with input dropout learns the tiny problem."""
+    X, Y = tiny_xy
+    ds = XMCDataset(X, Y)
+    trainer = Trainer(TrainConfig(**{**TINY, "bag_optimizer": "sparse-adam",
+                                     "input_dropout": 0.1}))
+    res = trainer.fit(ds, ds)
+    assert trainer.network.encoder.bag.sparse
+    assert set(trainer.network.encoder.sparse_parameters()) == {trainer.network.encoder.bag.weight}
+    assert res.best["P@1"] > _popularity_p1(Y) + 0.15
+
+
+def test_ema_final_weights_equal_hand_computed_average(tiny_xy):
+    """Without validation the kept model is the running average, recomputed here by hand:
+    ``a <- d a + (1 - d) w`` after every step, ``d = min(ema, (1 + step) / (10 + step))``."""
+    X, Y = tiny_xy
+    ds = XMCDataset(X, Y)
+    trainer = Trainer(TrainConfig(**{**TINY, "epochs": 3, "ema": 0.9}))
+    manual: dict[str, torch.Tensor] = {}
+
+    def cb(ev, st_):
+        sd = trainer.network.state_dict()
+        if ev == "train_begin":
+            manual.update({k: v.detach().clone() for k, v in sd.items()})
+        elif ev == "step":
+            d = min(0.9, (1 + st_["step"]) / (10 + st_["step"]))
+            for k in manual:
+                manual[k] = d * manual[k] + (1 - d) * sd[k]
+
+    trainer.callbacks.append(cb)
+    trainer.fit(ds)
+    assert manual
+    for k, v in trainer.network.state_dict().items():
+        torch.testing.assert_close(v, manual[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -13,8 +13,9 @@ linear model of the (e.g. TF-IDF) features. Inputs come from :func:`xmc_toolkit.
 Public API::
 
     EncoderConfig(dim=128, hidden=(512,), dropout=0.0, norm="layernorm", activation="relu",
-                  linear_only=False, sparse_grad=False)        # ConfigBase: JSON round trip
-    SparseEncoder(num_features, dim, hidden, dropout, norm, activation, linear_only, sparse_grad)
+                  linear_only=False, sparse_grad=False, input_dropout=0.0)  # JSON round trip
+    SparseEncoder(num_features, dim, hidden, dropout, norm, activation, linear_only, sparse_grad,
+                  input_dropout)
     SparseEncoder.from_config(num_features, cfg)
     encoder(indices, offsets, weights) -> [B, d]
     encode_csr(encoder, X, batch_size=4096, show_progress=False) -> float32 [N, d] (no grad)
@@ -65,6 +66,10 @@ class EncoderConfig(ConfigBase):
     sparse_grad: bool = field(
         default=False, metadata={"help": "sparse gradient for the EmbeddingBag weight (SparseAdam)"}
     )
+    input_dropout: float = field(
+        default=0.0,
+        metadata={"help": "drop each input feature (non-zero) with this probability in training"},
+    )
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -75,6 +80,8 @@ class EncoderConfig(ConfigBase):
             out.append(f"hidden={self.hidden!r} must be a list of positive integers (--hidden)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
             out.append(f"dropout={self.dropout!r} must be in [0, 1) (--dropout)")
+        if not isinstance(self.input_dropout, (int, float)) or not 0.0 <= float(self.input_dropout) < 1.0:
+            out.append(f"input_dropout={self.input_dropout!r} must be in [0, 1) (--input-dropout)")
         norm = "none" if self.norm is None else str(self.norm).lower()
         if norm not in NORMS:
             out.append(f"norm={self.norm!r} is unknown; use one of {', '.join(NORMS)} (--norm)")
@@ -98,6 +105,9 @@ class SparseEncoder(nn.Module):
         activation: ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"`` or ``"identity"``.
         linear_only: one EmbeddingBag(D, d) (+ bias); ``hidden``, ``norm``, ``dropout`` unused.
         sparse_grad: sparse gradient for the EmbeddingBag weight.
+        input_dropout: in training, each non-zero input feature is dropped with this
+            probability and the kept ones are scaled by ``1 / (1 - p)`` (dropout on the bag's
+            ``per_sample_weights``); a strong regularizer for bag-of-words inputs.
 
     Raises:
         ConfigError: listing every invalid argument.
@@ -113,6 +123,7 @@ class SparseEncoder(nn.Module):
         activation: str = "relu",
         linear_only: bool = False,
         sparse_grad: bool = False,
+        input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         cfg = EncoderConfig(
@@ -123,6 +134,7 @@ class SparseEncoder(nn.Module):
             activation=activation,
             linear_only=linear_only,
             sparse_grad=sparse_grad,
+            input_dropout=input_dropout,
         )
         probs = cfg.problems()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
@@ -132,6 +144,7 @@ class SparseEncoder(nn.Module):
         self.config = cfg
         self.num_features = num_features
         self.dim = dim
+        self.input_dropout = float(input_dropout)
         widths = [] if linear_only else [int(h) for h in hidden]
         bag_width = widths[0] if widths else dim
         self.bag = nn.EmbeddingBag(num_features, bag_width, mode="sum", sparse=sparse_grad)
@@ -169,6 +182,7 @@ class SparseEncoder(nn.Module):
             activation=config.activation,
             linear_only=config.linear_only,
             sparse_grad=config.sparse_grad,
+            input_dropout=config.input_dropout,
         )
 
     def forward(
@@ -184,6 +198,10 @@ class SparseEncoder(nn.Module):
         Returns:
             float32 ``[B, d]`` queries.
         """
+        if self.training and self.input_dropout > 0:
+            if weights is None:
+                weights = torch.ones(indices.shape[0], device=indices.device)
+            weights = nn.functional.dropout(weights, self.input_dropout, training=True)  # [nnz]
         h = self.bag(indices, offsets, per_sample_weights=weights) + self.bag_bias  # [B, h1]
         return self.mlp(h)  # [B, d]
 

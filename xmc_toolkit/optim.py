@@ -6,7 +6,11 @@ The model has two kinds of parameters:
   sampled path (only the rows of sampled/positive labels are touched). They get a row-wise sparse
   optimizer: ``torch.optim.SparseAdam`` or row-wise Adagrad (``torch.optim.Adagrad`` accepts
   sparse gradients and only updates the touched rows' accumulators);
-* everything else (the encoder), optimized with ``AdamW``.
+* the encoder's **EmbeddingBag weight** ``[D, h]`` when it is built with sparse gradients
+  (``sparse_params``): only the rows of the features present in a batch get a gradient, and
+  ``SparseAdam`` (or row-wise Adagrad) updates only those rows. For large ``D`` this replaces a
+  dense ``[D, h]`` AdamW update every step by one proportional to the batch's distinct features;
+* everything else (the encoder's dense MLP), optimized with ``AdamW``.
 
 When the label table produces *dense* gradients (the full-softmax path), both groups can simply
 use AdamW; :func:`build_optimizers` picks accordingly.
@@ -127,6 +131,8 @@ def build_optimizers(
     warmup_steps: int,
     total_steps: int,
     schedule: str = "linear",
+    sparse_params: Sequence[torch.nn.Parameter] = (),
+    sparse_optimizer: str = "sparse-adam",
 ) -> OptimizerBundle:
     """AdamW for the encoder, a row-wise optimizer for the label table, one schedule for both.
 
@@ -142,6 +148,10 @@ def build_optimizers(
         warmup_steps: linear warm-up length in steps.
         total_steps: planned number of steps.
         schedule: ``"linear" | "cosine" | "constant"`` decay after warm-up.
+        sparse_params: encoder parameters with sparse gradients (the EmbeddingBag weight built
+            with ``sparse=True``); they must not also be in ``encoder_params``. Optimized at
+            ``lr`` by ``sparse_optimizer`` (no weight decay) as the optimizer ``"encoder_sparse"``.
+        sparse_optimizer: ``"sparse-adam"`` or ``"adagrad"`` for ``sparse_params``.
 
     Returns:
         An :class:`OptimizerBundle`.
@@ -149,13 +159,24 @@ def build_optimizers(
     if label_optimizer not in LABEL_OPTIMIZERS:
         raise ConfigError(f"unknown label optimizer {label_optimizer!r}; use one of "
                           f"{', '.join(LABEL_OPTIMIZERS)} (--label-optimizer)")
-    enc = [p for p in encoder_params if p.requires_grad]
+    if sparse_optimizer not in ("sparse-adam", "adagrad"):
+        raise ConfigError(f"unknown sparse optimizer {sparse_optimizer!r}; use sparse-adam or "
+                          "adagrad")
+    sparse = [p for p in sparse_params if p.requires_grad]
+    sparse_ids = {id(p) for p in sparse}
+    enc = [p for p in encoder_params if p.requires_grad and id(p) not in sparse_ids]
     labels = [p for p in label_params if p.requires_grad]
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if enc:
-        optimizers["encoder"] = torch.optim.AdamW(enc, lr=lr, weight_decay=weight_decay)
+        optimizers["encoder"] = torch.optim.AdamW(enc, lr=lr, weight_decay=weight_decay,
+                                                  foreach=True)
+    if sparse:
+        optimizers["encoder_sparse"] = (torch.optim.SparseAdam(sparse, lr=lr)
+                                        if sparse_optimizer == "sparse-adam"
+                                        else torch.optim.Adagrad(sparse, lr=lr))
     if label_optimizer == "adamw":
-        optimizers["labels"] = torch.optim.AdamW(labels, lr=label_lr, weight_decay=0.0)
+        optimizers["labels"] = torch.optim.AdamW(labels, lr=label_lr, weight_decay=0.0,
+                                                 foreach=True)
     elif label_optimizer == "sparse-adam":
         optimizers["labels"] = torch.optim.SparseAdam(labels, lr=label_lr)
     else:

@@ -98,6 +98,8 @@ class TrainConfig(ConfigBase):
         metadata=_h("hidden layer widths of the encoder MLP; the first is the EmbeddingBag width"
                     " (--hidden 1024 or --hidden 1024,512)"))
     dropout: float = field(default=0.5, metadata=_h("dropout after each hidden layer (--dropout)"))
+    input_dropout: float = field(default=0.0, metadata=_h(
+        "drop each non-zero input feature with this probability in training (--input-dropout)"))
     norm: str = field(default="none", metadata=_h("normalization after each hidden layer: none |"
                                                  " layernorm | batchnorm (--norm)"))
     bag_init_std: float = field(default=1.0, metadata=_h(
@@ -114,6 +116,9 @@ class TrainConfig(ConfigBase):
     loss: str = field(default="auto", metadata=_h(
         "auto | full | sampled | negative-sampling; auto: full softmax when the number of labels"
         " is at most full_max_labels, else sampled (--loss)"))
+    bce_weight: float = field(default=0.0, metadata=_h(
+        "full softmax only: add this weight times the one-vs-all binary cross-entropy over all"
+        " labels (summed over labels, mean over the batch) to the loss; 0: off (--bce-weight)"))
     full_max_labels: int = field(default=16384, metadata=_h(
         "largest label count for which loss=auto uses the full softmax (--full-max-labels)"))
     sampler: str = field(default="midx", metadata=_h(
@@ -147,6 +152,16 @@ class TrainConfig(ConfigBase):
     label_optimizer: str = field(default="auto", metadata=_h(
         "label table optimizer: auto | adamw | sparse-adam | adagrad; auto: adamw for the full"
         " softmax, sparse-adam (row-wise, sparse) for sampled losses (--label-optimizer)"))
+    bag_optimizer: str = field(default="auto", metadata=_h(
+        "optimizer of the encoder's EmbeddingBag weight [D, h]: auto | adamw | sparse-adam;"
+        " sparse-adam gives the bag sparse gradients and updates only the rows of the features"
+        " in a batch; auto: sparse-adam when D >= sparse_features_min (--bag-optimizer)"))
+    sparse_features_min: int = field(default=8192, metadata=_h(
+        "smallest feature count D for which bag_optimizer=auto uses sparse-adam"
+        " (--sparse-features-min)"))
+    ema: float = field(default=0.0, metadata=_h(
+        "decay of an exponential moving average of the weights (e.g. 0.98); validation,"
+        " best-epoch selection and the saved model use the averaged weights; 0: off (--ema)"))
     warmup_steps: int = field(default=100, metadata=_h("linear warm-up steps (--warmup-steps)"))
     schedule: str = field(default="linear", metadata=_h(
         "decay after warm-up: linear | cosine | constant (--schedule)"))
@@ -206,6 +221,7 @@ class TrainConfig(ConfigBase):
         choice("amp", self.amp, AMP_MODES)
         choice("norm", self.norm, NORMS)
         choice("schedule", self.schedule, ("linear", "cosine", "constant"))
+        choice("bag_optimizer", self.bag_optimizer, ("auto", "adamw", "sparse-adam"))
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
                                                          "adagrad"))
         for name in ("dim", "epochs", "batch_size", "negatives", "eval_chunk_size",
@@ -213,7 +229,7 @@ class TrainConfig(ConfigBase):
             positive(name, getattr(self, name))
         for name in ("codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
                      "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
-                     "psp_b"):
+                     "psp_b", "sparse_features_min", "bce_weight"):
             positive(name, getattr(self, name), zero_ok=True)
         positive("psp_a", self.psp_a)
         positive("popularity_alpha", self.popularity_alpha, zero_ok=True)
@@ -222,6 +238,10 @@ class TrainConfig(ConfigBase):
             p.append(f"hidden={self.hidden!r} must be a list of positive integers (--hidden)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout!r} must be in [0, 1) (--dropout)")
+        if not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
+            p.append(f"ema={self.ema!r} must be in [0, 1) (--ema)")
+        if not isinstance(self.input_dropout, (int, float)) or not 0.0 <= self.input_dropout < 1.0:
+            p.append(f"input_dropout={self.input_dropout!r} must be in [0, 1) (--input-dropout)")
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
             p.append(f"val_fraction={self.val_fraction!r} must be in [0, 1) (--val-fraction)")
         if 0 < self.codewords < 2:
@@ -299,6 +319,12 @@ class TrainConfig(ConfigBase):
             return self.label_optimizer
         return "adamw" if self.resolved_loss(num_labels) == "full" else "sparse-adam"
 
+    def resolved_bag_optimizer(self, num_features: int) -> str:
+        """``adamw`` or ``sparse-adam`` for the EmbeddingBag weight after resolving ``auto``."""
+        if self.bag_optimizer != "auto":
+            return self.bag_optimizer
+        return "sparse-adam" if num_features >= self.sparse_features_min else "adamw"
+
 
 # ------------------------------------------------------------------------------------------------
 # preprocessing and network
@@ -353,7 +379,9 @@ class XMCNetwork(nn.Module):
         self.num_labels = int(num_labels)
         self.encoder = SparseEncoder(
             num_features, dim=config.dim, hidden=tuple(config.hidden), dropout=config.dropout,
-            norm=config.norm, linear_only=config.linear_only)
+            norm=config.norm, linear_only=config.linear_only,
+            input_dropout=config.input_dropout,
+            sparse_grad=config.resolved_bag_optimizer(num_features) == "sparse-adam")
         self.labels = LabelTable(num_labels, config.dim, bias=config.label_bias)
         if config.bag_init_std > 0:
             # N(0, 1) bag rows give O(1) hidden pre-activations on L2-normalized inputs; the
@@ -689,6 +717,7 @@ class Trainer:
         self.result: TrainResult | None = None
         self._interrupted = False
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._ema: dict[str, torch.Tensor] | None = None
         self._sampler_loaded = False
 
     # -- public -----------------------------------------------------------------------------
@@ -724,6 +753,7 @@ class Trainer:
         device = resolve_device(cfg.device)
         self._seed_everything(cfg.seed)
         self._best_state, self._sampler_loaded, self._interrupted = None, False, False
+        self._ema = None
 
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
@@ -743,6 +773,9 @@ class Trainer:
         loss_name = cfg.resolved_loss(L)
         self.network = network = XMCNetwork(D, L, cfg).to(device)
         network.train()
+        if cfg.ema > 0:
+            self._ema = {k: v.detach().clone() for k, v in network.state_dict().items()
+                         if v.is_floating_point()}
         sampled = loss_name != "full"
         self.sampler = self._make_sampler(L, device) if sampled else None
 
@@ -758,7 +791,7 @@ class Trainer:
             network.encoder_parameters(), network.label_parameters(), lr=cfg.lr,
             label_lr=cfg.label_lr or cfg.lr, weight_decay=cfg.weight_decay,
             label_optimizer=label_opt, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-            schedule=cfg.schedule)
+            schedule=cfg.schedule, sparse_params=network.encoder.sparse_parameters())
         amp_dtype, scaler = _amp_setup(cfg.amp, device)
         sample_gen = torch.Generator(device=device)
         sample_gen.manual_seed(cfg.seed + 1)
@@ -795,6 +828,8 @@ class Trainer:
             sampler=cfg.sampler if sampled else None)
         if self._best_state is not None and cfg.keep_best:
             network.load_state_dict(self._best_state)
+        elif self._ema is not None:
+            network.load_state_dict(self._ema, strict=False)
         if self.out_dir is not None:
             self._save_model(summary=self.result.to_dict())
         self._emit("train_end", self.result.to_dict())
@@ -831,6 +866,8 @@ class Trainer:
                     loss_value = self._step(network, bundle, batch, loss_name, amp_dtype,
                                             ctx["scaler"], ctx["sample_gen"], state)
                     state["step"] += 1
+                    if self._ema is not None:
+                        self._update_ema(network, state["step"])
                     state["epoch_loss_sum"] += loss_value
                     state["epoch_loss_count"] += 1
                     state["epoch_examples"] += int(batch.offsets.shape[0])
@@ -872,17 +909,19 @@ class Trainer:
             "lr": ctx["bundle"].lr, "seconds": secs,
             "examples_per_s": state["epoch_examples"] / max(secs, 1e-9)}
         if X_val is not None and Y_val is not None:
-            metrics = self._validate(network, X_val, Y_val, inv_prop)
+            with self._averaged_weights(network):
+                metrics = self._validate(network, X_val, Y_val, inv_prop)
             rec.update({f"val/{k}": v for k, v in metrics.items()})
             value = metrics[cfg.val_metric]
             best = state["best_value"]
             if best is None or value > best:
                 state.update(best_value=value, best=metrics, best_epoch=epoch + 1, bad_epochs=0)
                 if cfg.keep_best:
-                    self._best_state = {k: v.detach().clone()
-                                        for k, v in network.state_dict().items()}
-                    if self.out_dir is not None:
-                        self._save_model(summary=None)
+                    with self._averaged_weights(network):
+                        self._best_state = {k: v.detach().clone()
+                                            for k, v in network.state_dict().items()}
+                        if self.out_dir is not None:
+                            self._save_model(summary=None)
             else:
                 state["bad_epochs"] += 1
                 if cfg.patience and state["bad_epochs"] >= cfg.patience:
@@ -899,6 +938,35 @@ class Trainer:
         self._emit("epoch_end", rec)
         if self.out_dir is not None:
             self._save_checkpoint(ctx)
+
+    @torch.no_grad()
+    def _update_ema(self, network: XMCNetwork, step: int) -> None:
+        """``ema <- d * ema + (1 - d) * w`` with ``d = min(ema, (1 + step) / (10 + step))``.
+
+        The ramp keeps the early average from being dominated by the random init; ``d`` depends
+        only on the step, so a resumed run averages exactly as an uninterrupted one.
+        """
+        if self._ema is None:
+            return
+        decay = min(self.config.ema, (1.0 + step) / (10.0 + step))
+        current = network.state_dict()
+        keys = list(self._ema)
+        torch._foreach_lerp_([self._ema[k] for k in keys], [current[k] for k in keys],
+                             1.0 - decay)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self, network: XMCNetwork) -> Iterator[None]:
+        """Temporarily load the EMA weights into ``network`` (no-op without ``--ema``)."""
+        if self._ema is None:
+            yield
+            return
+        backup = {k: v.detach().clone() for k, v in network.state_dict().items()
+                  if k in self._ema}
+        network.load_state_dict(self._ema, strict=False)
+        try:
+            yield
+        finally:
+            network.load_state_dict(backup, strict=False)
 
     def _validate(self, network: XMCNetwork, X_val: sp.csr_matrix, Y_val: sp.csr_matrix,
                   inv_prop: np.ndarray) -> dict[str, float]:
@@ -925,7 +993,8 @@ class Trainer:
         loss = compute_loss(network, q, batch.pos_ids, batch.pos_mask, loss_name,
                             sampler=self.sampler, negatives=cfg.negatives,
                             shared=cfg.shared_negatives, generator=gen,
-                            correct_target=cfg.correct_target, chunk_size=cfg.eval_chunk_size)
+                            correct_target=cfg.correct_target, chunk_size=cfg.eval_chunk_size,
+                            bce_weight=cfg.bce_weight)
         value = float(loss.detach())
         if not math.isfinite(value):
             where = ""
@@ -938,10 +1007,8 @@ class Trainer:
                 f"{where}; lower --lr, set --clip-grad, or check the data for extreme values")
         if scaler is not None:
             scaler.scale(loss).backward()
-            scaler.unscale_(bundle.optimizers["encoder"]) if "encoder" in bundle.optimizers \
-                else None
-            if "labels" in bundle.optimizers:
-                scaler.unscale_(bundle.optimizers["labels"])
+            for opt in bundle.optimizers.values():
+                scaler.unscale_(opt)
         else:
             loss.backward()
         gnorm = _clip_grad_norm(list(network.parameters()),
@@ -1036,6 +1103,8 @@ class Trainer:
             sstate = self.sampler.state_dict()
             if sstate:
                 groups["sampler"] = {k: v.detach().cpu().contiguous() for k, v in sstate.items()}
+        if self._ema is not None:
+            groups["ema"] = {k: v.detach().cpu().contiguous() for k, v in self._ema.items()}
         groups["rng"] = rng_state_to_tensors({"sample": ctx["sample_gen"]})
         meta = dict(state)
         meta.update(batches=ctx["batches"].state_dict(), optimizer_structure=opt_structure,
@@ -1076,6 +1145,12 @@ class Trainer:
                                   f"{exc}") from exc
         best = groups.get("best")
         self._best_state = None if not best else {k: v.to(dev) for k, v in best.items()}
+        if self._ema is not None:
+            ema = groups.get("ema")
+            if not ema:
+                raise CheckpointError(f"checkpoint in {str(ck)!r} has no weight average; resume "
+                                      "with the run's own --ema setting")
+            self._ema = {k: v.to(dev).clone() for k, v in ema.items()}
         opt_state = unflatten_state(groups["optimizer"], meta["optimizer_structure"])
         bundle.load_state_dict(opt_state)
         if self.sampler is not None and groups.get("sampler"):
@@ -1103,7 +1178,7 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
                  pos_mask: torch.Tensor, loss_name: str, *, sampler: Any = None,
                  negatives: int = 64, shared: bool = False,
                  generator: torch.Generator | None = None, correct_target: bool = False,
-                 chunk_size: int = 65536) -> torch.Tensor:
+                 chunk_size: int = 65536, bce_weight: float = 0.0) -> torch.Tensor:
     """The training loss of one batch.
 
     Args:
@@ -1116,6 +1191,9 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
         generator: torch generator of the samples (reproducibility).
         correct_target: TensorFlow-style target correction (sampled softmax).
         chunk_size: label chunk of the full softmax.
+        bce_weight: ``full`` only: add ``bce_weight`` times the one-vs-all binary
+            cross-entropy of all ``B x L`` scores (summed over labels, mean over rows) (materialises ``[B, L]``; the full softmax is
+            only used for moderate ``L``).
 
     Returns:
         Scalar loss.
@@ -1123,8 +1201,20 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
     from . import losses
 
     if loss_name == "full":
-        return losses.full_softmax_loss(queries, network.label_weight, pos_ids, pos_mask,
+        loss = losses.full_softmax_loss(queries, network.label_weight, pos_ids, pos_mask,
                                         network.label_bias, chunk_size=chunk_size)
+        if bce_weight > 0:
+            scores = queries @ network.label_weight.t()  # [B, L]
+            if network.label_bias is not None:
+                scores = scores + network.label_bias
+            target = torch.zeros_like(scores)  # [B, L]
+            target.scatter_(1, torch.where(pos_mask, pos_ids, 0),
+                            pos_mask.to(scores.dtype))  # padding writes 0 into column 0
+            target[:, 0] = torch.maximum(
+                target[:, 0], ((pos_ids == 0) & pos_mask).any(1).to(scores.dtype))
+            loss = loss + bce_weight * nn.functional.binary_cross_entropy_with_logits(
+                scores, target, reduction="sum") / scores.shape[0]
+        return loss
     qd = queries.detach()
     smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
     pos_scores = network.labels.score_ids(queries, pos_ids)  # [B, P]
