@@ -86,12 +86,32 @@ def peers(d: dict[str, Any]) -> str:
 
 
 def convergence(d: dict[str, Any]) -> str:
-    return _table(["data", "method", "target P@1", "s to target", "steps to target",
+    return convergence_levels(d) + "\n\n" + _table(["data", "method", "target P@1", "s to target", "steps to target",
                    "final P@1", "best P@1", "steps in budget"],
                   [[r["data"], r["method"], r["target_P@1"], r["seconds_to_target"]
                     if r["seconds_to_target"] is not None else "not reached",
                     r["steps_to_target"], r["final_P@1"], r["best_P@1"], r["steps_in_budget"]]
                    for r in d["time_to_target"]])
+
+
+def _time_to(points: list[dict[str, float]], target: float) -> float | None:
+    hit = next((p for p in points if p["P@1"] >= target), None)
+    return None if hit is None else hit["seconds"]
+
+
+def convergence_levels(d: dict[str, Any], fracs: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.98)
+                       ) -> str:
+    """Seconds to reach several fractions of the best P@1 (from the stored curves)."""
+    rows = []
+    for dname in dict.fromkeys(c["data"] for c in d["curves"]):
+        curves = [c for c in d["curves"] if c["data"] == dname]
+        best = max((p["P@1"] for c in curves for p in c["points"]), default=0.0)
+        for c in curves:
+            rows.append([dname, c["method"], *[
+                _time_to(c["points"], f * best) if _time_to(c["points"], f * best) is not None
+                else "-" for f in fracs]])
+    cols = ["data", "method", *[f"s to {f:.0%} of best" for f in fracs]]
+    return _table(cols, rows)
 
 
 def scale(d: dict[str, Any]) -> str:
