@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # README demo: synthetic data -> xmc train (MIDX sampled softmax) -> xmc eval, plus a popularity
 # baseline. Usage: scripts/demo.sh VENV OUTDIR   (e.g. scripts/demo.sh .venv demo_out)
-# Sizes can be overridden: LABELS=20000 POINTS=50000 TEST_POINTS=10000 FEATURES=20000 EPOCHS=3
+# Sizes can be overridden: LABELS=20000 POINTS=30000 TEST_POINTS=5000 FEATURES=20000 EPOCHS=3
+# (sized to finish in under 5 minutes on a loaded 2-core machine; see docs/training.md)
 set -euo pipefail
 VENV=${1:-.venv}
 OUT=${2:-demo_out}
 LABELS=${LABELS:-20000}
-POINTS=${POINTS:-50000}
-TEST_POINTS=${TEST_POINTS:-10000}
+POINTS=${POINTS:-30000}
+TEST_POINTS=${TEST_POINTS:-5000}
 FEATURES=${FEATURES:-20000}
 EPOCHS=${EPOCHS:-3}
 XMC="$VENV/bin/xmc"
@@ -22,7 +23,7 @@ echo "== 1/4 synthetic data: $LABELS labels, $POINTS train / $TEST_POINTS test p
 echo "== 2/4 xmc train: sampled softmax with the MIDX sampler ($EPOCHS epochs)"
 "$XMC" train --data "$OUT/train.txt" --out "$OUT/model" --loss sampled --sampler midx \
   --negatives 64 --epochs "$EPOCHS" --batch-size 256 --hidden 512 --dim 128 --dropout 0.2 \
-  --lr 0.002 --no-progress
+  --lr 0.002 --bag-optimizer sparse-adam --no-progress
 
 echo "== 3/4 xmc eval on the test file"
 "$XMC" eval --model "$OUT/model" --data "$OUT/test.txt" --k 5

@@ -86,19 +86,24 @@ def _h(text: str) -> dict[str, str]:
 class TrainConfig(ConfigBase):
     """Every hyper-parameter of a training run (JSON round trip; ``xmc train --print-config``).
 
-    Defaults are chosen to work on unseen data sets: TF-IDF + L2 inputs, one hidden layer of
-    1024 with dropout 0.5, full softmax up to ``full_max_labels`` labels and MIDX sampled softmax
+    Defaults are chosen to work on unseen data sets: TF-IDF + L2 inputs, input dropout 0.3, one
+    hidden layer whose width adapts to the feature count D (4096 down to 256 within a D x width
+    budget) with dropout 0.7, full softmax up to ``full_max_labels`` labels and MIDX sampled softmax
     above, AdamW with warm-up and linear decay.
     """
 
     # -- model --------------------------------------------------------------------------------
     dim: int = field(default=256, metadata=_h("label / query embedding dimension d (--dim)"))
     hidden: tuple[int, ...] = field(
-        default=(1024,),
-        metadata=_h("hidden layer widths of the encoder MLP; the first is the EmbeddingBag width"
-                    " (--hidden 1024 or --hidden 1024,512)"))
-    dropout: float = field(default=0.5, metadata=_h("dropout after each hidden layer (--dropout)"))
-    input_dropout: float = field(default=0.0, metadata=_h(
+        default=(0,),
+        metadata=_h("hidden layer widths of the encoder MLP; the first is the EmbeddingBag width;"
+                    " a first width of 0 means auto: the largest power of two in [256, 4096] with"
+                    " D x width <= hidden_budget (--hidden 0, --hidden 1024, --hidden 1024,512)"))
+    hidden_budget: int = field(default=2 ** 23, metadata=_h(
+        "parameter budget D x width of the EmbeddingBag for the auto hidden width"
+        " (--hidden-budget)"))
+    dropout: float = field(default=0.7, metadata=_h("dropout after each hidden layer (--dropout)"))
+    input_dropout: float = field(default=0.3, metadata=_h(
         "drop each non-zero input feature with this probability in training (--input-dropout)"))
     norm: str = field(default="none", metadata=_h("normalization after each hidden layer: none |"
                                                  " layernorm | batchnorm (--norm)"))
@@ -229,13 +234,15 @@ class TrainConfig(ConfigBase):
             positive(name, getattr(self, name))
         for name in ("codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
                      "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
-                     "psp_b", "sparse_features_min", "bce_weight"):
+                     "psp_b", "sparse_features_min", "bce_weight", "hidden_budget"):
             positive(name, getattr(self, name), zero_ok=True)
         positive("psp_a", self.psp_a)
         positive("popularity_alpha", self.popularity_alpha, zero_ok=True)
         if not isinstance(self.hidden, (tuple, list)) or any(
-                isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in self.hidden):
-            p.append(f"hidden={self.hidden!r} must be a list of positive integers (--hidden)")
+                isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in self.hidden) or \
+                any(h == 0 for h in self.hidden[1:]):
+            p.append(f"hidden={self.hidden!r} must be a list of positive integers, or 0 (auto) as"
+                     " the first width (--hidden)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout!r} must be in [0, 1) (--dropout)")
         if not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
@@ -319,6 +326,21 @@ class TrainConfig(ConfigBase):
             return self.label_optimizer
         return "adamw" if self.resolved_loss(num_labels) == "full" else "sparse-adam"
 
+    def resolved_hidden(self, num_features: int) -> tuple[int, ...]:
+        """Hidden widths with an auto (0) first width resolved for ``num_features`` inputs.
+
+        Auto: the largest power of two ``w`` in ``[256, 4096]`` with ``D * w <=
+        hidden_budget`` (256 when even that exceeds the budget): wide layers help on small
+        feature spaces (Bibtex, ``D = 1836``: 4096) while the ``[D, w]`` bag stays bounded.
+        """
+        hidden = tuple(self.hidden)
+        if not hidden or hidden[0] != 0:
+            return hidden
+        width = 4096
+        while width > 256 and num_features * width > self.hidden_budget:
+            width //= 2
+        return (width,) + hidden[1:]
+
     def resolved_bag_optimizer(self, num_features: int) -> str:
         """``adamw`` or ``sparse-adam`` for the EmbeddingBag weight after resolving ``auto``."""
         if self.bag_optimizer != "auto":
@@ -378,7 +400,8 @@ class XMCNetwork(nn.Module):
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
         self.encoder = SparseEncoder(
-            num_features, dim=config.dim, hidden=tuple(config.hidden), dropout=config.dropout,
+            num_features, dim=config.dim, hidden=config.resolved_hidden(num_features),
+            dropout=config.dropout,
             norm=config.norm, linear_only=config.linear_only,
             input_dropout=config.input_dropout,
             sparse_grad=config.resolved_bag_optimizer(num_features) == "sparse-adam")
@@ -772,6 +795,8 @@ class Trainer:
 
         loss_name = cfg.resolved_loss(L)
         self.network = network = XMCNetwork(D, L, cfg).to(device)
+        logger.info("encoder hidden widths %s (D=%d), bag optimizer %s, loss %s",
+                    list(cfg.resolved_hidden(D)), D, cfg.resolved_bag_optimizer(D), loss_name)
         network.train()
         if cfg.ema > 0:
             self._ema = {k: v.detach().clone() for k, v in network.state_dict().items()
