@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # README demo: synthetic data -> xmc train (MIDX sampled softmax) -> xmc eval, plus a popularity
 # baseline. Usage: scripts/demo.sh VENV OUTDIR   (e.g. scripts/demo.sh .venv demo_out)
-# Sizes can be overridden: LABELS=20000 POINTS=30000 TEST_POINTS=5000 FEATURES=20000 EPOCHS=3
+# Sizes can be overridden: LABELS=20000 POINTS=50000 TEST_POINTS=10000 FEATURES=20000 EPOCHS=5
 # (sized to finish in under 5 minutes on a loaded 2-core machine; see docs/training.md)
 set -euo pipefail
 VENV=${1:-.venv}
 OUT=${2:-demo_out}
 LABELS=${LABELS:-20000}
-POINTS=${POINTS:-30000}
-TEST_POINTS=${TEST_POINTS:-5000}
+POINTS=${POINTS:-50000}
+TEST_POINTS=${TEST_POINTS:-10000}
 FEATURES=${FEATURES:-20000}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-5}
 XMC="$VENV/bin/xmc"
 PY="$VENV/bin/python"
 mkdir -p "$OUT"
