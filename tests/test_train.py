@@ -255,3 +255,24 @@ def test_ema_final_weights_equal_hand_computed_average(tiny_xy):
     assert manual
     for k, v in trainer.network.state_dict().items():
         torch.testing.assert_close(v, manual[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_auto_hidden_width_follows_the_parameter_budget():
+    """hidden=(0,) resolves to the largest power of two in [256, 4096] with D*w <= budget."""
+    cfg = TrainConfig()
+    assert cfg.hidden == (0,) and cfg.hidden_budget == 2 ** 23
+    assert cfg.resolved_hidden(1836) == (4096,)  # Bibtex: 1836 * 4096 = 7.5M <= 8.4M
+    assert cfg.resolved_hidden(2048) == (4096,)  # exactly the budget
+    assert cfg.resolved_hidden(2049) == (2048,)
+    assert cfg.resolved_hidden(20000) == (256,)  # 512 * 20000 = 10.2M > 8.4M
+    assert cfg.resolved_hidden(10 ** 7) == (256,)  # the floor
+    assert TrainConfig(hidden=(0, 64)).resolved_hidden(1836) == (4096, 64)
+    assert TrainConfig(hidden=(300,)).resolved_hidden(10 ** 7) == (300,)  # explicit wins
+    net = XMCNetwork(1836, 5, TrainConfig(dim=8))
+    assert net.encoder.bag.weight.shape == (1836, 4096)
+    assert not net.encoder.bag.sparse  # bag_optimizer=auto: dense below 8192 features
+    assert XMCNetwork(9000, 5, TrainConfig(dim=8)).encoder.bag.sparse
+    probs = TrainConfig(hidden=(64, 0), input_dropout=1.0, ema=1.5).problems()
+    assert any("hidden=(64, 0)" in p for p in probs)
+    assert any("input_dropout=1.0" in p for p in probs)
+    assert any("ema=1.5" in p for p in probs)
