@@ -377,26 +377,20 @@ class LabelTable(nn.Module):
         Returns:
             ``[B, M]`` scores ``q_b . w_id + b_id``.
         """
-        if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != queries.shape[0]):
+        if ids.dim() == 1:
+            w = self.weight(ids)  # [M, d]
+            s = queries @ w.T  # [B, M] one dense matmul
+            if self.bias is not None:
+                s = s + self.bias(ids).view(1, -1)
+            return s
+        if ids.dim() != 2 or ids.shape[0] != queries.shape[0]:
             raise XMCError(
                 f"ids {tuple(ids.shape)} must be [M] or [B, M] with B = {queries.shape[0]}"
             )
-        # Look each distinct label up once: the sparse gradient then has U distinct rows instead
-        # of B*M repeated ones, which makes SparseAdam's coalesce (the dominant cost of a
-        # per-query step with 10^5 sampled rows) several times cheaper. The repeat is a dense
-        # index whose backward is an index_add into [U, d].
-        uniq, inv = torch.unique(ids, return_inverse=True)  # [U], inv like ids
-        w_u = self.weight(uniq)  # [U, d]
-        b_u = self.bias(uniq).squeeze(-1) if self.bias is not None else None  # [U]
-        if ids.dim() == 1:
-            s_u = queries @ w_u.T  # [B, U] one dense matmul
-            if b_u is not None:
-                s_u = s_u + b_u
-            return s_u[:, inv]  # [B, M]
-        w = w_u[inv]  # [B, M, d]
+        w = self.weight(ids)  # [B, M, d]
         s = torch.bmm(w, queries.unsqueeze(-1)).squeeze(-1)  # [B, M]
-        if b_u is not None:
-            s = s + b_u[inv]  # [B, M]
+        if self.bias is not None:
+            s = s + self.bias(ids).squeeze(-1)  # [B, M]
         return s
 
     def full_scores(self, queries: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
