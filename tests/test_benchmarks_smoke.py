@@ -113,3 +113,11 @@ def test_help_and_device_flag(name: str, capsys: pytest.CaptureFixture[str]) -> 
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--device" in text and "--quick" in text
+
+
+def test_sparse_step_quick(tmp_path: Path) -> None:
+    out = tmp_path / "ss.json"
+    _load("bench_sparse_step").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    assert set(data["results"]) == {"SparseAdam (before)", "RowAdam (now)",
+                                    "RowAdam + unique lookups"}
