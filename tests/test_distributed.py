@@ -416,8 +416,9 @@ def _toy_data(seed: int, n: int):
 def _toy_config(**kw: Any):
     from xmc_toolkit.train import TrainConfig
 
-    base = dict(dim=16, hidden=(32,), dropout=0.0, epochs=4, batch_size=40, lr=0.05,
-                warmup_steps=0, loss="full", ks=(1, 3), seed=3, device="cpu", clip_grad=0.0)
+    # no dropout: masks are drawn per rank, so only dropout-free runs match one process exactly
+    base = dict(dim=16, hidden=(32,), dropout=0.0, input_dropout=0.0, epochs=4, batch_size=40,
+                lr=0.05, warmup_steps=0, loss="full", ks=(1, 3), seed=3, device="cpu", clip_grad=0.0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -570,3 +571,15 @@ def test_distributed_cli_accepts_data_flag_like_xmc_train():
 
     args = build_parser().parse_args(["--data", "t.txt", "--out", "o", "--epochs", "2"])
     assert args.data == "t.txt" and args.train is None and args.epochs == 2
+
+
+def test_sharded_network_builds_with_default_config():
+    """Default TrainConfig (auto hidden width, input dropout) works in the sharded network."""
+    from xmc_toolkit.dist_train import ShardedXMCNetwork
+    from xmc_toolkit.train import TrainConfig, XMCNetwork
+
+    cfg = TrainConfig()
+    net = ShardedXMCNetwork(300, 40, cfg, rank=0, world_size=2)
+    ref = XMCNetwork(300, 40, cfg)
+    assert [m.shape for m in net.encoder.parameters()] == [m.shape for m in ref.encoder.parameters()]
+    assert net.encoder.bag.weight.std() > 0.5  # bag_init_std = 1 applied, as in one process

@@ -171,7 +171,7 @@ class ShardedXMCNetwork(nn.Module):
     def __init__(self, num_features: int, num_labels: int, config: Any, rank: int = 0,
                  world_size: int = 1) -> None:
         super().__init__()
-        from .encoder import SparseEncoder
+        from .train import build_encoder, init_bag
 
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
@@ -180,9 +180,9 @@ class ShardedXMCNetwork(nn.Module):
         self.label_offset, self.num_local = lo, hi - lo
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # identical encoder on every rank
-            self.encoder = SparseEncoder(
-                num_features, dim=config.dim, hidden=tuple(config.hidden),
-                dropout=config.dropout, norm=config.norm, linear_only=config.linear_only)
+            # dense bag gradients: DDP all-reduces them (NCCL has no sparse all-reduce)
+            self.encoder = build_encoder(num_features, config, sparse_grad=False)
+            init_bag(self.encoder, config)
         self.weight = nn.Embedding(self.num_local, config.dim)
         with torch.no_grad():
             self.weight.weight.copy_(init_label_rows(lo, hi, config.dim, config.seed))
