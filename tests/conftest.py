@@ -58,11 +58,14 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture
-def tiny_xy() -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """A tiny learnable problem: 60 points, 20 features, 6 labels; label j <-> features 3j..3j+2."""
-    g = np.random.default_rng(1)
-    n, d, l = 60, 20, 6
+def make_tiny_problem(n: int = 60, seed: int = 1) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """A tiny learnable problem: ``n`` points, 20 features, 6 labels; label j <-> features 3j..3j+2.
+
+    Rows have one or two labels; features 18/19 alternate as a weak label-free signal. The same
+    ``(n, seed)`` always gives the same matrices (module-scoped fixtures call this directly).
+    """
+    g = np.random.default_rng(seed)
+    d, l = 20, 6
     Y = np.zeros((n, l), dtype=np.float32)
     X = np.zeros((n, d), dtype=np.float32)
     for i in range(n):
@@ -72,3 +75,9 @@ def tiny_xy() -> tuple[sp.csr_matrix, sp.csr_matrix]:
             X[i, 3 * j : 3 * j + 3] = g.random(3) + 0.5
         X[i, 18 + (i % 2)] = 0.1
     return sp.csr_matrix(X), sp.csr_matrix(Y)
+
+
+@pytest.fixture
+def tiny_xy() -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """:func:`make_tiny_problem` with 60 points."""
+    return make_tiny_problem(60)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
+from conftest import make_tiny_problem  # tests/ is on sys.path (rootdir conftest)
 
 from cli.main import xmc
 from xmc_toolkit.data import XMCDataset, load, save
@@ -20,18 +21,8 @@ FLAGS = ["--epochs", "8", "--batch-size", "16", "--hidden", "32", "--dim", "16",
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    g = np.random.default_rng(1)
-    n, d, l = 120, 20, 6
-    Y = np.zeros((n, l), dtype=np.float32)
-    X = np.zeros((n, d), dtype=np.float32)
-    for i in range(n):
-        labs = g.choice(l, size=g.integers(1, 3), replace=False)
-        Y[i, labs] = 1
-        for j in labs:
-            X[i, 3 * j: 3 * j + 3] = g.random(3) + 0.5
-        X[i, 18 + (i % 2)] = 0.1
+    X, Y = make_tiny_problem(120)
     root = tmp_path_factory.mktemp("cli")
-    X, Y = sp.csr_matrix(X), sp.csr_matrix(Y)
     save(XMCDataset(X[:90], Y[:90]), root / "train.txt")
     save(XMCDataset(X[90:], Y[90:]), root / "test.txt")
     # a test file in another feature/label space (one extra feature and label column)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import make_tiny_problem  # tests/ is on sys.path (rootdir conftest)
 
 from xmc_toolkit import XMCModel
 from xmc_toolkit.errors import CheckpointError, ConfigError, XMCError
@@ -19,17 +20,7 @@ FAST = dict(epochs=20, batch_size=16, hidden=(32,), dim=16, lr=0.02, warmup_step
 @pytest.fixture(scope="module")
 def fitted():
     """The tiny_xy problem of conftest (module-scoped copy) and a model fitted on it."""
-    g = np.random.default_rng(1)
-    n, d, l = 60, 20, 6
-    Y = np.zeros((n, l), dtype=np.float32)
-    X = np.zeros((n, d), dtype=np.float32)
-    for i in range(n):
-        labs = g.choice(l, size=g.integers(1, 3), replace=False)
-        Y[i, labs] = 1
-        for j in labs:
-            X[i, 3 * j: 3 * j + 3] = g.random(3) + 0.5
-        X[i, 18 + (i % 2)] = 0.1
-    X, Y = sp.csr_matrix(X), sp.csr_matrix(Y)
+    X, Y = make_tiny_problem(60)
     model = XMCModel(**FAST).fit(X, Y, X_val=X, Y_val=Y)
     return model, X, Y
 
