@@ -256,6 +256,10 @@ def test_round_trip(tmp_path_factory: pytest.TempPathFactory, ds: XMCDataset, fm
         path, fmt = tmp / "d_X.npz", "npz"
     else:
         path = tmp / {"xc": "d.txt", "xc-split": "d", "svmlight": "d.svm", "npz": "d.npz"}[fmt]
+    if fmt == "svmlight" and ds.num_points == 0:  # no header: an empty file cannot round-trip
+        with pytest.raises(DataFormatError, match="no rows"):
+            save(ds, path, fmt=fmt)
+        return
     save(ds, path, fmt=fmt)
     kwargs = {"zero_based": True, "num_features": ds.num_features, "num_labels": ds.num_labels}
     back = load(path, fmt=fmt, **(kwargs if fmt == "svmlight" else {}))

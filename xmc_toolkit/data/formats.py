@@ -516,6 +516,11 @@ def save(ds: XMCDataset, path: PathLike, fmt: str | None = None) -> None:
     if fmt == "xc":
         _write_text(p, f"{X.shape[0]} {X.shape[1]} {Y.shape[1]}\n", X, Y)
     elif fmt == "svmlight":
+        if X.shape[0] == 0:  # the loader rejects an empty file: never write one
+            raise DataFormatError(
+                p, None, "svmlight cannot store a data set with no rows (it has no header); "
+                "write xc or npz instead (--to)"
+            )
         _write_text(p, None, X, Y)
     elif fmt == "xc-split":
         prefix = p
