@@ -224,3 +224,25 @@ def apply_threads(n: int) -> None:
         torch.set_num_threads(n)
         os.environ["OMP_NUM_THREADS"] = str(n)
         os.environ["MKL_NUM_THREADS"] = str(n)
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is optional (e.g. on the GPU box)
+        return None
+    return plt
+
+
+def write_results_and_plot(name: str, payload: dict[str, Any], out_path: Path,
+                           plot: str | Path | None,
+                           plot_fn: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write the JSON results, then the plot (``plot=None``: beside the JSON; ``""``: none)."""
+    write_results(name, payload, out_path)
+    target = plot if plot is not None else Path(out_path).with_suffix(".png")
+    if str(target):
+        plot_fn(payload, Path(target))

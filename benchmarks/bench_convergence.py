@@ -34,8 +34,10 @@ from _common import (  # noqa: E402
     apply_threads,
     machine_info,
     print_table,
+    pyplot,
     shared_data_dir,
     write_results,
+    write_results_and_plot,
 )
 
 NAME = "convergence"
@@ -237,20 +239,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in payload["curves"]:
         if "error" in c:
             print(f"{c['data']} / {c['method']}: {c['error']}")
-    write_results(NAME, payload, out_path)
-    plot = args.plot if args.plot is not None else out_path.with_suffix(".png")
-    if str(plot):
-        _plot(payload, Path(plot))
+    write_results_and_plot(NAME, payload, out_path, args.plot, _plot)
     return payload
 
 
 def _plot(payload: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         return
     datas = list(dict.fromkeys(c["data"] for c in payload["curves"]))
     if not datas:

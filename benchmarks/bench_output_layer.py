@@ -39,10 +39,12 @@ from _common import (  # noqa: E402
     apply_threads,
     machine_info,
     print_table,
+    pyplot,
     sync,
     vm_hwm_mb,
     vm_rss_mb,
     write_results,
+    write_results_and_plot,
 )
 
 NAME = "output_layer"
@@ -342,19 +344,12 @@ def _finish(payload: dict[str, Any], args: argparse.Namespace, out_path: Path,
         print_table("MIDX index", ["labels", "sampler", "build s", "refresh s"],
                     [[i["labels"], i["sampler"], i["build_s"], i["refresh_s"]]
                      for i in payload["index"]])
-    write_results(NAME, payload, out_path)
-    plot = args.plot if args.plot is not None else out_path.with_suffix(".png")
-    if str(plot):
-        _plot(payload, Path(plot))
+    write_results_and_plot(NAME, payload, out_path, args.plot, _plot)
 
 
 def _plot(payload: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is optional on the GPU box
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in payload["results"]))

@@ -38,8 +38,10 @@ from _common import (  # noqa: E402
     auto_codewords,
     machine_info,
     print_table,
+    pyplot,
     shared_data_dir,
     write_results,
+    write_results_and_plot,
 )
 
 NAME = "sampler_quality"
@@ -231,20 +233,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ["data", "sampler", "M", "rel err of mean", "MC floor", "single draw"],
                 [[r["data"], r["sampler"], r["M"], r["rel_err_of_mean"], r["mc_floor"],
                   r["single_draw_rel_err"]] for r in payload["gradient"]])
-    write_results(NAME, payload, out_path)
-    plot = args.plot if args.plot is not None else out_path.with_suffix(".png")
-    if str(plot):
-        _plot(payload, Path(plot))
+    write_results_and_plot(NAME, payload, out_path, args.plot, _plot)
     return payload
 
 
 def _plot(payload: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         return
     datas = list(dict.fromkeys(r["data"] for r in payload["gradient"]))
     if not datas:
