@@ -32,7 +32,9 @@ def _assert_same(a: Trainer, b: Trainer) -> None:
     dict(loss="sampled", sampler="midx", negatives=3, refresh_every=3, schedule="constant"),
     dict(loss="full", schedule="constant", ema=0.9, input_dropout=0.2, bce_weight=0.1,
          bag_optimizer="sparse-adam"),
-], ids=["full", "midx", "ema-sparse-bag"])
+    dict(loss="sampled", sampler="midx", negatives=3, refresh_every=3, schedule="constant",
+         ensemble=2),
+], ids=["full", "midx", "ema-sparse-bag", "ensemble-midx"])
 def test_two_epochs_equal_one_epoch_plus_resume(tiny_xy, tmp_path, extra):
     X, Y = tiny_xy
     ds = XMCDataset(X, Y)

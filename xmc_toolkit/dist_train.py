@@ -517,6 +517,9 @@ class DistributedTrainer:
         if cfg.loss == "negative-sampling":
             problems.append("loss='negative-sampling' is not available with several processes;"
                             " use --loss full or --loss sampled")
+        if cfg.ensemble > 1:
+            problems.append(f"ensemble={cfg.ensemble} is not available with several processes; "
+                            "use --ensemble 1 (or train the ensemble in one process)")
         if cfg.correct_target:
             problems.append("correct_target is not available with several processes; drop "
                             "--correct-target")

@@ -38,7 +38,7 @@ from torch import nn
 from .config import ConfigBase
 from .errors import ConfigError
 
-__all__ = ["EncoderConfig", "SparseEncoder", "encode_csr", "ACTIVATIONS", "NORMS"]
+__all__ = ["EncoderConfig", "SparseEncoder", "EnsembleEncoder", "encode_csr", "ACTIVATIONS", "NORMS"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +215,55 @@ class SparseEncoder(nn.Module):
         return [p for p in self.parameters() if id(p) not in sparse_ids]
 
 
+class EnsembleEncoder(nn.Module):
+    """``n`` independently initialised :class:`SparseEncoder` members side by side.
+
+    The output is the members' queries concatenated and divided by ``n``: against a label table
+    that holds the members' label embeddings side by side (``[L, n * d]``), one dot product is
+    the *mean* of the members' scores, so exact and approximate top-k, export and the MIDX index
+    see one ordinary ``n * d``-dimensional model. Training gives each member its own loss
+    (:func:`xmc_toolkit.train.compute_loss`), which makes it an ensemble rather than one wide
+    network.
+
+    Args:
+        members: the member encoders (same ``num_features`` and ``dim``).
+    """
+
+    def __init__(self, members: Sequence[SparseEncoder]) -> None:
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
+        dims = {m.dim for m in members}
+        feats = {m.num_features for m in members}
+        if len(dims) != 1 or len(feats) != 1:
+            raise ConfigError(f"ensemble members disagree: dims {sorted(dims)}, "
+                              f"num_features {sorted(feats)}")
+        self.members = nn.ModuleList(members)
+        self.num_members = len(members)
+        self.member_dim = members[0].dim
+        self.num_features = members[0].num_features
+        self.dim = self.num_members * self.member_dim
+
+    def forward(
+        self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, n * d]``: the members' ``[B, d]`` queries side by side, divided by ``n``."""
+        out = torch.cat([m(indices, offsets, weights) for m in self.members], 1)  # [B, n*d]
+        return out / self.num_members
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The members' sparse-gradient parameters."""
+        return [p for m in self.members for p in m.sparse_parameters()]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """All other parameters."""
+        return [p for m in self.members for p in m.dense_parameters()]
+
+
 @torch.no_grad()
 def encode_csr(
-    encoder: SparseEncoder,
+    encoder: SparseEncoder | EnsembleEncoder,
     X: sp.spmatrix,
     batch_size: int = 4096,
     show_progress: bool = False,

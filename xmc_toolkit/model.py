@@ -100,16 +100,20 @@ class XMCModel:
         return X
 
     def predict_topk(self, X: sp.spmatrix, k: int = 5, *, approx: bool = False,
-                     chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                     chunk_size: int = 65536, num_cells: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` labels of each row: ``ids`` int64 ``[N, k]``, ``scores`` float32 ``[N, k]``.
 
-        ``approx=True`` uses the MIDX inverted multi-index (faster for very large ``L``).
+        ``approx=True`` uses the MIDX inverted multi-index (faster for very large ``L``),
+        probing ``num_cells`` codeword-pair cells per query (``None``: the default of
+        :func:`xmc_toolkit.evaluate.predict_topk`; more cells, higher recall).
         """
         from .evaluate import predict_topk
 
         X = self._check_X(X)
+        extra = {} if num_cells is None else {"num_cells": num_cells}
         return predict_topk(self.fitted, X, k, chunk_size=chunk_size, approx=approx,
-                            batch_size=self.config.eval_batch_size)
+                            batch_size=self.config.eval_batch_size, **extra)
 
     def encode(self, X: sp.spmatrix) -> np.ndarray:
         """Query embeddings ``[N, d]`` float32 of raw feature rows."""

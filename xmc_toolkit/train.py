@@ -43,7 +43,7 @@ from .device import resolve_device
 from .errors import CheckpointError, ConfigError, XMCError
 
 if TYPE_CHECKING:
-    from .encoder import SparseEncoder
+    from .encoder import EnsembleEncoder, SparseEncoder
 
 __all__ = [
     "LOSSES",
@@ -120,6 +120,11 @@ class TrainConfig(ConfigBase):
     l2_normalize: bool = field(default=True, metadata=_h(
         "L2-normalize every input row after TF-IDF (--l2-normalize/--no-l2-normalize)"))
     label_bias: bool = field(default=True, metadata=_h("learn a per-label bias (--label-bias)"))
+    ensemble: int = field(default=1, metadata=_h(
+        "members: independently initialised encoders, each with its own block of the label table"
+        " and its own loss, trained side by side on the same batches; scores are the members'"
+        " mean (one [L, n*d] table, so top-k, export and the MIDX index work unchanged); costs"
+        " n times one model (--ensemble)"))
     # -- loss and sampling --------------------------------------------------------------------
     loss: str = field(default="auto", metadata=_h(
         "auto | full | sampled | negative-sampling; auto: full softmax when the number of labels"
@@ -232,7 +237,7 @@ class TrainConfig(ConfigBase):
         choice("bag_optimizer", self.bag_optimizer, ("auto", "adamw", "sparse-adam"))
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
                                                          "adagrad"))
-        for name in ("dim", "epochs", "batch_size", "negatives", "eval_chunk_size",
+        for name in ("dim", "ensemble", "epochs", "batch_size", "negatives", "eval_chunk_size",
                      "eval_batch_size", "full_max_labels", "lr"):
             positive(name, getattr(self, name))
         for name in ("codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
@@ -387,30 +392,39 @@ class Preprocessor:
 
 
 def build_encoder(num_features: int, config: TrainConfig, *,
-                  sparse_grad: bool | None = None) -> SparseEncoder:
-    """The :class:`SparseEncoder` that ``config`` describes (auto width resolved for ``D``).
+                  sparse_grad: bool | None = None) -> SparseEncoder | EnsembleEncoder:
+    """The :class:`SparseEncoder` that ``config`` describes (auto width resolved for ``D``);
+    an :class:`EnsembleEncoder` of ``config.ensemble`` of them when that is above 1.
 
     ``sparse_grad=None`` follows ``--bag-optimizer``; the bag's own init is :func:`init_bag`.
     """
-    from .encoder import SparseEncoder
+    from .encoder import EnsembleEncoder, SparseEncoder
 
     if sparse_grad is None:
         sparse_grad = config.resolved_bag_optimizer(num_features) == "sparse-adam"
-    return SparseEncoder(
-        num_features, dim=config.dim, hidden=config.resolved_hidden(num_features),
-        dropout=config.dropout, norm=config.norm, linear_only=config.linear_only,
-        input_dropout=config.input_dropout, sparse_grad=sparse_grad)
+
+    def one() -> SparseEncoder:
+        return SparseEncoder(
+            num_features, dim=config.dim, hidden=config.resolved_hidden(num_features),
+            dropout=config.dropout, norm=config.norm, linear_only=config.linear_only,
+            input_dropout=config.input_dropout, sparse_grad=sparse_grad)
+
+    if config.ensemble > 1:
+        return EnsembleEncoder([one() for _ in range(config.ensemble)])
+    return one()
 
 
-def init_bag(encoder: SparseEncoder, config: TrainConfig) -> None:
+def init_bag(encoder: SparseEncoder | EnsembleEncoder, config: TrainConfig) -> None:
     """Re-initialize the input bag rows from N(0, ``bag_init_std``) (no-op when it is 0).
 
     N(0, 1) bag rows give O(1) hidden pre-activations on L2-normalized inputs; the encoder's own
     1/sqrt(width) default trains markedly worse on Bibtex (55 vs 62 P@1).
     """
     if config.bag_init_std > 0:
+        members = getattr(encoder, "members", [encoder])
         with torch.no_grad():
-            nn.init.normal_(encoder.bag.weight, std=config.bag_init_std)
+            for m in members:
+                nn.init.normal_(m.bag.weight, std=config.bag_init_std)
 
 
 class XMCNetwork(nn.Module):
@@ -429,12 +443,14 @@ class XMCNetwork(nn.Module):
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
         self.encoder = build_encoder(num_features, config)
-        self.labels = LabelTable(num_labels, config.dim, bias=config.label_bias)
+        self.members = int(getattr(self.encoder, "num_members", 1))
+        self.labels = LabelTable(num_labels, self.members * config.dim, bias=config.label_bias)
         init_bag(self.encoder, config)  # after the label table: keeps the seeded draws' order
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        """Queries ``[B, d]`` of a batch of EmbeddingBag inputs."""
+        """Queries ``[B, n * d]`` of a batch of EmbeddingBag inputs (``n = 1`` members unless
+        ``--ensemble``; an ensemble's query is its members' side by side, divided by ``n``)."""
         return self.encoder(indices, offsets, weights)
 
     def label_parameters(self) -> list[nn.Parameter]:
@@ -1246,21 +1262,15 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
     """
     from . import losses
 
+    n = int(getattr(network, "members", 1))
+    if n > 1:  # an ensemble: every member's own loss on its own queries and label block
+        return _member_losses(network, queries, pos_ids, pos_mask, loss_name, n,
+                              sampler=sampler, negatives=negatives, shared=shared,
+                              generator=generator, correct_target=correct_target,
+                              chunk_size=chunk_size, bce_weight=bce_weight)
     if loss_name == "full":
-        loss = losses.full_softmax_loss(queries, network.label_weight, pos_ids, pos_mask,
-                                        network.label_bias, chunk_size=chunk_size)
-        if bce_weight > 0:
-            scores = queries @ network.label_weight.t()  # [B, L]
-            if network.label_bias is not None:
-                scores = scores + network.label_bias
-            target = torch.zeros_like(scores)  # [B, L]
-            target.scatter_(1, torch.where(pos_mask, pos_ids, 0),
-                            pos_mask.to(scores.dtype))  # padding writes 0 into column 0
-            target[:, 0] = torch.maximum(
-                target[:, 0], ((pos_ids == 0) & pos_mask).any(1).to(scores.dtype))
-            loss = loss + bce_weight * nn.functional.binary_cross_entropy_with_logits(
-                scores, target, reduction="sum") / scores.shape[0]
-        return loss
+        return _full_loss(queries, network.label_weight, network.label_bias, pos_ids, pos_mask,
+                          chunk_size, bce_weight)
     qd = queries.detach()
     smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
     pos_scores = network.labels.score_ids(queries, pos_ids)  # [B, P]
@@ -1271,6 +1281,89 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
                                            neg_scores, smp.ids, smp.log_q,
                                            correct_target=correct_target)
     return losses.negative_sampling_loss(pos_scores, pos_ids, pos_mask, neg_scores, smp.ids)
+
+
+def _full_loss(queries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               pos_ids: torch.Tensor, pos_mask: torch.Tensor, chunk_size: int,
+               bce_weight: float) -> torch.Tensor:
+    """Full softmax loss of queries ``[B, d]`` against ``weight [L, d]`` (+ the BCE term)."""
+    from . import losses
+
+    loss = losses.full_softmax_loss(queries, weight, pos_ids, pos_mask, bias,
+                                    chunk_size=chunk_size)
+    if bce_weight > 0:
+        scores = queries @ weight.t()  # [B, L]
+        if bias is not None:
+            scores = scores + bias
+        target = torch.zeros_like(scores)  # [B, L]
+        target.scatter_(1, torch.where(pos_mask, pos_ids, 0),
+                        pos_mask.to(scores.dtype))  # padding writes 0 into column 0
+        target[:, 0] = torch.maximum(
+            target[:, 0], ((pos_ids == 0) & pos_mask).any(1).to(scores.dtype))
+        loss = loss + bce_weight * nn.functional.binary_cross_entropy_with_logits(
+            scores, target, reduction="sum") / scores.shape[0]
+    return loss
+
+
+def member_score_ids(labels: Any, queries: torch.Tensor, ids: torch.Tensor,
+                     members: int) -> torch.Tensor:
+    """Every ensemble member's scores of given labels.
+
+    Args:
+        labels: the :class:`~xmc_toolkit.output_layer.LabelTable` (``[L, n * d]``).
+        queries: ``[B, n * d]`` ensemble queries (the members' side by side, divided by ``n``).
+        ids: ``[B, M]`` per-query or ``[M]`` shared label ids.
+        members: ``n``.
+
+    Returns:
+        ``[B, M, n]``: ``q_i . w_i[id] + b[id]`` for member ``i`` (its unscaled query).
+    """
+    B = queries.shape[0]
+    d = queries.shape[1] // members
+    qn = queries.view(B, members, d) * members  # [B, n, d] the members' own queries
+    w = labels.weight(ids)  # [M, n*d] or [B, M, n*d]
+    if ids.dim() == 1:
+        s = torch.einsum("bnd,mnd->bmn", qn, w.view(-1, members, d))  # [B, M, n]
+    else:
+        s = torch.einsum("bmnd,bnd->bmn", w.view(B, -1, members, d), qn)  # [B, M, n]
+    if labels.bias is not None:
+        bias = labels.bias(ids)  # [M, 1] or [B, M, 1]
+        s = s + (bias.view(1, -1, 1) if ids.dim() == 1 else bias)
+    return s
+
+
+def _member_losses(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tensor,
+                   pos_mask: torch.Tensor, loss_name: str, n: int, *, sampler: Any,
+                   negatives: int, shared: bool, generator: torch.Generator | None,
+                   correct_target: bool, chunk_size: int, bce_weight: float) -> torch.Tensor:
+    """Mean over the ``n`` ensemble members of each member's loss.
+
+    Member ``i`` scores with its own query ``n * queries[:, i*d:(i+1)*d]`` against its own
+    label block ``W[:, i*d:(i+1)*d]`` and the shared bias. Sampled losses draw one set of
+    negatives per step from the sampler over the ensemble's mean scores and correct every
+    member with the same exact ``log q`` (any full-support proposal keeps the estimator valid).
+    """
+    from . import losses
+
+    d = queries.shape[1] // n
+    if loss_name == "full":
+        W, b = network.label_weight, network.label_bias
+        parts = [_full_loss(queries[:, i * d:(i + 1) * d] * n, W[:, i * d:(i + 1) * d], b,
+                            pos_ids, pos_mask, chunk_size, bce_weight) for i in range(n)]
+        return torch.stack(parts).mean()
+    qd = queries.detach()
+    smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
+    pos_scores = member_score_ids(network.labels, queries, pos_ids, n)  # [B, P, n]
+    neg_scores = member_score_ids(network.labels, queries, smp.ids, n)  # [B, M, n]
+    if loss_name == "sampled":
+        pos_log_q = sampler.log_prob(qd, pos_ids)  # [B, P]
+        parts = [losses.sampled_softmax_loss(pos_scores[..., i], pos_ids, pos_mask, pos_log_q,
+                                             neg_scores[..., i], smp.ids, smp.log_q,
+                                             correct_target=correct_target) for i in range(n)]
+    else:
+        parts = [losses.negative_sampling_loss(pos_scores[..., i], pos_ids, pos_mask,
+                                               neg_scores[..., i], smp.ids) for i in range(n)]
+    return torch.stack(parts).mean()
 
 
 # ------------------------------------------------------------------------------------------------
