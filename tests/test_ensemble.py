@@ -70,7 +70,7 @@ def test_encoder_parameter_split_and_errors():
     with pytest.raises(ConfigError, match="disagree"):
         EnsembleEncoder([members[0], SparseEncoder(F, dim=D + 1, hidden=(8,))])
     with pytest.raises(ConfigError, match="ensemble"):
-        TrainConfig(ensemble=0).validate()
+        TrainConfig(ensemble=-1).validate()
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -149,3 +149,19 @@ def test_ensemble_midx_training_runs():
     model = XMCModel(**FAST, ensemble=3, loss="sampled", sampler="midx", negatives=3,
                      refresh_every=5).fit(X, Y)
     assert model.evaluate(X, Y)["P@1"] > 0.6
+
+
+def test_auto_resolves_by_training_rows_and_is_saved(tmp_path):
+    cfg = TrainConfig()
+    assert cfg.ensemble == 0 and cfg.resolved_ensemble(4880) == 3
+    assert cfg.resolved_ensemble(50_000) == 3 and cfg.resolved_ensemble(50_001) == 1
+    assert TrainConfig(ensemble=2).resolved_ensemble(10 ** 7) == 2  # explicit wins
+    assert TrainConfig(ensemble_max_points=0).resolved_ensemble(10) == 1
+    X, Y = make_tiny_problem(60)
+    model = XMCModel(**{**FAST, "epochs": 2}).fit(X, Y)  # ensemble auto on 60 rows: 3
+    assert model.label_embeddings().shape == (6, 24)
+    assert model.fitted.config.ensemble == 3 and model.config.ensemble == 0
+    model.save(tmp_path / "m")
+    loaded = XMCModel.load(tmp_path / "m", device="cpu")
+    assert loaded.fitted.config.ensemble == 3
+    np.testing.assert_array_equal(loaded.encode(X), model.encode(X))

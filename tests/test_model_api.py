@@ -14,7 +14,7 @@ from xmc_toolkit.errors import CheckpointError, ConfigError, XMCError
 from xmc_toolkit.metrics import evaluate as evaluate_metrics
 
 FAST = dict(epochs=20, batch_size=16, hidden=(32,), dim=16, lr=0.02, warmup_steps=5,
-            dropout=0.0, ks=(1, 3), device="cpu")
+            dropout=0.0, ks=(1, 3), device="cpu", ensemble=1)
 
 
 @pytest.fixture(scope="module")

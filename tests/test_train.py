@@ -21,7 +21,7 @@ from xmc_toolkit.train import (TrainConfig, Trainer, XMCNetwork, _clip_grad_norm
                                inverse_propensity_from_counts)
 
 TINY = dict(epochs=12, batch_size=16, hidden=(32,), dim=16, lr=0.03, warmup_steps=5,
-            dropout=0.0, ks=(1, 3), device="cpu", seed=0)
+            dropout=0.0, ks=(1, 3), device="cpu", seed=0, ensemble=1)
 
 COMBOS = [
     dict(loss="full"),
@@ -258,18 +258,18 @@ def test_ema_final_weights_equal_hand_computed_average(tiny_xy):
 
 
 def test_auto_hidden_width_follows_the_parameter_budget():
-    """hidden=(0,) resolves to the largest power of two in [256, 4096] with D*w <= budget."""
+    """hidden=(0,) resolves to the largest power of two in [256, 8192] with D*w <= budget."""
     cfg = TrainConfig()
-    assert cfg.hidden == (0,) and cfg.hidden_budget == 2 ** 23
-    assert cfg.resolved_hidden(1836) == (4096,)  # Bibtex: 1836 * 4096 = 7.5M <= 8.4M
-    assert cfg.resolved_hidden(2048) == (4096,)  # exactly the budget
-    assert cfg.resolved_hidden(2049) == (2048,)
-    assert cfg.resolved_hidden(20000) == (256,)  # 512 * 20000 = 10.2M > 8.4M
+    assert cfg.hidden == (0,) and cfg.hidden_budget == 2 ** 24
+    assert cfg.resolved_hidden(1836) == (8192,)  # Bibtex: 1836 * 8192 = 15.0M <= 16.8M
+    assert cfg.resolved_hidden(2048) == (8192,)  # exactly the budget
+    assert cfg.resolved_hidden(2049) == (4096,)
+    assert cfg.resolved_hidden(20000) == (512,)  # 1024 * 20000 = 20.5M > 16.8M
     assert cfg.resolved_hidden(10 ** 7) == (256,)  # the floor
-    assert TrainConfig(hidden=(0, 64)).resolved_hidden(1836) == (4096, 64)
+    assert TrainConfig(hidden=(0, 64)).resolved_hidden(1836) == (8192, 64)
     assert TrainConfig(hidden=(300,)).resolved_hidden(10 ** 7) == (300,)  # explicit wins
     net = XMCNetwork(1836, 5, TrainConfig(dim=8))
-    assert net.encoder.bag.weight.shape == (1836, 4096)
+    assert net.encoder.bag.weight.shape == (1836, 8192)
     assert not net.encoder.bag.sparse  # bag_optimizer=auto: dense below 8192 features
     assert XMCNetwork(9000, 5, TrainConfig(dim=8)).encoder.bag.sparse
     probs = TrainConfig(hidden=(64, 0), input_dropout=1.0, ema=1.5).problems()

@@ -78,7 +78,7 @@ class XMCModel:
         if trainer.sampler is not None and trainer.sampler.needs_update:
             sampler_state = trainer.sampler.state_dict()
         self._model = LoadedModel(
-            network=trainer.network, preprocessor=trainer.preprocessor, config=self.config,
+            network=trainer.network, preprocessor=trainer.preprocessor, config=trainer.config,
             label_names=label_names, label_counts=trainer.label_counts,  # type: ignore[arg-type]
             num_train=trainer.num_train, sampler_state=sampler_state,
             summary=self.result.to_dict())

@@ -100,12 +100,12 @@ class TrainConfig(ConfigBase):
     hidden: tuple[int, ...] = field(
         default=(0,),
         metadata=_h("hidden layer widths of the encoder MLP; the first is the EmbeddingBag width;"
-                    " a first width of 0 means auto: the largest power of two in [256, 4096] with"
+                    " a first width of 0 means auto: the largest power of two in [256, 8192] with"
                     " D x width <= hidden_budget (--hidden 0, --hidden 1024, --hidden 1024,512)"))
-    hidden_budget: int = field(default=2 ** 23, metadata=_h(
+    hidden_budget: int = field(default=2 ** 24, metadata=_h(
         "parameter budget D x width of the EmbeddingBag for the auto hidden width"
         " (--hidden-budget)"))
-    dropout: float = field(default=0.7, metadata=_h("dropout after each hidden layer (--dropout)"))
+    dropout: float = field(default=0.75, metadata=_h("dropout after each hidden layer (--dropout)"))
     input_dropout: float = field(default=0.3, metadata=_h(
         "drop each non-zero input feature with this probability in training (--input-dropout)"))
     norm: str = field(default="none", metadata=_h("normalization after each hidden layer: none |"
@@ -120,11 +120,15 @@ class TrainConfig(ConfigBase):
     l2_normalize: bool = field(default=True, metadata=_h(
         "L2-normalize every input row after TF-IDF (--l2-normalize/--no-l2-normalize)"))
     label_bias: bool = field(default=True, metadata=_h("learn a per-label bias (--label-bias)"))
-    ensemble: int = field(default=1, metadata=_h(
+    ensemble: int = field(default=0, metadata=_h(
         "members: independently initialised encoders, each with its own block of the label table"
         " and its own loss, trained side by side on the same batches; scores are the members'"
         " mean (one [L, n*d] table, so top-k, export and the MIDX index work unchanged); costs"
-        " n times one model (--ensemble)"))
+        " n times one model; 0: auto = 3 when the training set has at most ensemble_max_points"
+        " rows, else 1 (--ensemble)"))
+    ensemble_max_points: int = field(default=50_000, metadata=_h(
+        "largest training set (rows) for which ensemble=0 (auto) trains 3 members"
+        " (--ensemble-max-points)"))
     # -- loss and sampling --------------------------------------------------------------------
     loss: str = field(default="auto", metadata=_h(
         "auto | full | sampled | negative-sampling; auto: full softmax when the number of labels"
@@ -237,10 +241,10 @@ class TrainConfig(ConfigBase):
         choice("bag_optimizer", self.bag_optimizer, ("auto", "adamw", "sparse-adam"))
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
                                                          "adagrad"))
-        for name in ("dim", "ensemble", "epochs", "batch_size", "negatives", "eval_chunk_size",
+        for name in ("dim", "epochs", "batch_size", "negatives", "eval_chunk_size",
                      "eval_batch_size", "full_max_labels", "lr"):
             positive(name, getattr(self, name))
-        for name in ("codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
+        for name in ("ensemble", "ensemble_max_points", "codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
                      "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
                      "psp_b", "sparse_features_min", "bce_weight", "hidden_budget"):
             positive(name, getattr(self, name), zero_ok=True)
@@ -337,17 +341,27 @@ class TrainConfig(ConfigBase):
     def resolved_hidden(self, num_features: int) -> tuple[int, ...]:
         """Hidden widths with an auto (0) first width resolved for ``num_features`` inputs.
 
-        Auto: the largest power of two ``w`` in ``[256, 4096]`` with ``D * w <=
+        Auto: the largest power of two ``w`` in ``[256, 8192]`` with ``D * w <=
         hidden_budget`` (256 when even that exceeds the budget): wide layers help on small
-        feature spaces (Bibtex, ``D = 1836``: 4096) while the ``[D, w]`` bag stays bounded.
+        feature spaces (Bibtex, ``D = 1836``: 8192) while the ``[D, w]`` bag stays bounded.
         """
         hidden = tuple(self.hidden)
         if not hidden or hidden[0] != 0:
             return hidden
-        width = 4096
+        width = 8192
         while width > 256 and num_features * width > self.hidden_budget:
             width //= 2
         return (width,) + hidden[1:]
+
+    def resolved_ensemble(self, num_points: int) -> int:
+        """Members after resolving ``ensemble=0`` (auto) for ``num_points`` training rows.
+
+        Auto: 3 members up to ``ensemble_max_points`` rows (small data sets, where one network's
+        variance dominates and three cost minutes), else 1.
+        """
+        if self.ensemble > 0:
+            return int(self.ensemble)
+        return 3 if num_points <= self.ensemble_max_points else 1
 
     def resolved_bag_optimizer(self, num_features: int) -> str:
         """``adamw`` or ``sparse-adam`` for the EmbeddingBag weight after resolving ``auto``."""
@@ -817,6 +831,9 @@ class Trainer:
 
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
+        if cfg.ensemble == 0:  # resolve auto now: the saved config records what was built
+            cfg = self.config = dataclasses.replace(
+                cfg, ensemble=cfg.resolved_ensemble(train.num_points))
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
         self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
         X = self.preprocessor.transform(X_raw)
