@@ -23,7 +23,7 @@ echo "== 1/4 synthetic data: $LABELS labels, $POINTS train / $TEST_POINTS test p
 echo "== 2/4 xmc train: sampled softmax with the MIDX sampler ($EPOCHS epochs)"
 "$XMC" train --data "$OUT/train.txt" --out "$OUT/model" --loss sampled --sampler midx \
   --negatives 64 --epochs "$EPOCHS" --batch-size 256 --hidden 512 --dim 128 --dropout 0.2 \
-  --lr 0.002 --bag-optimizer sparse-adam --no-progress
+  --lr 0.002 --bag-optimizer sparse-adam --ensemble 1 --no-progress
 
 echo "== 3/4 xmc eval on the test file"
 "$XMC" eval --model "$OUT/model" --data "$OUT/test.txt" --k 5
