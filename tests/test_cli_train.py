@@ -145,3 +145,16 @@ def test_python_module_entry_point_has_same_flags():
     with pytest.raises(SystemExit) as exc:
         main(["--print-config"])
     assert exc.value.code == 0
+
+
+def test_cli_reference_lists_every_train_flag():
+    """docs/cli.md documents every TrainConfig field as a flag (guards against drift)."""
+    import dataclasses
+    from pathlib import Path
+
+    from xmc_toolkit.train import TrainConfig
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f"`--{f.name.replace('_', '-')}" not in doc]
+    assert not missing, f"docs/cli.md lacks {missing}"
