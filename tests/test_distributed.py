@@ -418,7 +418,8 @@ def _toy_config(**kw: Any):
 
     # no dropout: masks are drawn per rank, so only dropout-free runs match one process exactly
     base = dict(dim=16, hidden=(32,), dropout=0.0, input_dropout=0.0, epochs=4, batch_size=40,
-                lr=0.05, warmup_steps=0, loss="full", ks=(1, 3), seed=3, device="cpu", clip_grad=0.0)
+                lr=0.05, warmup_steps=0, loss="full", ks=(1, 3), seed=3, device="cpu", clip_grad=0.0,
+                ensemble=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -449,6 +450,15 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
 def train_results(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("dist_train")
     return tmp, _spawn(_train_worker, WORLD, tmp)
+
+
+def test_distributed_trainer_refuses_an_ensemble() -> None:
+    from xmc_toolkit.dist_train import DistContext, DistributedTrainer
+    from xmc_toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ensemble=2 is not available"):
+        DistributedTrainer(_toy_config(ensemble=2), DistContext(), None).fit(
+            _toy_data(0, 200), _toy_data(1, 80))
 
 
 def test_two_process_training_matches_one_process(train_results) -> None:
