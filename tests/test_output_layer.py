@@ -240,6 +240,37 @@ def test_approx_topk_candidate_cap_and_padding():
         approx_topk(q, W, b, object(), k=3)
 
 
+def _approx_reference(q, W, b, idx, k, num_cells, max_candidates=None):
+    """One query at a time: gather the probed cells' labels in cell-rank order, cut, score."""
+    out_s, out_i = [], []
+    logits = idx.cell_logits(q)
+    for r in range(q.shape[0]):
+        cells = torch.topk(logits[r], min(num_cells, logits.shape[1])).indices
+        cand = torch.cat([idx.cell_items[idx.cell_indptr[c]: idx.cell_indptr[c + 1]]
+                          for c in cells.tolist()])
+        if max_candidates is not None:
+            cand = cand[:max_candidates]
+        sc = q[r] @ W[cand].T + b[cand]
+        key = sorted(zip((-sc).tolist(), cand.tolist()))[:k]  # best score, then smallest id
+        out_s.append([-v for v, _ in key] + [float("-inf")] * (k - len(key)))
+        out_i.append([i for _, i in key] + [-1] * (k - len(key)))
+    return torch.tensor(out_s), torch.tensor(out_i)
+
+
+@pytest.mark.parametrize("row_block", [None, 1, 3, 64])
+@pytest.mark.parametrize("num_cells,max_candidates", [(1, None), (3, None), (5, 40)])
+def test_approx_topk_matches_per_query_reference(row_block, num_cells, max_candidates):
+    """Rows are re-ranked in blocks sorted by candidate count; every block size gives the
+    per-query reference's ids and scores, in the caller's row order."""
+    q, W, b = _clustered(L=400, B=23, seed=3)
+    idx = FakeIndex(W, K=5)
+    s, i = approx_topk(q, W, b, idx, k=7, num_cells=num_cells, max_candidates=max_candidates,
+                       row_block=row_block)
+    rs, ri = _approx_reference(q, W, b, idx, 7, num_cells, max_candidates)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(s, rs)
+
+
 def test_recall_at_k_vs_exact_reference():
     a = torch.tensor([[1, 2, 3], [4, 5, -1]])
     e = torch.tensor([[3, 2, 9], [6, 7, 4]])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -249,41 +250,51 @@ def approx_topk(
     total = ends[:, -1]  # [B]
     if max_candidates is not None:
         total = total.clamp(max=max_candidates)
-    M = max(int(total.max().item()) if total.numel() else 0, 1)
-    slot = torch.arange(M, device=dev).expand(queries.shape[0], M)  # [B, M]
-    rank = torch.searchsorted(ends, slot.contiguous(), right=True).clamp(max=nc - 1)  # [B, M]
-    within = slot - (ends - counts).gather(1, rank)  # [B, M] position inside its cell
-    pos = indptr[cells.gather(1, rank)] + within  # [B, M] position in cell_items
-    valid = slot < total.unsqueeze(1)  # [B, M]
-    cand = torch.where(valid, items[pos.clamp(max=items.numel() - 1)], -1)  # [B, M] label ids
-    bias_flat = None if bias is None else bias.reshape(-1)
     B, d = queries.shape
-    if row_block is None:  # bound the gathered [rows, M, d] block: 64M floats on GPU, 16M on CPU
-        budget = 1 << (26 if dev.type == "cuda" else 24)
-        row_block = max(1, budget // max(1, M * d))
-    out_s: list[torch.Tensor] = []
-    out_i: list[torch.Tensor] = []
-    kk = min(k, M)
-    for r in range(0, B, row_block):
-        c = cand[r : r + row_block]  # [b, M]
-        v = valid[r : r + row_block]
+    M_all = max(int(total.max().item()) if total.numel() else 0, 1)
+    kk = min(k, M_all)
+    bias_flat = None if bias is None else bias.reshape(-1)
+    # Rows sorted by candidate count, so each block pads only to its own largest row (a few
+    # queries that hit huge cells no longer inflate every block).
+    order = torch.argsort(total)  # [B]
+    tot_sorted = total[order].cpu().numpy()  # [B] ascending
+    budget = 1 << (26 if dev.type == "cuda" else 24)  # gathered [rows, M, d] floats per block
+    scores = queries.new_full((B, kk), float("-inf"))  # [B, kk]
+    ids = torch.full((B, kk), -1, dtype=torch.long, device=dev)  # [B, kk]
+    start = 0
+    while start < B:
+        if row_block is not None:
+            stop = min(B, start + row_block)
+        else:  # the most rows with rows x (largest count among them) x d <= budget
+            rows = np.arange(1, B - start + 1)
+            fits = rows * np.maximum(tot_sorted[start:], 1) * d <= budget
+            stop = start + max(1, int(np.count_nonzero(fits)))  # fits is monotone: a prefix
+        sel = order[start:stop]  # [b] original row ids
+        start = stop
+        M = max(int(tot_sorted[stop - 1]), 1)  # this block's largest candidate count
+        cl, en, tt = cells[sel], ends[sel], total[sel]  # [b, nc], [b, nc], [b]
+        cn = counts[sel]
+        slot = torch.arange(M, device=dev).expand(sel.numel(), M)  # [b, M]
+        rank = torch.searchsorted(en, slot.contiguous(), right=True).clamp(max=nc - 1)  # [b, M]
+        within = slot - (en - cn).gather(1, rank)  # [b, M] position inside its cell
+        pos = indptr[cl.gather(1, rank)] + within  # [b, M] position in cell_items
+        v = slot < tt.unsqueeze(1)  # [b, M]
+        c = torch.where(v, items[pos.clamp(max=items.numel() - 1)], -1)  # [b, M] label ids
         w = weight[c.clamp(min=0)]  # [b, M, d]
-        s = torch.einsum("bmd,bd->bm", w, queries[r : r + row_block])  # [b, M]
+        sc = torch.einsum("bmd,bd->bm", w, queries[sel])  # [b, M]
         if bias_flat is not None:
-            s = s + bias_flat[c.clamp(min=0)]
-        s = s.masked_fill(~v, float("-inf"))
+            sc = sc + bias_flat[c.clamp(min=0)]
+        sc = sc.masked_fill(~v, float("-inf"))
         # Order candidates by id so ties resolve to the smallest id (-1 padding sorts first but
         # carries -inf, so it only appears when a row has fewer than k candidates).
         c_sorted, perm = torch.sort(c, dim=1)
-        s_sorted = s.gather(1, perm)
-        vals, cols = _select_topk_stable(s_sorted, kk)  # [b, kk] in id order
-        ids = c_sorted.gather(1, cols)
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-        vals, ids = vals.gather(1, order), ids.gather(1, order)
-        out_s.append(vals)
-        out_i.append(ids)
-    scores = torch.cat(out_s, 0)  # [B, kk]
-    ids = torch.cat(out_i, 0)
+        s_sorted = sc.gather(1, perm)
+        kb = min(kk, M)
+        vals, cols = _select_topk_stable(s_sorted, kb)  # [b, kb] in id order
+        bid = c_sorted.gather(1, cols)
+        o = torch.sort(vals, dim=1, descending=True, stable=True).indices
+        scores[sel, :kb] = vals.gather(1, o)
+        ids[sel, :kb] = bid.gather(1, o)
     if kk < k:  # fewer candidates than k everywhere: pad
         pad = k - kk
         scores = torch.cat([scores, scores.new_full((B, pad), float("-inf"))], 1)
