@@ -1262,7 +1262,8 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
 
     Args:
         network: gives the label table.
-        queries: ``[B, d] float32``.
+        queries: ``[B, n * d] float32`` (``n = network.members``; 1 unless an ensemble, whose
+            loss is the mean of its members' losses).
         pos_ids: ``[B, P] int64`` padded positives; pos_mask ``[B, P] bool``.
         loss_name: ``full | sampled | negative-sampling``.
         sampler: a :class:`xmc_toolkit.sampling.Sampler` (sampled losses).
@@ -1279,25 +1280,30 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
     """
     from . import losses
 
-    n = int(getattr(network, "members", 1))
-    if n > 1:  # an ensemble: every member's own loss on its own queries and label block
-        return _member_losses(network, queries, pos_ids, pos_mask, loss_name, n,
-                              sampler=sampler, negatives=negatives, shared=shared,
-                              generator=generator, correct_target=correct_target,
-                              chunk_size=chunk_size, bce_weight=bce_weight)
+    n = int(getattr(network, "members", 1))  # ensemble members: each gets its own loss
     if loss_name == "full":
-        return _full_loss(queries, network.label_weight, network.label_bias, pos_ids, pos_mask,
-                          chunk_size, bce_weight)
-    qd = queries.detach()
-    smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
-    pos_scores = network.labels.score_ids(queries, pos_ids)  # [B, P]
-    neg_scores = network.labels.score_ids(queries, smp.ids)  # [B, M]
-    if loss_name == "sampled":
-        pos_log_q = sampler.log_prob(qd, pos_ids)  # [B, P]
-        return losses.sampled_softmax_loss(pos_scores, pos_ids, pos_mask, pos_log_q,
-                                           neg_scores, smp.ids, smp.log_q,
-                                           correct_target=correct_target)
-    return losses.negative_sampling_loss(pos_scores, pos_ids, pos_mask, neg_scores, smp.ids)
+        d = queries.shape[1] // n  # member i: its query n * q[:, i*d:(i+1)*d], its label block
+        W, b = network.label_weight, network.label_bias
+        parts = [_full_loss(queries[:, i * d:(i + 1) * d] * n if n > 1 else queries,
+                            W[:, i * d:(i + 1) * d] if n > 1 else W, b, pos_ids, pos_mask,
+                            chunk_size, bce_weight) for i in range(n)]
+    else:
+        # one draw per step, from the sampler over the (ensemble's mean) scores; every member
+        # gets the same exact log q (any full-support proposal keeps the estimator consistent)
+        qd = queries.detach()
+        smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
+        pos_scores = member_score_ids(network.labels, queries, pos_ids, n)  # [B, P, n]
+        neg_scores = member_score_ids(network.labels, queries, smp.ids, n)  # [B, M, n]
+        if loss_name == "sampled":
+            pos_log_q = sampler.log_prob(qd, pos_ids)  # [B, P]
+            parts = [losses.sampled_softmax_loss(
+                pos_scores[..., i], pos_ids, pos_mask, pos_log_q, neg_scores[..., i], smp.ids,
+                smp.log_q, correct_target=correct_target) for i in range(n)]
+        else:
+            parts = [losses.negative_sampling_loss(pos_scores[..., i], pos_ids, pos_mask,
+                                                   neg_scores[..., i], smp.ids)
+                     for i in range(n)]
+    return parts[0] if n == 1 else torch.stack(parts).mean()
 
 
 def _full_loss(queries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -1335,6 +1341,8 @@ def member_score_ids(labels: Any, queries: torch.Tensor, ids: torch.Tensor,
     Returns:
         ``[B, M, n]``: ``q_i . w_i[id] + b[id]`` for member ``i`` (its unscaled query).
     """
+    if members == 1:
+        return labels.score_ids(queries, ids).unsqueeze(-1)  # [B, M, 1]
     B = queries.shape[0]
     d = queries.shape[1] // members
     qn = queries.view(B, members, d) * members  # [B, n, d] the members' own queries
@@ -1347,40 +1355,6 @@ def member_score_ids(labels: Any, queries: torch.Tensor, ids: torch.Tensor,
         bias = labels.bias(ids)  # [M, 1] or [B, M, 1]
         s = s + (bias.view(1, -1, 1) if ids.dim() == 1 else bias)
     return s
-
-
-def _member_losses(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tensor,
-                   pos_mask: torch.Tensor, loss_name: str, n: int, *, sampler: Any,
-                   negatives: int, shared: bool, generator: torch.Generator | None,
-                   correct_target: bool, chunk_size: int, bce_weight: float) -> torch.Tensor:
-    """Mean over the ``n`` ensemble members of each member's loss.
-
-    Member ``i`` scores with its own query ``n * queries[:, i*d:(i+1)*d]`` against its own
-    label block ``W[:, i*d:(i+1)*d]`` and the shared bias. Sampled losses draw one set of
-    negatives per step from the sampler over the ensemble's mean scores and correct every
-    member with the same exact ``log q`` (any full-support proposal keeps the estimator valid).
-    """
-    from . import losses
-
-    d = queries.shape[1] // n
-    if loss_name == "full":
-        W, b = network.label_weight, network.label_bias
-        parts = [_full_loss(queries[:, i * d:(i + 1) * d] * n, W[:, i * d:(i + 1) * d], b,
-                            pos_ids, pos_mask, chunk_size, bce_weight) for i in range(n)]
-        return torch.stack(parts).mean()
-    qd = queries.detach()
-    smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
-    pos_scores = member_score_ids(network.labels, queries, pos_ids, n)  # [B, P, n]
-    neg_scores = member_score_ids(network.labels, queries, smp.ids, n)  # [B, M, n]
-    if loss_name == "sampled":
-        pos_log_q = sampler.log_prob(qd, pos_ids)  # [B, P]
-        parts = [losses.sampled_softmax_loss(pos_scores[..., i], pos_ids, pos_mask, pos_log_q,
-                                             neg_scores[..., i], smp.ids, smp.log_q,
-                                             correct_target=correct_target) for i in range(n)]
-    else:
-        parts = [losses.negative_sampling_loss(pos_scores[..., i], pos_ids, pos_mask,
-                                               neg_scores[..., i], smp.ids) for i in range(n)]
-    return torch.stack(parts).mean()
 
 
 # ------------------------------------------------------------------------------------------------
