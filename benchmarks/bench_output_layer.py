@@ -156,7 +156,7 @@ class Bench:
             q.grad = None
             qd = q.detach()
             s = sampler.sample(qd, self.M, shared=shared)  # ids [B, M] or [M]
-            pos_lq = sampler.log_prob(qd, self.pos_ids)  # [B, P]
+            pos_lq = sampler.log_prob(qd, self.pos_ids, shared=shared)  # [B, P] (mixture if shared)
             pos_s = table.score_ids(q, self.pos_ids)  # [B, P]
             neg_s = table.score_ids(q, s.ids)  # [B, M]
             loss = sampled_softmax_loss(pos_s, self.pos_ids, self.pos_mask, pos_lq, neg_s,

@@ -388,6 +388,31 @@ def test_conditional_one_rank_equals_library_sampled_softmax(shared) -> None:
     torch.testing.assert_close(loss, lib.to(loss.dtype))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_conditional_one_rank_query_dependent_proposal(shared) -> None:
+    """With a query-dependent proposal (the exact softmax) the conditional correction scores
+    the positives under the law of the draws: per query, or the batch mixture when shared (the
+    library loss with ``log_prob(..., shared=shared)``; issue 11)."""
+    from xmc_toolkit.losses import sampled_softmax_loss
+    from xmc_toolkit.sampling import MIDXSampler
+
+    Q, W, b, pos, mask = _problem(5, 8, 4, 17, 3)
+    Q, W, b = 3 * Q.float(), W.float(), b.float()  # confident rows: q_b(P) far from qbar(P)
+    sampler = MIDXSampler(17, 3, within_cell="exact", seed=0)
+    sampler.update(W, b)
+    loss, smp = D.sharded_sampled_softmax_loss(
+        Q, W, b, pos, mask, 0, sampler, 9, shared=shared,
+        generator=torch.Generator().manual_seed(1), correction="conditional", return_samples=True,
+    )
+    S = Q @ W.t() + b
+    neg_scores = S[:, smp.ids] if shared else S.gather(1, smp.ids)
+    lib = sampled_softmax_loss(
+        S.gather(1, pos), pos, mask, sampler.log_prob(Q, pos, shared=shared), neg_scores,
+        smp.ids, smp.log_q,
+    )
+    torch.testing.assert_close(loss, lib.to(loss.dtype))
+
+
 # ------------------------------------------------------------------------------------------
 # distributed trainer: 2 processes vs 1, sharded checkpoints
 # ------------------------------------------------------------------------------------------

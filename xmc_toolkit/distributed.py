@@ -545,7 +545,9 @@ def sharded_sampled_softmax_loss(
             hits count as zero). ``"conditional"``: per shard, divide by the number ``M'_{i,r}``
             of non-hit draws and multiply by ``1 - q_r(P_i in shard r)``, i.e. the per-stratum
             version of :func:`xmc_toolkit.losses.sampled_softmax_loss`'s default; with one
-            rank it equals that function (needs ``sampler.log_prob``).
+            rank it equals that function (needs ``sampler.log_prob(queries, ids, shared)``).
+            With ``shared`` the draws follow the mixture ``qbar_r = (1/N) sum_i q_r(. | q_i)``
+            over the gathered batch, so ``q_r(P_i)`` is ``qbar_r(P_i)`` there.
         sparse_grad: sparse gradient for ``local_weight`` (use with ``torch.optim.SparseAdam``).
         return_samples: also return this rank's :class:`ShardedSamples`.
 
@@ -595,7 +597,10 @@ def sharded_sampled_softmax_loss(
         else:
             m_eff = (~hits).sum(1).clamp_min(1).to(neg.dtype)  # [N] non-hit draws M'_{i,r}
             idx = torch.where(own, local_pos, torch.zeros_like(local_pos))  # [N, P]
-            lq_pos = sampler.log_prob(q_all.detach(), idx).to(neg.device, neg.dtype)  # [N, P]
+            # the positives' log q under the law of the draws: q_r(. | q_i) per query, the
+            # batch mixture (1/N) sum_i q_r(. | q_i) in shared mode (docs/losses.md)
+            lq_pos = sampler.log_prob(q_all.detach(), idx, shared=shared).to(
+                neg.device, neg.dtype)  # [N, P]
             q_own = torch.where(own, lq_pos.exp(), torch.zeros_like(lq_pos)).sum(1)  # [N]
             tiny = torch.finfo(neg.dtype).tiny
             log_rest = torch.log((1.0 - q_own).clamp_min(tiny))  # [N] log(1 - q_r(P_i))

@@ -1295,7 +1295,10 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
         pos_scores = member_score_ids(network.labels, queries, pos_ids, n)  # [B, P, n]
         neg_scores = member_score_ids(network.labels, queries, smp.ids, n)  # [B, M, n]
         if loss_name == "sampled":
-            pos_log_q = sampler.log_prob(qd, pos_ids)  # [B, P]
+            # the positives' log q under the law the negatives were drawn from: per query
+            # q_b, or in shared mode the batch mixture qbar = (1/B) sum_b q_b (the estimator
+            # divides by 1 - qbar(P_b); q_b(P_b) there biases the loss, see docs/losses.md)
+            pos_log_q = sampler.log_prob(qd, pos_ids, shared=shared)  # [B, P]
             parts = [losses.sampled_softmax_loss(
                 pos_scores[..., i], pos_ids, pos_mask, pos_log_q, neg_scores[..., i], smp.ids,
                 smp.log_q, correct_target=correct_target) for i in range(n)]
