@@ -87,7 +87,12 @@ def csr_to_padded(
 
     Returns:
         ``pos_ids`` int64 ``[B, P]`` (padding holds 0) and ``pos_mask`` bool ``[B, P]`` where
-        ``P = max(1, max positives per row)``. Ids keep the row's stored order.
+        ``P = max(1, max positives per row)``. Ids keep the row's stored order. Every id is
+        checked here, on the host, to lie in ``[0, L)``, so that consumers on a device need not
+        check them again (a device-side check costs a synchronisation).
+
+    Raises:
+        DataFormatError: a stored column index lies outside ``[0, L)`` (a malformed matrix).
     """
     Y = _as_csr(Y, "Y")
     B = Y.shape[0]
@@ -95,6 +100,16 @@ def csr_to_padded(
     counts = np.diff(indptr)  # [B]
     P = max(1, int(counts.max()) if B else 1)
     nnz = int(indptr[-1])
+    if nnz:
+        lo, hi = int(Y.indices[:nnz].min()), int(Y.indices[:nnz].max())
+        if lo < 0 or hi >= Y.shape[1]:
+            raise DataFormatError(
+                None, None,
+                f"label id {lo if lo < 0 else hi} is outside [0, {Y.shape[1]}) in a label "
+                "matrix of that width; the CSR matrix is malformed -- rebuild it "
+                "(scipy.sparse.csr_matrix((data, indices, indptr), shape=(N, L)) with every "
+                "index < L)",
+            )
     rows = np.repeat(np.arange(B, dtype=np.int64), counts)  # [nnz]
     cols = np.arange(nnz, dtype=np.int64) - np.repeat(indptr[:-1], counts)  # [nnz] slot in row
     ids = np.zeros((B, P), dtype=np.int64)

@@ -72,6 +72,8 @@ WITHIN_CELL = ("uniform", "popularity", "exact")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 NORMS = ("none", "layernorm", "batchnorm")
 METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
+# largest label count for which training accepts MIDX within_cell="exact" ([B, L] per step)
+EXACT_WITHIN_CELL_MAX_LABELS = 65536
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -142,7 +144,8 @@ class TrainConfig(ConfigBase):
         "negative sampler: uniform | popularity | log-uniform | midx (--sampler)"))
     quantizer: str = field(default="pq", metadata=_h("MIDX quantizer: pq | rq (--quantizer)"))
     within_cell: str = field(default="uniform", metadata=_h(
-        "MIDX draw inside a cell: uniform | popularity | exact (--within-cell)"))
+        "MIDX draw inside a cell: uniform | popularity | exact; exact is the true softmax"
+        " ([B, L] scores per step), refused for training above 65536 labels (--within-cell)"))
     codewords: int = field(default=0, metadata=_h(
         "MIDX codewords per codebook K (K^2 cells); 0: auto = clip(sqrt(L/4), 4, 64)"
         " (--codewords)"))
@@ -157,6 +160,9 @@ class TrainConfig(ConfigBase):
     correct_target: bool = field(default=False, metadata=_h(
         "sampled softmax: also subtract log(Mq) from the target logit, TensorFlow style"
         " (--correct-target)"))
+    log_q_correction: bool = field(default=False, metadata=_h(
+        "negative-sampling loss: subtract log(Mq) from the sampled negatives' logits"
+        " (--log-q-correction)"))
     # -- optimization -------------------------------------------------------------------------
     epochs: int = field(default=20, metadata=_h("number of passes over the training data"
                                                 " (--epochs)"))
@@ -178,7 +184,9 @@ class TrainConfig(ConfigBase):
         " (--sparse-features-min)"))
     ema: float = field(default=0.0, metadata=_h(
         "decay of an exponential moving average of the weights (e.g. 0.98); validation,"
-        " best-epoch selection and the saved model use the averaged weights; 0: off (--ema)"))
+        " best-epoch selection and the saved model use the averaged weights; 0: off; full softmax"
+        " only (with a sampled loss it would average the whole [L, d] table every step)"
+        " (--ema)"))
     warmup_steps: int = field(default=100, metadata=_h("linear warm-up steps (--warmup-steps)"))
     schedule: str = field(default="linear", metadata=_h(
         "decay after warm-up: linear | cosine | constant (--schedule)"))
@@ -213,6 +221,10 @@ class TrainConfig(ConfigBase):
     max_steps: int = field(default=0, metadata=_h(
         "pause after this many steps in total (checkpointed; --resume continues; the LR"
         " schedule still spans all epochs); 0: no limit (--max-steps)"))
+    log_every: int = field(default=50, metadata=_h(
+        "read the training loss on the host every N steps (progress bar, step callbacks, the"
+        " NaN/inf check, which also runs before every refresh, checkpoint and epoch end);"
+        " between reads a step never waits for the device (--log-every)"))
 
     # -- validation ----------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -242,7 +254,7 @@ class TrainConfig(ConfigBase):
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
                                                          "adagrad"))
         for name in ("dim", "epochs", "batch_size", "negatives", "eval_chunk_size",
-                     "eval_batch_size", "full_max_labels", "lr"):
+                     "eval_batch_size", "full_max_labels", "lr", "log_every"):
             positive(name, getattr(self, name))
         for name in ("ensemble", "ensemble_max_points", "codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
                      "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
@@ -298,6 +310,22 @@ class TrainConfig(ConfigBase):
                     p.append(f"codewords={self.codewords} gives {cells} MIDX cells, far above the"
                              f" {num_labels} labels; use --codewords "
                              f"{self.auto_codewords(num_labels)} (or 0 for auto)")
+            if (self.sampler.startswith("midx") and self.within_cell == "exact"
+                    and num_labels > EXACT_WITHIN_CELL_MAX_LABELS):
+                p.append(f"within_cell='exact' scores all {num_labels} labels for every query"
+                         " (a [B, L] block per step, the cost sampling exists to avoid); it is"
+                         " for diagnostics and training up to"
+                         f" {EXACT_WITHIN_CELL_MAX_LABELS} labels only; use --within-cell"
+                         " uniform or popularity")
+            if isinstance(self.ema, (int, float)) and self.ema > 0:
+                p.append(f"ema={self.ema} averages every weight, the whole [{num_labels}, d]"
+                         " label table included, at every step: dense O(L d) work that the"
+                         f" {loss} loss exists to avoid; use --ema 0 with sampled losses (or"
+                         " --loss full)")
+        if self.log_q_correction and loss != "negative-sampling":
+            p.append(f"log_q_correction applies to the negative-sampling loss only, not to"
+                     f" loss={loss}; drop --log-q-correction or use --loss negative-sampling"
+                     " (the sampled softmax always corrects by log q)")
         if self.val_metric and "@" in str(self.val_metric):
             k = str(self.val_metric).partition("@")[2]
             if k.isdigit() and isinstance(self.ks, (tuple, list)) and self.ks and \
@@ -793,6 +821,15 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self._ema: dict[str, torch.Tensor] | None = None
         self._sampler_loaded = False
+        self._reset_loss_tracking()
+
+    def _reset_loss_tracking(self) -> None:
+        """Device-side loss accumulators of :meth:`_track_loss` / :meth:`_read_loss`."""
+        self._loss_acc: torch.Tensor | None = None  # [] float64 sum since the last read
+        self._bad: torch.Tensor | None = None  # [] bool: a non-finite loss was seen
+        self._bad_info: torch.Tensor | None = None  # [3] float64 its step, epoch, value
+        self._loss_n = 0  # steps in _loss_acc
+        self._last_loss = math.nan  # mean loss of the last read (progress bar)
 
     # -- public -----------------------------------------------------------------------------
     def fit(self, train: XMCDataset, val: XMCDataset | None = None, *,
@@ -828,6 +865,7 @@ class Trainer:
         self._seed_everything(cfg.seed)
         self._best_state, self._sampler_loaded, self._interrupted = None, False, False
         self._ema = None
+        self._reset_loss_tracking()
 
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
@@ -942,26 +980,35 @@ class Trainer:
                     self._refresh_sampler(network)
                 t0 = time.perf_counter()
                 for batch in batches:
-                    loss_value = self._step(network, bundle, batch, loss_name, amp_dtype,
-                                            ctx["scaler"], ctx["sample_gen"], state)
+                    loss_t = self._step(network, bundle, batch, loss_name, amp_dtype,
+                                        ctx["scaler"], ctx["sample_gen"], state)
                     state["step"] += 1
+                    self._track_loss(loss_t, state["step"], epoch + 1)  # on the device
                     if self._ema is not None:
                         self._update_ema(network, state["step"])
-                    state["epoch_loss_sum"] += loss_value
                     state["epoch_loss_count"] += 1
                     state["epoch_examples"] += int(batch.offsets.shape[0])
+                    # the loss is read on the host (a device sync) only every log_every steps
+                    # and before anything that must not see a non-finite run (refresh,
+                    # checkpoint, epoch end); a NaN/inf loss raises there, naming its step
+                    read = state["step"] % cfg.log_every == 0
+                    loss_value = self._read_loss(state) if read else None
                     el = state.get("epoch_seconds", 0.0) + time.perf_counter() - t0
-                    advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_value:.4f}",
+                    shown = "-" if math.isnan(self._last_loss) else f"{self._last_loss:.4f}"
+                    advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=shown,
                             ex_s=f"{state['epoch_examples'] / max(el, 1e-9):.0f}")
                     self._emit("step", {"step": state["step"], "epoch": epoch + 1,
-                                        "loss": loss_value, "lr": bundle.lr})
+                                        "loss": loss_value, "loss_tensor": loss_t,
+                                        "lr": bundle.lr})
                     refresh = cfg.refresh_every
                     if (self.sampler is not None and self.sampler.needs_update and refresh
                             and state["step"] % refresh == 0):
+                        self._read_loss(state)
                         self._refresh_sampler(network)
                     stop_now = bool(cfg.max_steps) and state["step"] >= cfg.max_steps
                     if self._interrupted or stop_now or (
                             cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+                        self._read_loss(state)
                         if batches.batch_index < steps_per_epoch:  # mid-epoch
                             state["epoch_seconds"] = el
                             self._save_checkpoint(ctx)
@@ -973,8 +1020,53 @@ class Trainer:
                         return
                 state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + \
                     time.perf_counter() - t0
+                self._read_loss(state)
                 self._end_epoch(ctx, epoch, X_val, Y_val, inv_prop)
+        self._read_loss(state)
         return
+
+    def _track_loss(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        """Accumulate the step's loss on its device and remember the first non-finite one.
+
+        Device work only (no host synchronisation): the running sum since the last
+        :meth:`_read_loss`, and the step, epoch and value of the first NaN/inf loss.
+        """
+        value = loss.detach().double()
+        if self._loss_acc is None:
+            self._loss_acc = torch.zeros((), dtype=torch.float64, device=value.device)
+            self._bad = torch.zeros((), dtype=torch.bool, device=value.device)
+            self._bad_info = torch.zeros(3, dtype=torch.float64, device=value.device)
+        self._loss_acc += value
+        self._loss_n += 1
+        new = ~torch.isfinite(value) & ~self._bad  # [] first non-finite loss
+        info = torch.stack([value.new_full((), step), value.new_full((), epoch), value])
+        self._bad_info = torch.where(new, info, self._bad_info)
+        self._bad |= new
+
+    def _read_loss(self, state: dict[str, Any]) -> float:
+        """Bring the accumulated loss to the host (one sync): add it to the epoch's sum and
+        return the mean over the steps since the last read (the last value shown if none).
+
+        Raises:
+            XMCError: a loss since the last read was NaN/inf (names the first such step).
+        """
+        if self._loss_acc is None:
+            return self._last_loss
+        total, bad, step, epoch, value = torch.cat(  # one device-to-host copy
+            [self._loss_acc.view(1), self._bad.double().view(1), self._bad_info]).tolist()
+        n, self._loss_acc, self._loss_n = self._loss_n, None, 0
+        if bad:
+            where = ""
+            if self.out_dir is not None:
+                ck = self.out_dir / CKPT_DIR
+                where = (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
+                         else "; no checkpoint had been written yet")
+            raise XMCError(
+                f"loss became {value} at step {int(step)} (epoch {int(epoch)}){where}; lower "
+                "--lr, set --clip-grad, or check the data for extreme values")
+        state["epoch_loss_sum"] += total
+        self._last_loss = total / max(n, 1)
+        return self._last_loss
 
     def _end_epoch(self, ctx: dict[str, Any], epoch: int, X_val: sp.csr_matrix | None,
                    Y_val: sp.csr_matrix | None, inv_prop: np.ndarray) -> None:
@@ -1060,7 +1152,8 @@ class Trainer:
 
     def _step(self, network: XMCNetwork, bundle: Any, batch: Any, loss_name: str,
               amp_dtype: torch.dtype | None, scaler: Any, gen: torch.Generator,
-              state: dict[str, Any]) -> float:
+              state: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step; returns the detached scalar loss, still on the device."""
         cfg = self.config
         bundle.zero_grad()
         device = batch.indices.device
@@ -1073,34 +1166,31 @@ class Trainer:
                             sampler=self.sampler, negatives=cfg.negatives,
                             shared=cfg.shared_negatives, generator=gen,
                             correct_target=cfg.correct_target, chunk_size=cfg.eval_chunk_size,
-                            bce_weight=cfg.bce_weight)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            where = ""
-            if self.out_dir is not None:
-                ck = self.out_dir / CKPT_DIR
-                where = (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
-                         else "; no checkpoint had been written yet")
-            raise XMCError(
-                f"loss became {value} at step {state['step'] + 1} (epoch {state['epoch'] + 1})"
-                f"{where}; lower --lr, set --clip-grad, or check the data for extreme values")
+                            bce_weight=cfg.bce_weight, log_q_correction=cfg.log_q_correction,
+                            ids_checked=True)  # csr_to_padded checked them on the host
+        # no host read of the loss here: the loop accumulates it on the device and reads it
+        # every log_every steps (_track_loss / _read_loss), so a CUDA step never waits
         if scaler is not None:
             scaler.scale(loss).backward()
             for opt in bundle.optimizers.values():
                 scaler.unscale_(opt)
         else:
             loss.backward()
-        gnorm = _clip_grad_norm(list(network.parameters()),
-                                cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
-        if scaler is None and not math.isfinite(gnorm):  # with a GradScaler the step is skipped
-            where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
-            raise XMCError(
-                f"gradient norm became {gnorm} at step {state['step'] + 1} (epoch "
-                f"{state['epoch'] + 1}){where}; lower --lr, set --clip-grad, or check the data")
+        if cfg.clip_grad > 0:  # off: no pass over the gradients at all
+            # clipping needs the global norm on the host anyway (one sync per step)
+            gnorm = _clip_grad_norm(list(network.parameters()), cfg.clip_grad)
+            if scaler is None and not math.isfinite(gnorm):  # a GradScaler skips the step
+                self._track_loss(loss, state["step"] + 1, state["epoch"] + 1)
+                self._read_loss(state)  # a non-finite loss is the cause: report that
+                where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
+                raise XMCError(
+                    f"gradient norm became {gnorm} at step {state['step'] + 1} (epoch "
+                    f"{state['epoch'] + 1}){where}; lower --lr, set --clip-grad, or check the "
+                    "data")
         bundle.step(scaler)
         if scaler is not None:
             scaler.update()
-        return value
+        return loss.detach()
 
     # -- sampler ----------------------------------------------------------------------------
     def _make_sampler(self, L: int, device: torch.device) -> Any:
@@ -1208,14 +1298,14 @@ class Trainer:
         groups, meta = load_checkpoint(ck, verify=True, device="cpu", fallback=True)
         saved = TrainConfig.from_dict(meta["config"], validate=False).to_dict()
         mine = self.config.to_dict()
-        free = ("epochs", "patience", "checkpoint_every", "max_steps", "device")
+        free = ("epochs", "patience", "checkpoint_every", "max_steps", "device", "log_every")
         diff = [k for k, v in saved.items() if v != mine.get(k) and k not in free]
         if diff:
             raise CheckpointError(
                 "the checkpoint was trained with another config (" + ", ".join(
                     f"{k}: {saved[k]!r} vs {mine[k]!r}" for k in diff)
                 + "); resume with the same settings (only --epochs, --patience, "
-                "--checkpoint-every, --max-steps, --device may change)")
+                "--checkpoint-every, --max-steps, --device, --log-every may change)")
         dev = next(network.parameters()).device
         try:
             network.load_state_dict(groups["model"], strict=True)
@@ -1257,7 +1347,8 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
                  pos_mask: torch.Tensor, loss_name: str, *, sampler: Any = None,
                  negatives: int = 64, shared: bool = False,
                  generator: torch.Generator | None = None, correct_target: bool = False,
-                 chunk_size: int = 65536, bce_weight: float = 0.0) -> torch.Tensor:
+                 chunk_size: int = 65536, bce_weight: float = 0.0,
+                 log_q_correction: bool = False, ids_checked: bool = False) -> torch.Tensor:
     """The training loss of one batch.
 
     Args:
@@ -1274,6 +1365,11 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
         bce_weight: ``full`` only: add ``bce_weight`` times the one-vs-all binary
             cross-entropy of all ``B x L`` scores (summed over labels, mean over rows) (materialises ``[B, L]``; the full softmax is
             only used for moderate ``L``).
+        log_q_correction: ``negative-sampling`` only: subtract ``log(M q)`` from the negative
+            logits (:func:`xmc_toolkit.losses.negative_sampling_loss`).
+        ids_checked: ``pos_ids`` were range-checked on the host (the trainer's batches are, by
+            :func:`xmc_toolkit.batching.csr_to_padded`): the sampler skips its own check, which
+            reads two values back from the device.
 
     Returns:
         Scalar loss.
@@ -1298,14 +1394,16 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
             # the positives' log q under the law the negatives were drawn from: per query
             # q_b, or in shared mode the batch mixture qbar = (1/B) sum_b q_b (the estimator
             # divides by 1 - qbar(P_b); q_b(P_b) there biases the loss, see docs/losses.md)
-            pos_log_q = sampler.log_prob(qd, pos_ids, shared=shared)  # [B, P]
+            pos_log_q = (sampler.log_prob(qd, pos_ids, shared=shared, check_ids=False)
+                         if ids_checked else sampler.log_prob(qd, pos_ids, shared=shared))  # [B, P]
             parts = [losses.sampled_softmax_loss(
                 pos_scores[..., i], pos_ids, pos_mask, pos_log_q, neg_scores[..., i], smp.ids,
                 smp.log_q, correct_target=correct_target) for i in range(n)]
         else:
-            parts = [losses.negative_sampling_loss(pos_scores[..., i], pos_ids, pos_mask,
-                                                   neg_scores[..., i], smp.ids)
-                     for i in range(n)]
+            parts = [losses.negative_sampling_loss(
+                pos_scores[..., i], pos_ids, pos_mask, neg_scores[..., i], smp.ids,
+                smp.log_q if log_q_correction else None, log_q_correction=log_q_correction)
+                for i in range(n)]
     return parts[0] if n == 1 else torch.stack(parts).mean()
 
 

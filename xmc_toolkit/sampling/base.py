@@ -79,20 +79,28 @@ class Sampler:
         with torch.no_grad():
             return self._sample(queries.detach(), int(num_samples), bool(shared), generator)
 
-    def log_prob(self, queries: Tensor, ids: Tensor, shared: bool = False) -> Tensor:
+    def log_prob(
+        self, queries: Tensor, ids: Tensor, shared: bool = False, *, check_ids: bool = True
+    ) -> Tensor:
         """Exact, normalized log-proposal probability of given ids.
 
         Args:
             queries: ``[B, d]`` float.
             ids: ``[B, M]`` int64 ids, or ``[M]`` (scored under every query when per-query).
-            shared: score under the batch mixture ``(1 / B) sum_b q(. | q_b)``.
+            shared: score under the batch mixture ``(1 / B) sum_b q(. | q_b)`` (the law of
+                ``sample(..., shared=True)``; what the positives need with shared negatives).
+            check_ids: check that every id lies in ``[0, L)`` (a ``SamplerError`` otherwise).
+                The check reads the ids' min and max on the host: on an accelerator that is a
+                device synchronisation. Pass ``False`` for ids already checked on the host
+                (the trainer checks each batch's positives before their transfer); an id out of
+                range is then undefined behaviour (an indexing error, on CUDA a device assert).
 
         Returns:
             float32 log-probabilities: ``[B, M]`` per-query (also for ``[M]`` ids); in shared
             mode the shape of ``ids``.
         """
         _check_queries(queries)
-        ids = _check_ids(ids, self.num_labels, queries.shape[0])
+        ids = _check_ids(ids, self.num_labels, queries.shape[0], check_range=check_ids)
         with torch.no_grad():
             return self._log_prob(queries.detach(), ids.to(queries.device), bool(shared))
 
@@ -156,7 +164,9 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
         )
 
 
-def _check_ids(ids: Tensor, num_labels: int, batch: int) -> Tensor:
+def _check_ids(ids: Tensor, num_labels: int, batch: int, check_range: bool = True) -> Tensor:
+    """Shape and dtype checks of ``ids`` (no device access), and the value range unless
+    ``check_range=False`` (that part reads two values on the host)."""
     if not isinstance(ids, Tensor) or ids.dim() not in (1, 2):
         shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
         raise SamplerError(f"ids must be a 1-D [M] or 2-D [B, M] integer tensor, got {shape}")
@@ -167,7 +177,7 @@ def _check_ids(ids: Tensor, num_labels: int, batch: int) -> Tensor:
             f"ids have {ids.shape[0]} rows but there are {batch} queries; pass [B, M] ids with "
             "one row per query, or [M] ids"
         )
-    if ids.numel():
+    if check_range and ids.numel():
         lo, hi = int(ids.min().item()), int(ids.max().item())
         if lo < 0 or hi >= num_labels:
             bad = lo if lo < 0 else hi

@@ -78,14 +78,42 @@ def _dense_cell_logits(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     return (a1.double().unsqueeze(2) + a2.double().unsqueeze(1)).reshape(b, k * k) + log_n.double()
 
 
+def _dense_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
+    """``[B]`` float64 ``log Z_b`` by a dense log-sum-exp over the cells, in row chunks of at most
+    ``_DENSE_CHUNK`` entries (chunk sizes depend on shapes only: no host synchronisation)."""
+    rows = max(1, _DENSE_CHUNK // log_n.numel())
+    return torch.cat([
+        torch.logsumexp(_dense_cell_logits(a1[s : s + rows], a2[s : s + rows], log_n), dim=1)
+        for s in range(0, a1.shape[0], rows)
+    ])
+
+
+def _dense_mixture(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
+    """``[K^2]`` float64 log cell marginal of the batch mixture, exactly: a log-sum-exp over the
+    batch of the dense ``[rows, K^2]`` cell log-probs, row chunks as in
+    :func:`_dense_log_normalizer` (no host synchronisation)."""
+    b = a1.shape[0]
+    rows = max(1, _DENSE_CHUNK // log_n.numel())
+    acc = None
+    for start in range(0, b, rows):
+        lg = _dense_cell_logits(a1[start : start + rows], a2[start : start + rows], log_n)
+        lp = lg - torch.logsumexp(lg, dim=1, keepdim=True)  # [rows, K^2] cell log-probs
+        part = torch.logsumexp(lp, dim=0)  # [K^2]
+        acc = part if acc is None else torch.logaddexp(acc, part)
+    assert acc is not None
+    return acc - math.log(b)
+
+
 def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     """``log Z_b = log sum_{k1,k2} N[k1,k2] exp(a1[b,k1] + a2[b,k2])``.
 
-    Small problems (``B * K^2 <= 4M``) use a dense float64 log-sum-exp over the cells: exact,
-    robust, and free of host synchronisation. Larger ones use the max-shifted closed form
+    Off the CPU, and on the CPU when ``B * K^2 <= 4M``: a dense float64 log-sum-exp over the
+    cells (in row chunks): exact, robust, and free of host synchronisation (on a GPU this costs
+    less than one synchronisation). Larger CPU batches use the max-shifted closed form
     ``log rowsum((E1 @ N') * E2) + shift`` in float64 without a ``[B, K^2]`` tensor; rows whose
     shifted sum underflows (score spreads of hundreds of nats where the best codewords meet only
-    empty cells) are then recomputed densely.
+    empty cells) are then recomputed densely -- a data-dependent branch, which is why it is used
+    on the CPU only (where reading a value has no device to wait for).
 
     Args:
         a1, a2: ``[B, K]`` codeword scores.
@@ -94,13 +122,13 @@ def cell_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     Returns:
         ``[B]`` float64.
     """
-    if a1.shape[0] * log_n.numel() <= _DENSE_CHUNK:
-        return torch.logsumexp(_dense_cell_logits(a1, a2, log_n), dim=1)
+    if a1.device.type != "cpu" or a1.shape[0] * log_n.numel() <= _DENSE_CHUNK:
+        return _dense_log_normalizer(a1, a2, log_n)
     e1, e2, nm, shift = _exp_factors(a1, a2, log_n)
     z = ((e1 @ nm) * e2).sum(1)  # [B]
     out = torch.log(z) + shift
     bad = ~(z > _TINY)
-    if bool(bad.any()):
+    if bool(bad.any()):  # CPU only: no device synchronisation
         rows = bad.nonzero().flatten()
         out[rows] = torch.logsumexp(_dense_cell_logits(a1[rows], a2[rows], log_n), dim=1)
     return out
@@ -124,29 +152,26 @@ def _exp_factors(a1: Tensor, a2: Tensor, log_n: Tensor) -> tuple[Tensor, Tensor,
 def mixture_cell_log_prob(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     """Log cell marginal of the batch mixture ``(1/B) sum_b q(. | q_b)``.
 
-    ``P[k1, k2] = N'[k1, k2] * sum_b E1[b, k1] E2[b, k2] / Z'_b / B`` -- a ``[K, B] x [B, K]``
-    product, with the max-shifted factors of :func:`cell_log_normalizer` (cells whose mixture
-    probability is below ~1e-300 may come out as 0). When some ``Z'_b`` underflows, the mixture is
-    computed exactly as a log-sum-exp over the batch of dense ``[rows, K^2]`` cell log-probs.
+    On the CPU: ``P[k1, k2] = N'[k1, k2] * sum_b E1[b, k1] E2[b, k2] / Z'_b / B`` -- a
+    ``[K, B] x [B, K]`` product, with the max-shifted factors of :func:`cell_log_normalizer`
+    (cells whose mixture probability is below ~1e-300 may come out as 0); when some ``Z'_b``
+    underflows, the mixture is computed exactly as a log-sum-exp over the batch of dense
+    ``[rows, K^2]`` cell log-probs. That choice is a data-dependent branch, so off the CPU the
+    dense, exact form is always used (no host synchronisation; ``O(B K^2)`` like per-query
+    sampling, cheap on a GPU).
 
     Returns:
         ``[K * K]`` float64, ``-inf`` for empty cells; ``logsumexp == 0``.
     """
+    if a1.device.type != "cpu":
+        return _dense_mixture(a1, a2, log_n)
     b = a1.shape[0]
     e1, e2, nm, _ = _exp_factors(a1, a2, log_n)
     zp = ((e1 @ nm) * e2).sum(1)  # [B]
-    if bool((zp > _TINY).all()):
+    if bool((zp > _TINY).all()):  # CPU only: no device synchronisation
         mix = (e1 / zp.unsqueeze(1)).t() @ e2  # [K, K]
         return torch.log(nm * mix / b).flatten()
-    rows = max(1, _DENSE_CHUNK // log_n.numel())
-    acc = None
-    for start in range(0, b, rows):
-        lg = _dense_cell_logits(a1[start : start + rows], a2[start : start + rows], log_n)
-        lp = lg - torch.logsumexp(lg, dim=1, keepdim=True)  # [rows, K^2] cell log-probs
-        part = torch.logsumexp(lp, dim=0)  # [K^2]
-        acc = part if acc is None else torch.logaddexp(acc, part)
-    assert acc is not None
-    return acc - math.log(b)
+    return _dense_mixture(a1, a2, log_n)
 
 
 def _draw_in_cells(
