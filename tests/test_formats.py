@@ -130,6 +130,23 @@ def test_xc_fixture() -> None:
     assert ds.label_names is None
 
 
+def test_gzip_text_files_load_like_plain(tmp_path: Path) -> None:
+    import gzip
+
+    for src, fmt in ((FIX / "tiny.txt", "xc"), (FIX / "tiny.svm", "svmlight")):
+        gz = tmp_path / (src.name + ".gz")
+        gz.write_bytes(gzip.compress(src.read_bytes()))
+        assert infer_format(gz) == fmt
+        plain, packed = load(src), load(gz)
+        np.testing.assert_array_equal(packed.X.toarray(), plain.X.toarray())
+        np.testing.assert_array_equal(packed.Y.toarray(), plain.Y.toarray())
+    # an error in a compressed file names the line of the decompressed text
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(gzip.compress(b"2 5 3\n0 1:1\n0 9:1\n"))
+    with pytest.raises(DataFormatError, match=r"bad.txt.gz:3"):
+        load(bad)
+
+
 def test_xc_split_fixture_any_entry_point(tmp_path: Path) -> None:
     for p in (FIX / "tiny_X_Xf.txt", FIX / "tiny_X_Y.txt", FIX / "tiny"):
         ds = load(p)

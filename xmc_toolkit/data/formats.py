@@ -12,6 +12,7 @@ Formats (names accepted by ``fmt``): ``"xc"``, ``"xc-split"``, ``"svmlight"``, `
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ __all__ = [
     "load",
     "save",
     "infer_format",
+    "open_text_bytes",
     "read_label_names",
     "write_xc_header",
     "append_xc_rows",
@@ -92,6 +94,8 @@ def infer_format(path: PathLike) -> str:
     if _split_prefix(p) is not None:
         return "xc-split"
     suffix = p.suffix.lower()
+    if suffix == ".gz":  # gzip-compressed text: the format of the name without ".gz"
+        suffix = Path(p.stem).suffix.lower()
     if suffix == ".npz":
         return "npz"
     if suffix == ".arff":
@@ -104,7 +108,7 @@ def infer_format(path: PathLike) -> str:
         raise DataFormatError(
             p, None, f"directory holds no *{_SPLIT_X} / *{_SPLIT_Y} pair; pass a file instead"
         )
-    with open(p, "rb") as fh:
+    with open_text_bytes(p) as fh:
         first = fh.readline(4096)
     if re.fullmatch(rb"\s*\d+\s+\d+\s+\d+\s*", first):
         return "xc"
@@ -114,6 +118,25 @@ def infer_format(path: PathLike) -> str:
 # ------------------------------------------------------------------------------------------------
 # block-wise text reading
 # ------------------------------------------------------------------------------------------------
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def open_text_bytes(path: PathLike) -> IO[bytes]:
+    """Open a text data file for binary reading, decompressing gzip transparently.
+
+    A file that starts with the gzip magic bytes is read through :func:`gzip.open` (whatever
+    its name), so ``train.txt.gz`` loads like ``train.txt``; line numbers in errors are lines
+    of the decompressed text.
+    """
+    fh = open(path, "rb")
+    magic = fh.read(2)
+    fh.seek(0)
+    if magic == _GZIP_MAGIC:
+        fh.close()
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return fh
+
+
 def _read_header(fh: IO[bytes], path: Path, names: tuple[str, ...]) -> tuple[int, ...]:
     raw = fh.readline()
     text = raw.decode("utf-8", errors="replace").strip(" \t\r\n")
@@ -226,7 +249,7 @@ def _parse_file(
     block_bytes: int,
 ) -> tuple[tuple[int, ...], _Rows]:
     rows = _Rows()
-    with open(path, "rb") as fh:
+    with open_text_bytes(path) as fh:
         head = _read_header(fh, path, header) if header else ()
         num_features, num_labels = dims_from_header(head)
         line0 = 2 if header else 1  # 1-based file line of the first data line
