@@ -111,7 +111,7 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
         clock["next"] = seconds + interval
         p1 = evaluate_now(payload["step"])
         points.append({"seconds": seconds, "step": payload["step"], "P@1": p1,
-                       "loss": payload["loss"]})
+                       "loss": float(payload["loss_tensor"])})  # this step's loss (a sync)
         clock["paused"] += time.perf_counter() - now
         if seconds >= budget:
             raise _BudgetSpent

@@ -278,19 +278,14 @@ def test_recall_at_k_vs_exact_reference():
 
 
 def test_approx_topk_with_real_midx_sampler():
-    """Against the real MIDXSampler when it is in the tree (skips otherwise)."""
-    sampling = pytest.importorskip("xmc_toolkit.sampling")
-    MIDX = getattr(sampling, "MIDXSampler", None)
-    if MIDX is None:
-        pytest.skip("MIDXSampler not available yet")
+    """Against the real MIDXSampler (an API break fails here: no skip)."""
+    from xmc_toolkit.sampling import MIDXSampler
+
     q, W, b = _clustered()
-    try:
-        sampler = MIDX(W.shape[0], num_codewords=6, seed=0)
-        sampler.update(W, b)
-    except TypeError:
-        pytest.skip("MIDXSampler constructor differs from the contract")
-    if not all(hasattr(sampler, a) for a in ("cell_indptr", "cell_items", "cell_logits")):
-        pytest.skip("MIDXSampler has no cell index attributes yet")
+    sampler = MIDXSampler(W.shape[0], num_codewords=6, seed=0)
+    sampler.update(W, b)
+    missing = [a for a in ("cell_indptr", "cell_items", "cell_logits") if not hasattr(sampler, a)]
+    assert not missing, f"MIDXSampler lacks the cell index attributes {missing} approx_topk needs"
     K2 = sampler.cell_indptr.numel() - 1
     _, ri = dense_topk(q, W, b, 10)
     _, i = approx_topk(q, W, b, sampler, k=10, num_cells=K2)

@@ -185,6 +185,28 @@ def test_closed_form_normalizer_matches_brute_force(normalizer_path, quantizer, 
     torch.testing.assert_close(out.log_q, s.log_prob(q, out.ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 22])
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+def test_branch_free_path_matches_cpu_path(monkeypatch, chunk, scale):
+    """The path taken off the CPU (dense, row-chunked, no data-dependent branch) gives the
+    CPU path's log q, per query and shared, also where the closed form underflows."""
+    w, g = _clustered(30, 4, 3, seed=5)
+    s = MIDXSampler(30, 5, seed=0)
+    s.update(w * scale, torch.randn(30, generator=g) * (40 if scale > 1 else 1))
+    q = torch.randn(7, 4, generator=g) * scale
+    ids = torch.arange(30)
+    monkeypatch.setattr(midx_module, "_DENSE_CHUNK", 1)  # CPU: the closed form (+ fallback)
+    cpu = (s.log_prob(q, ids), s.log_prob(q, ids, shared=True))
+    monkeypatch.setattr(midx_module, "_DENSE_CHUNK", chunk)
+    monkeypatch.setattr(midx_module, "_branch_free", lambda device: True)
+    free = (s.log_prob(q, ids), s.log_prob(q, ids, shared=True))
+    for a, b in zip(cpu, free):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert abs(float(free[1].double().exp().sum()) - 1) < 1e-5
+    out = s.sample(q, 50, shared=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.log_q, free[1][out.ids])
+
+
 def test_extreme_scores_no_nan(normalizer_path):
     """Huge query norms and biases: log q stays finite and normalized (max shifting, and the
     dense fallback when the closed form underflows)."""
@@ -462,6 +484,24 @@ def test_cuda_matches_cpu(within_cell):
     assert abs(float(lp.exp().sum(1).max()) - 1) < 1e-5
     sh = gpu.sample(qc, 1000, shared=True)
     assert sh.ids.is_cuda
-    # the CPU-built index answers CUDA queries too (moved once and cached)
-    lp2 = cpu.log_prob(qc, torch.arange(300, device="cuda"))
+    # the CPU-built index answers CUDA queries too (moved once and cached), with the CPU's
+    # numbers: per query, shared (the GPU takes the dense branch-free path), and sampled log q
+    all_ids = torch.arange(300)
+    lp2 = cpu.log_prob(qc, all_ids.cuda())
     assert lp2.is_cuda
+    torch.testing.assert_close(lp2.cpu(), cpu.log_prob(q, all_ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cpu.log_prob(qc, all_ids.cuda(), shared=True).cpu(),
+                               cpu.log_prob(q, all_ids, shared=True), atol=1e-5, rtol=1e-5)
+    drawn = cpu.sample(qc, 1000, generator=torch.Generator(device="cuda").manual_seed(0))
+    torch.testing.assert_close(drawn.log_q.cpu(), cpu.log_prob(q, drawn.ids.cpu()),
+                               atol=1e-5, rtol=1e-5)
+    # the GPU-built index from the same state gives the CPU's numbers too
+    moved = MIDXSampler(300, 6, within_cell=within_cell, label_counts=counts)
+    moved.load_state_dict({k: v.cuda() if k != "generator_state" else v
+                           for k, v in cpu.state_dict().items()})
+    torch.testing.assert_close(moved.log_prob(qc, all_ids.cuda()).cpu(),
+                               cpu.log_prob(q, all_ids), atol=1e-5, rtol=1e-5)
+    # and the GPU draws follow the CPU's proposal (total variation of 2e5 draws for query 0)
+    many = moved.sample(qc[:1], 200_000, generator=torch.Generator(device="cuda").manual_seed(1))
+    emp = torch.bincount(many.ids[0].cpu(), minlength=300).double() / 200_000
+    assert 0.5 * float((emp - cpu.log_prob(q[:1], all_ids)[0].double().exp()).abs().sum()) < 0.01

@@ -107,32 +107,52 @@ def test_data_dependent_problems_listed_together(tiny_xy):
 
 
 def test_sampled_path_label_gradient_is_sparse(tiny_xy):
-    X, Y = tiny_xy
+    """A sampled step touches only the rows of the batch's positives and of the drawn
+    negatives: every other label row (weight and bias) keeps its exact value, while touched rows
+    do change (500 labels, so that most rows are untouched)."""
     from xmc_toolkit.batching import csr_to_bag, csr_to_padded
     from xmc_toolkit.sampling import make_sampler
 
+    L = 500
+    rng = np.random.default_rng(0)
+    X = sp.random(8, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    Y = sp.csr_matrix((np.ones(16, np.float32), (np.repeat(np.arange(8), 2),
+                                                 rng.choice(L, 16, replace=False))), shape=(8, L))
     cfg = TrainConfig(**{**TINY, "loss": "sampled"})
-    net = XMCNetwork(X.shape[1], Y.shape[1], cfg)
-    idx, off, w = csr_to_bag(X[:8])
-    pos, mask = csr_to_padded(Y[:8])
-    sampler = make_sampler("uniform", Y.shape[1])
-    g = torch.Generator().manual_seed(0)
+    net = XMCNetwork(X.shape[1], L, cfg)
+    idx, off, w = csr_to_bag(X)
+    pos, mask = csr_to_padded(Y)
+    sampler = make_sampler("uniform", L)
+    drawn: list[torch.Tensor] = []
+    sample = sampler.sample
+
+    def spy(*a, **kw):
+        out = sample(*a, **kw)
+        drawn.append(out.ids)
+        return out
+
+    sampler.sample = spy
     q = net(idx, off, w)
-    loss = compute_loss(net, q, pos, mask, "sampled", sampler=sampler, negatives=2, generator=g)
+    loss = compute_loss(net, q, pos, mask, "sampled", sampler=sampler, negatives=4,
+                        generator=torch.Generator().manual_seed(0))
     loss.backward()
     grad = net.label_weight.grad
-    assert grad is not None and grad.is_sparse
-    touched = torch.unique(grad.coalesce().indices()[0])
-    assert touched.numel() <= Y.shape[1]
-    assert net.labels.bias.weight.grad.is_sparse
-    # the optimizer for sparse gradients steps only the touched rows
+    assert grad is not None and grad.is_sparse and net.labels.bias.weight.grad.is_sparse
+    touched = set(pos[mask].tolist()) | set(drawn[0].flatten().tolist())
+    untouched = sorted(set(range(L)) - touched)
+    assert len(untouched) > L // 2  # the check below has rows to look at
+    assert set(torch.unique(grad.coalesce().indices()[0]).tolist()) <= touched
     bundle = build_optimizers(net.encoder_parameters(), net.label_parameters(), lr=0.1,
                               label_lr=0.1, weight_decay=0.0, label_optimizer="sparse-adam",
                               warmup_steps=0, total_steps=10)
-    before = net.label_weight.detach().clone()
+    w_before = net.label_weight.detach().clone()
+    b_before = net.label_bias.detach().clone()
     bundle.step()
-    changed = (net.label_weight.detach() != before).any(1).nonzero().view(-1)
-    assert set(changed.tolist()) <= set(touched.tolist())
+    rest = torch.tensor(untouched)
+    assert torch.equal(net.label_weight.detach()[rest], w_before[rest])  # exact, not close
+    assert torch.equal(net.label_bias.detach()[rest], b_before[rest])
+    hit = torch.tensor(sorted(touched))
+    assert (net.label_weight.detach()[hit] != w_before[hit]).any(1).all()
 
 
 def test_nan_loss_stops_with_step_number(tiny_xy, tmp_path):

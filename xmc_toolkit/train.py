@@ -801,8 +801,10 @@ class Trainer:
         out_dir: model directory to write (weights, config, labels, ``metrics.jsonl``,
             ``checkpoint/``); ``None`` keeps everything in memory (no checkpoints).
         callbacks: ``callback(event, state)`` hooks; events ``"train_begin"``, ``"epoch_begin"``,
-            ``"step"`` (every step: ``step``, ``epoch``, ``loss``), ``"epoch_end"`` (with the
-            epoch's record), ``"checkpoint"``, ``"train_end"``.
+            ``"step"`` (every step: ``step``, ``epoch``, ``lr``, ``loss`` -- the mean loss
+            since the last read as a float on every ``log_every``-th step, else ``None`` --
+            and ``loss_tensor``, this step's detached 0-d loss on the device: reading it syncs),
+            ``"epoch_end"`` (with the epoch's record), ``"checkpoint"``, ``"train_end"``.
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike[str] | None = None,
