@@ -1,28 +1,45 @@
-"""Accuracy, speed and size against peers on every real data set in ``../shared/data``.
+"""Accuracy, speed, size and memory against peers on every data set in ``../shared/data``.
+
+Data sets (each skipped, and recorded as such, when its files are absent): ``bibtex``
+(``xc/``), ``medical``, ``enron``, ``emotions`` (``arff/``), and the two 10^4-label sets of
+``real/``: ``kjv-strongs`` (XC text) and ``nextword-tdavid`` (gzip XC text, read transparently by
+``xmc_toolkit.data.load``; 941,684 training rows -- the long one).
 
 Methods (each trained and timed in its own subprocess, default settings everywhere):
 
-* ``xmc-full``: ``XMCModel(loss="full")`` -- the toolkit's defaults otherwise.
-* ``xmc-midx``: ``XMCModel(loss="sampled", sampler="midx")``.
+* ``xmc-default``: ``XMCModel()`` -- the toolkit's defaults and nothing else (only ``device``
+  and ``seed=0`` set): what a user gets with no flags (``loss="auto"``: full softmax up to
+  ``full_max_labels`` labels, sampled MIDX above; the resolved loss is recorded).
+* ``xmc-midx``: ``XMCModel(loss="sampled", sampler="midx")`` (``negatives`` = min(64, L // 2)).
 * ``omikuji``: ``omikuji.Model.train_on_data`` with ``default_hyper_param()`` (Parabel-like).
 * ``napkinxc-plt``: ``napkinxc.models.PLT`` with its defaults.
-* ``pecos-xrlinear``: ``pecos.xmc.xlinear.XLinearModel.train(X, Y)`` with its defaults.
+* ``pecos-xrlinear``: PECOS XR-Linear as its README trains it: PIFA label embeddings
+  (``LabelEmbeddingFactory.create(Y, X, method="pifa")``), hierarchical k-means
+  (``Indexer.gen``), ``XLinearModel.train(X, Y, C=chain)``, all with their defaults.
+
+``--threads N`` reaches every method: torch / OpenMP threads for ``xmc-*``, ``n_threads`` of
+omikuji's training, ``threads`` of napkinXC's PLT and PECOS's indexer, training and prediction
+(``0``: each library's own default, usually all cores). ``--threads 1`` gives a one-thread
+comparison.
 
 Inputs: the toolkit preprocesses raw features itself (TF-IDF + row L2, part of its model); the
 peers get the same TF-IDF + L2 rows (fitted on the training split) so that the comparison is
 about the models (``--peer-features raw`` gives them the raw rows instead). Every method's top-5
 predictions are scored by ``xmc_toolkit.metrics.evaluate`` (propensities from the training
-labels, A=0.55, B=1.5): P@1/3/5, nDCG@1/3/5, PSP@1/3/5. Also: training seconds, prediction
-milliseconds per test point (whole test set in one call, divided), model size on disk.
+labels, A=0.55, B=1.5): P@1/3/5, nDCG@1/3/5, PSP@1/3/5. Also per method: training seconds,
+prediction milliseconds per test point (whole test set in one call, divided), model size on
+disk, and the child process's peak resident memory in MiB (``VmHWM``: loading its inputs,
+training and predicting, that method alone; ``ru_maxrss`` is recorded too but on Linux it
+carries the parent's RSS over ``execve``, see ``_peak_rss_mib``).
 
 Peers are installed with ``pip install omikuji napkinxc libpecos`` (the ``bench`` extra). libpecos
 1.2.8 needs ``numpy<2`` and ``scipy<1.14``; so as not to downgrade the shared environment it can
 live in its own target directory, ``pip install --no-deps --target .venv/pecos-site libpecos
 numpy==1.26.4 scipy==1.13.1``, which ``--pecos-path`` (default: that folder when it exists) puts
-first on the PECOS subprocess's ``PYTHONPATH``. A peer that fails to import, train or predict is
-recorded with its error and the table moves on.
+first on the PECOS subprocess's ``PYTHONPATH``. A peer that fails to import, train or predict (or
+runs past ``--timeout``) is recorded with its error and the table moves on.
 
-    python benchmarks/bench_peers.py
+    python benchmarks/bench_peers.py --threads 1                  # everything (hours on 2 cores)
     python benchmarks/bench_peers.py --datasets bibtex --methods xmc-midx,omikuji
     python benchmarks/bench_peers.py --quick
 """
@@ -32,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,15 +62,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS_DIR,
     apply_threads,
+    fmt,
     machine_info,
-    print_table,
     shared_data_dir,
+    vm_hwm_mb,
     write_results,
 )
 
 NAME = "peers"
-METHODS = ("xmc-full", "xmc-midx", "omikuji", "napkinxc-plt", "pecos-xrlinear")
-DATASETS = ("bibtex", "medical", "enron", "emotions")
+METHODS = ("xmc-default", "xmc-midx", "omikuji", "napkinxc-plt", "pecos-xrlinear")
+DATASETS = ("bibtex", "medical", "enron", "emotions", "kjv-strongs", "nextword-tdavid")
+# data sets in ``real/``: (train file, test file) names
+_REAL = {"kjv-strongs": ("kjv-strongs_train.txt", "kjv-strongs_test.txt"),
+         "nextword-tdavid": ("nextword-tdavid_train.txt.gz", "nextword-tdavid_test.txt.gz")}
 KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5")
 TOPK = 5
 _DEFAULT_PECOS = Path(__file__).resolve().parent.parent / ".venv" / "pecos-site"
@@ -64,8 +86,43 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """``_common.print_table`` with the console as wide as the cells (no truncated names)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("data set", "method") else "right",
+                         no_wrap=True)
+    for r in cells:
+        table.add_row(*r)
+    Console(width=max(120, sum(w + 3 for w in widths) + 1)).print(table)
+
+
 # -- child: one method on one prepared data set ------------------------------------------------
-def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None:
+def _ru_maxrss_mib() -> float:
+    """``getrusage(RUSAGE_SELF).ru_maxrss`` in MiB (KiB on Linux, bytes on macOS)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this (child) process, MiB.
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: Linux keeps ``ru_maxrss`` across
+    ``execve``, so in a child started by ``subprocess`` (vfork + exec) it is at least the
+    *parent's* RSS at spawn time (measured: 231 MiB reported for a child whose own peak was
+    11 MiB, with a 230 MiB parent). ``VmHWM`` belongs to the new address space only.
+    ``ru_maxrss`` is the fallback off Linux.
+    """
+    hwm = vm_hwm_mb()
+    return hwm if hwm is not None else _ru_maxrss_mib()
+
+
+def _child(method: str, work: Path, device: str, xmc_epochs: int | None, threads: int) -> None:
     import numpy as np
     import scipy.sparse as sp
 
@@ -79,8 +136,8 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
         Xtr, Ytr = sp.load_npz(work / "Xtr_raw.npz"), sp.load_npz(work / "Ytr.npz")
         Xte = sp.load_npz(work / "Xte_raw.npz")
         cfg: dict[str, Any] = {"device": device, "seed": 0}
-        if method == "xmc-full":
-            cfg["loss"] = "full"
+        if method == "xmc-default":
+            pass  # the toolkit's defaults, nothing else set
         else:
             cfg.update(loss="sampled", sampler="midx")
             # the trainer refuses negatives >= L (default 64): tiny label sets get L // 2
@@ -91,6 +148,9 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
         t = time.perf_counter()
         m = XMCModel(**cfg).fit(Xtr, Ytr)
         out["train_s"] = time.perf_counter() - t
+        if m.result is not None:  # what "auto" resolved to, and the epochs run
+            out.update(loss=m.result.loss, sampler=m.result.sampler,
+                       epochs=m.config.epochs, best_epoch=m.result.best_epoch)
         t = time.perf_counter()
         ids, _ = m.predict_topk(Xte, TOPK)
         out["predict_s"] = time.perf_counter() - t
@@ -104,7 +164,8 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
 
             hp = omikuji.Model.default_hyper_param()
             t = time.perf_counter()
-            m = omikuji.Model.train_on_data(str(work / "train_omikuji.txt"), hp)
+            m = omikuji.Model.train_on_data(str(work / "train_omikuji.txt"), hp,
+                                            n_threads=threads or None)
             out["train_s"] = time.perf_counter() - t
             Xte = Xte.tocsr()
             t = time.perf_counter()
@@ -121,7 +182,7 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
 
             Y_lists = [Ytr.indices[Ytr.indptr[i]: Ytr.indptr[i + 1]].tolist()
                        for i in range(Ytr.shape[0])]
-            m = PLT(str(model_dir))
+            m = PLT(str(model_dir), threads=threads)  # 0: all CPUs (its default)
             t = time.perf_counter()
             m.fit(Xtr, Y_lists)
             out["train_s"] = time.perf_counter() - t
@@ -133,14 +194,21 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
                 row = [int(x[0]) if isinstance(x, (tuple, list)) else int(x) for x in row][:TOPK]
                 ids[i, : len(row)] = row
         elif method == "pecos-xrlinear":
+            from pecos.xmc import Indexer, LabelEmbeddingFactory
             from pecos.xmc.xlinear.model import XLinearModel
 
-            Xtr, Ytr, Xte = Xtr.astype(np.float32), Ytr.astype(np.float32), Xte.astype(np.float32)
+            nt = threads or -1  # PECOS: -1 = all CPUs (its default)
+            Xtr = Xtr.astype(np.float32).tocsr()
+            Ytr, Xte = Ytr.astype(np.float32).tocsc(), Xte.astype(np.float32).tocsr()
             t = time.perf_counter()
-            m = XLinearModel.train(Xtr, Ytr)
+            # XR-Linear as in PECOS's README: PIFA label features -> hierarchical k-means tree
+            # -> linear rankers along the tree (without C, train() is a flat one-vs-all model)
+            label_feat = LabelEmbeddingFactory.create(Ytr, Xtr, method="pifa", threads=nt)
+            chain = Indexer.gen(label_feat, threads=nt)
+            m = XLinearModel.train(Xtr, Ytr, C=chain, threads=nt)
             out["train_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            P = m.predict(Xte, only_topk=TOPK).tocsr()  # [n, L] sparse scores
+            P = m.predict(Xte, only_topk=TOPK, threads=nt).tocsr()  # [n, L] sparse scores
             out["predict_s"] = time.perf_counter() - t
             ids = np.full((n, TOPK), -1, dtype=np.int64)
             for i in range(n):
@@ -151,6 +219,8 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
         else:
             raise SystemExit(f"unknown method {method}")
     out["model_bytes"] = _dir_bytes(model_dir) if model_dir.exists() else None
+    out["peak_rss_mib"] = _peak_rss_mib()
+    out["ru_maxrss_mib"] = _ru_maxrss_mib()  # includes the parent's RSS at spawn (see above)
     np.save(work / f"topk_{method}.npy", np.asarray(ids, dtype=np.int64))
     print(json.dumps(out))
 
@@ -159,6 +229,8 @@ def _child(method: str, work: Path, device: str, xmc_epochs: int | None) -> None
 def _dataset_paths(root: Path, name: str) -> tuple[Path, Path] | None:
     if name == "bibtex":
         tr, te = root / "xc" / "bibtex_train.txt", root / "xc" / "bibtex_test.txt"
+    elif name in _REAL:
+        tr, te = (root / "real" / f for f in _REAL[name])
     else:
         tr, te = (root / "arff" / name / f"{name}-train.arff",
                   root / "arff" / name / f"{name}-test.arff")
@@ -209,7 +281,7 @@ def _run_child(args: argparse.Namespace, method: str, work: Path) -> dict[str, A
     if method == "pecos-xrlinear" and args.pecos_path:
         env["PYTHONPATH"] = str(args.pecos_path) + os.pathsep + env["PYTHONPATH"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--work",
-           str(work), "--device", args.device]
+           str(work), "--device", args.device, "--threads", str(args.threads)]
     if args.xmc_epochs:
         cmd += ["--xmc-epochs", str(args.xmc_epochs)]
     try:
@@ -225,8 +297,9 @@ def _run_child(args: argparse.Namespace, method: str, work: Path) -> dict[str, A
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--datasets", default=",".join(DATASETS),
+                    help="comma-separated (default: all; absent ones are skipped)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     ap.add_argument("--peer-features", choices=("tfidf-l2", "raw"), default="tfidf-l2")
     ap.add_argument("--pecos-path", type=Path,
                     default=_DEFAULT_PECOS if _DEFAULT_PECOS.is_dir() else None,
@@ -237,24 +310,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per method")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads here and in children (0: torch default; 1 on a loaded "
+                    help="threads of every method: torch/OpenMP for xmc, n_threads / threads of "
+                         "omikuji, napkinXC, PECOS (0: each library's default; 1 on a loaded "
                          "machine)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (xmc methods)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    apply_threads(args.threads)
     if args.child:
-        _child(args.child, args.work, args.device, args.xmc_epochs or None)
+        if args.child.startswith("xmc"):
+            apply_threads(args.threads)  # torch; the peers' children never import it
+        elif args.threads > 0:
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        _child(args.child, args.work, args.device, args.xmc_epochs or None, args.threads)
         return {}
 
     from xmc_toolkit.device import resolve_device
     from xmc_toolkit.metrics import evaluate, inverse_propensity
 
+    apply_threads(args.threads)
     if args.quick:
         args.datasets, args.xmc_epochs, args.max_points = "emotions", 1, 200
-        args.methods = "xmc-midx,napkinxc-plt"
+        args.methods = "xmc-default,xmc-midx,napkinxc-plt"
+    methods = [m for m in args.methods.split(",") if m]
+    datasets = [d for d in args.datasets.split(",") if d]
+    for kind, given, known in (("method", methods, METHODS), ("data set", datasets, DATASETS)):
+        bad = [x for x in given if x not in known]
+        if bad:
+            ap.error(f"unknown {kind} {', '.join(bad)} (known: {', '.join(known)})")
     device = resolve_device(args.device)
     root = shared_data_dir()
     out_path = args.out or (RESULTS_DIR / f"{NAME}.json")
@@ -262,11 +346,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config["device"] = str(device)
     payload: dict[str, Any] = {"benchmark": NAME, "config": config,
                                "machine": machine_info(device), "datasets": {}, "results": []}
-    methods = [m for m in args.methods.split(",") if m]
     scratch = Path(tempfile.mkdtemp(prefix="xmc_peers_")) if args.work is None else args.work
     rows: list[list[Any]] = []
     try:
-        for name in [d for d in args.datasets.split(",") if d]:
+        for name in datasets:
             paths = None if root is None else _dataset_paths(root, name)
             if paths is None:
                 payload["datasets"][name] = {"skipped": "not found under ../shared/data"}
@@ -294,14 +377,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append([name, method, *[100 * met[k] if k in met else None for k in KEYS],
                              rec.get("train_s"), rec.get("predict_ms_per_point"),
                              None if rec.get("model_bytes") is None
-                             else rec["model_bytes"] / 2**20,
+                             else rec["model_bytes"] / 2**20, rec.get("peak_rss_mib"),
                              "error (below)" if "error" in rec else ""])
                 write_results(NAME, payload, out_path)
     finally:
         if args.work is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    print_table("accuracy (%, xmc_toolkit.metrics) and cost against peers",
-                ["data set", "method", *KEYS, "train s", "pred ms/pt", "size MB", "note"], rows)
+    _print_table("accuracy (%, xmc_toolkit.metrics) and cost against peers",
+                ["data set", "method", *KEYS, "train s", "pred ms/pt", "size MiB",
+                 "peak RSS MiB", "note"], rows)
+    skipped = [n for n, d in payload["datasets"].items() if "skipped" in d]
+    if skipped:
+        print(f"skipped (not found under ../shared/data): {', '.join(skipped)}")
     for rec in payload["results"]:
         if "error" in rec:
             print(f"{rec['dataset']} / {rec['method']}: {rec['error']}")

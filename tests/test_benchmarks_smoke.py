@@ -78,10 +78,15 @@ def test_peers_quick(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
     _load("bench_peers").main([*QUICK, "--out", str(out)])
     data = _check_payload(out)
+    methods = {rec["method"] for rec in data["results"]}
+    assert {"xmc-default", "xmc-midx"} <= methods
     for rec in data["results"]:  # a peer may be missing (recorded error), xmc must work
         if rec["method"].startswith("xmc"):
             assert "error" not in rec, rec
             assert 0 <= rec["metrics"]["P@1"] <= 1
+            assert 0 <= rec["metrics"]["nDCG@5"] <= 1
+            assert rec["train_s"] > 0 and rec["model_bytes"] > 0
+            assert rec["peak_rss_mib"] > 0
 
 
 def test_convergence_quick(tmp_path: Path) -> None:
