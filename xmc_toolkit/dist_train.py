@@ -532,6 +532,10 @@ class DistributedTrainer:
         np.random.seed(cfg.seed % (2**32))
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
+        # auto values resolved as in one process (dropout, epochs); an auto ensemble is one
+        # member here (several members need one process)
+        cfg = self.config = dataclasses.replace(
+            cfg.resolved_for_data(train.num_points), ensemble=max(1, cfg.ensemble))
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
         self.preprocessor = pre = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
         X = pre.transform(X_raw)

@@ -74,6 +74,12 @@ NORMS = ("none", "layernorm", "batchnorm")
 METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
 # largest label count for which training accepts MIDX within_cell="exact" ([B, L] per step)
 EXACT_WITHIN_CELL_MAX_LABELS = 65536
+# data-size rules of the auto defaults (TrainConfig.resolved_for_data; docs/training.md has the
+# validation runs that chose them)
+SMALL_DATA_POINTS = 10_000  # up to this many training rows: strong regularization, 20 epochs
+AUTO_DROPOUT = (0.75, 0.2)  # (small, larger) data sets
+AUTO_INPUT_DROPOUT = (0.3, 0.0)
+AUTO_EPOCH_ROWS = 250_000  # larger data sets: about this many rows seen in all, 2..20 epochs
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -107,9 +113,12 @@ class TrainConfig(ConfigBase):
     hidden_budget: int = field(default=2 ** 24, metadata=_h(
         "parameter budget D x width of the EmbeddingBag for the auto hidden width"
         " (--hidden-budget)"))
-    dropout: float = field(default=0.75, metadata=_h("dropout after each hidden layer (--dropout)"))
-    input_dropout: float = field(default=0.3, metadata=_h(
-        "drop each non-zero input feature with this probability in training (--input-dropout)"))
+    dropout: float = field(default=-1.0, metadata=_h(
+        "dropout after each hidden layer; -1 (auto): 0.75 on training sets of up to 10,000 rows,"
+        " else 0.2 (--dropout)"))
+    input_dropout: float = field(default=-1.0, metadata=_h(
+        "drop each non-zero input feature with this probability in training; -1 (auto): 0.3 on"
+        " training sets of up to 10,000 rows, else 0 (--input-dropout)"))
     norm: str = field(default="none", metadata=_h("normalization after each hidden layer: none |"
                                                  " layernorm | batchnorm (--norm)"))
     bag_init_std: float = field(default=1.0, metadata=_h(
@@ -164,8 +173,9 @@ class TrainConfig(ConfigBase):
         "negative-sampling loss: subtract log(Mq) from the sampled negatives' logits"
         " (--log-q-correction)"))
     # -- optimization -------------------------------------------------------------------------
-    epochs: int = field(default=20, metadata=_h("number of passes over the training data"
-                                                " (--epochs)"))
+    epochs: int = field(default=0, metadata=_h(
+        "number of passes over the training data; 0 (auto): 20 on training sets of up to 10,000"
+        " rows, else about 250,000 rows in all (round(250000 / N), clipped to 2..20) (--epochs)"))
     batch_size: int = field(default=128, metadata=_h("training rows per step (--batch-size)"))
     lr: float = field(default=1e-3, metadata=_h("AdamW learning rate of the encoder (--lr)"))
     label_lr: float = field(default=0.0, metadata=_h(
@@ -253,10 +263,10 @@ class TrainConfig(ConfigBase):
         choice("bag_optimizer", self.bag_optimizer, ("auto", "adamw", "sparse-adam"))
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
                                                          "adagrad"))
-        for name in ("dim", "epochs", "batch_size", "negatives", "eval_chunk_size",
+        for name in ("dim", "batch_size", "negatives", "eval_chunk_size",
                      "eval_batch_size", "full_max_labels", "lr", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("ensemble", "ensemble_max_points", "codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
+        for name in ("epochs", "ensemble", "ensemble_max_points", "codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
                      "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
                      "psp_b", "sparse_features_min", "bce_weight", "hidden_budget"):
             positive(name, getattr(self, name), zero_ok=True)
@@ -267,12 +277,15 @@ class TrainConfig(ConfigBase):
                 any(h == 0 for h in self.hidden[1:]):
             p.append(f"hidden={self.hidden!r} must be a list of positive integers, or 0 (auto) as"
                      " the first width (--hidden)")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            p.append(f"dropout={self.dropout!r} must be in [0, 1) (--dropout)")
+        if not isinstance(self.dropout, (int, float)) or not (
+                0.0 <= self.dropout < 1.0 or self.dropout == -1):
+            p.append(f"dropout={self.dropout!r} must be in [0, 1), or -1 for auto (--dropout)")
         if not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
             p.append(f"ema={self.ema!r} must be in [0, 1) (--ema)")
-        if not isinstance(self.input_dropout, (int, float)) or not 0.0 <= self.input_dropout < 1.0:
-            p.append(f"input_dropout={self.input_dropout!r} must be in [0, 1) (--input-dropout)")
+        if not isinstance(self.input_dropout, (int, float)) or not (
+                0.0 <= self.input_dropout < 1.0 or self.input_dropout == -1):
+            p.append(f"input_dropout={self.input_dropout!r} must be in [0, 1), or -1 for auto"
+                     " (--input-dropout)")
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
             p.append(f"val_fraction={self.val_fraction!r} must be in [0, 1) (--val-fraction)")
         if 0 < self.codewords < 2:
@@ -381,6 +394,29 @@ class TrainConfig(ConfigBase):
             width //= 2
         return (width,) + hidden[1:]
 
+    def resolved_for_data(self, num_points: int) -> "TrainConfig":
+        """A copy with every data-size-dependent auto value resolved for ``num_points`` rows.
+
+        The trainer builds and saves this copy, so a model directory records what was trained.
+        Rules (chosen on validation splits of the training data, ``docs/training.md``): on
+        training sets of up to ``SMALL_DATA_POINTS`` (10,000) rows dropout 0.75, input dropout
+        0.3 and 20 epochs (tiny data: regularize hard, pass often); above, dropout 0.2, no input
+        dropout and about ``AUTO_EPOCH_ROWS`` rows in all (``round(250000 / N)`` epochs,
+        clipped to 2..20); the ensemble as :meth:`resolved_ensemble`.
+        """
+        small = num_points <= SMALL_DATA_POINTS
+        changes: dict[str, Any] = {}
+        if self.dropout < 0:
+            changes["dropout"] = AUTO_DROPOUT[0 if small else 1]
+        if self.input_dropout < 0:
+            changes["input_dropout"] = AUTO_INPUT_DROPOUT[0 if small else 1]
+        if self.epochs == 0:
+            changes["epochs"] = 20 if small else int(
+                min(20, max(2, round(AUTO_EPOCH_ROWS / max(1, num_points)))))
+        if self.ensemble == 0:
+            changes["ensemble"] = self.resolved_ensemble(num_points)
+        return dataclasses.replace(self, **changes) if changes else self
+
     def resolved_ensemble(self, num_points: int) -> int:
         """Members after resolving ``ensemble=0`` (auto) for ``num_points`` training rows.
 
@@ -444,12 +480,16 @@ def build_encoder(num_features: int, config: TrainConfig, *,
 
     if sparse_grad is None:
         sparse_grad = config.resolved_bag_optimizer(num_features) == "sparse-adam"
+    # auto (-1) values not resolved for a data set (TrainConfig.resolved_for_data) take the
+    # values of the larger data sets
+    dropout = config.dropout if config.dropout >= 0 else AUTO_DROPOUT[1]
+    input_dropout = config.input_dropout if config.input_dropout >= 0 else AUTO_INPUT_DROPOUT[1]
 
     def one() -> SparseEncoder:
         return SparseEncoder(
             num_features, dim=config.dim, hidden=config.resolved_hidden(num_features),
-            dropout=config.dropout, norm=config.norm, linear_only=config.linear_only,
-            input_dropout=config.input_dropout, sparse_grad=sparse_grad)
+            dropout=dropout, norm=config.norm, linear_only=config.linear_only,
+            input_dropout=input_dropout, sparse_grad=sparse_grad)
 
     if config.ensemble > 1:
         return EnsembleEncoder([one() for _ in range(config.ensemble)])
@@ -871,9 +911,8 @@ class Trainer:
 
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
-        if cfg.ensemble == 0:  # resolve auto now: the saved config records what was built
-            cfg = self.config = dataclasses.replace(
-                cfg, ensemble=cfg.resolved_ensemble(train.num_points))
+        # resolve the auto values now: the saved config records what was built
+        cfg = self.config = cfg.resolved_for_data(train.num_points)
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
         self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
         X = self.preprocessor.transform(X_raw)
