@@ -71,6 +71,7 @@ QUANTIZERS = ("pq", "rq")
 WITHIN_CELL = ("uniform", "popularity", "exact")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 NORMS = ("none", "layernorm", "batchnorm")
+LABEL_INITS = ("random", "pifa")
 METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
 # largest label count for which training accepts MIDX within_cell="exact" ([B, L] per step)
 EXACT_WITHIN_CELL_MAX_LABELS = 65536
@@ -131,6 +132,10 @@ class TrainConfig(ConfigBase):
     l2_normalize: bool = field(default=True, metadata=_h(
         "L2-normalize every input row after TF-IDF (--l2-normalize/--no-l2-normalize)"))
     label_bias: bool = field(default=True, metadata=_h("learn a per-label bias (--label-bias)"))
+    label_init: str = field(default="random", metadata=_h(
+        "initial label rows: random (N(0, 0.01)) | pifa (each row along the normalised mean"
+        " query of its training rows under the initial encoder, PECOS's PIFA in query space)"
+        " (--label-init)"))
     ensemble: int = field(default=0, metadata=_h(
         "members: independently initialised encoders, each with its own block of the label table"
         " and its own loss, trained side by side on the same batches; scores are the members'"
@@ -259,6 +264,7 @@ class TrainConfig(ConfigBase):
         choice("within_cell", self.within_cell, WITHIN_CELL)
         choice("amp", self.amp, AMP_MODES)
         choice("norm", self.norm, NORMS)
+        choice("label_init", self.label_init, LABEL_INITS)
         choice("schedule", self.schedule, ("linear", "cosine", "constant"))
         choice("bag_optimizer", self.bag_optimizer, ("auto", "adamw", "sparse-adam"))
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
@@ -930,6 +936,8 @@ class Trainer:
         self.network = network = XMCNetwork(D, L, cfg).to(device)
         logger.info("encoder hidden widths %s (D=%d), bag optimizer %s, loss %s",
                     list(cfg.resolved_hidden(D)), D, cfg.resolved_bag_optimizer(D), loss_name)
+        if cfg.label_init == "pifa" and not resume:
+            _pifa_init_(network, X, Y, cfg.eval_batch_size)
         network.train()
         if cfg.ema > 0:
             self._ema = {k: v.detach().clone() for k, v in network.state_dict().items()
@@ -1502,6 +1510,18 @@ def member_score_ids(labels: Any, queries: torch.Tensor, ids: torch.Tensor,
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _pifa_init_(network: XMCNetwork, X: sp.csr_matrix, Y: sp.csr_matrix, batch_size: int) -> None:
+    """Set the label rows of labels with training rows to their PIFA rows (``label_init``)."""
+    from .encoder import encode_csr
+    from .label_init import pifa_label_rows
+
+    queries = encode_csr(network.encoder, X, batch_size=batch_size)  # [N, n*d] eval mode
+    rows, has_rows = pifa_label_rows(queries, Y)
+    weight = network.labels.weight.weight  # [L, n*d]
+    weight[has_rows] = rows[has_rows].to(weight.dtype)
 
 
 def _split(ds: XMCDataset, fraction: float, seed: int) -> tuple[XMCDataset, XMCDataset]:
