@@ -280,18 +280,19 @@ def test_ema_final_weights_equal_hand_computed_average(tiny_xy):
 def test_auto_hidden_width_follows_the_parameter_budget():
     """hidden=(0,) resolves to the largest power of two in [256, 8192] with D*w <= budget."""
     cfg = TrainConfig()
-    assert cfg.hidden == (0,) and cfg.hidden_budget == 2 ** 24
-    assert cfg.resolved_hidden(1836) == (8192,)  # Bibtex: 1836 * 8192 = 15.0M <= 16.8M
-    assert cfg.resolved_hidden(2048) == (8192,)  # exactly the budget
-    assert cfg.resolved_hidden(2049) == (4096,)
-    assert cfg.resolved_hidden(20000) == (512,)  # 1024 * 20000 = 20.5M > 16.8M
+    assert cfg.hidden == (0,) and cfg.hidden_budget == 2 ** 26
+    assert cfg.resolved_hidden(1836) == (8192,)  # Bibtex: 1836 * 8192 = 15.0M <= 67.1M
+    assert cfg.resolved_hidden(7913) == (8192,)  # kjv-strongs: 64.8M <= 67.1M
+    assert cfg.resolved_hidden(8192) == (8192,)  # exactly the budget
+    assert cfg.resolved_hidden(8193) == (4096,)
+    assert cfg.resolved_hidden(16975) == (2048,)  # nextword-tdavid: 4096 * 16975 = 69.5M
     assert cfg.resolved_hidden(10 ** 7) == (256,)  # the floor
     assert TrainConfig(hidden=(0, 64)).resolved_hidden(1836) == (8192, 64)
     assert TrainConfig(hidden=(300,)).resolved_hidden(10 ** 7) == (300,)  # explicit wins
     net = XMCNetwork(1836, 5, TrainConfig(dim=8))
     assert net.encoder.bag.weight.shape == (1836, 8192)
-    assert not net.encoder.bag.sparse  # bag_optimizer=auto: dense below 8192 features
-    assert XMCNetwork(9000, 5, TrainConfig(dim=8)).encoder.bag.sparse
+    assert not net.encoder.bag.sparse  # bag_optimizer=auto: dense below 4096 features
+    assert XMCNetwork(4096, 5, TrainConfig(dim=8, hidden=(16,))).encoder.bag.sparse
     probs = TrainConfig(hidden=(64, 0), input_dropout=1.0, ema=1.5).problems()
     assert any("hidden=(64, 0)" in p for p in probs)
     assert any("input_dropout=1.0" in p for p in probs)

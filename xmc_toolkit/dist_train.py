@@ -523,6 +523,12 @@ class DistributedTrainer:
         if cfg.correct_target:
             problems.append("correct_target is not available with several processes; drop "
                             "--correct-target")
+        if cfg.bag_lr > 0:
+            problems.append(f"bag_lr={cfg.bag_lr} is not available with several processes (the"
+                            " EmbeddingBag is dense there); drop --bag-lr")
+        if cfg.label_init == "pifa":
+            problems.append("label_init='pifa' is not available with several processes yet;"
+                            " use --label-init random (or auto)")
         if cfg.batch_size < ctx.world_size:
             problems.append(f"batch_size={cfg.batch_size} is smaller than the {ctx.world_size} "
                             "processes; raise --batch-size")
@@ -535,7 +541,8 @@ class DistributedTrainer:
         # auto values resolved as in one process (dropout, epochs); an auto ensemble is one
         # member here (several members need one process)
         cfg = self.config = dataclasses.replace(
-            cfg.resolved_for_data(train.num_points), ensemble=max(1, cfg.ensemble))
+            cfg.resolved_for_data(train.num_points), ensemble=max(1, cfg.ensemble),
+            label_init="random")
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
         self.preprocessor = pre = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
         X = pre.transform(X_raw)

@@ -135,6 +135,7 @@ def build_optimizers(
     schedule: str = "linear",
     sparse_params: Sequence[torch.nn.Parameter] = (),
     sparse_optimizer: str = "sparse-adam",
+    sparse_lr: float | None = None,
 ) -> OptimizerBundle:
     """AdamW for the encoder, a row-wise optimizer for the label table, one schedule for both.
 
@@ -154,6 +155,7 @@ def build_optimizers(
             with ``sparse=True``); they must not also be in ``encoder_params``. Optimized at
             ``lr`` by ``sparse_optimizer`` (no weight decay) as the optimizer ``"encoder_sparse"``.
         sparse_optimizer: ``"sparse-adam"`` or ``"adagrad"`` for ``sparse_params``.
+        sparse_lr: learning rate of ``sparse_params`` (``None``: ``lr``).
 
     Returns:
         An :class:`OptimizerBundle`.
@@ -173,9 +175,10 @@ def build_optimizers(
         optimizers["encoder"] = torch.optim.AdamW(enc, lr=lr, weight_decay=weight_decay,
                                                   foreach=True)
     if sparse:
-        optimizers["encoder_sparse"] = (RowAdam(sparse, lr=lr)
+        slr = lr if sparse_lr is None else sparse_lr
+        optimizers["encoder_sparse"] = (RowAdam(sparse, lr=slr)
                                         if sparse_optimizer == "sparse-adam"
-                                        else torch.optim.Adagrad(sparse, lr=lr))
+                                        else torch.optim.Adagrad(sparse, lr=slr))
     if label_optimizer == "adamw":
         optimizers["labels"] = torch.optim.AdamW(labels, lr=label_lr, weight_decay=0.0,
                                                  foreach=True)

@@ -71,7 +71,7 @@ QUANTIZERS = ("pq", "rq")
 WITHIN_CELL = ("uniform", "popularity", "exact")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 NORMS = ("none", "layernorm", "batchnorm")
-LABEL_INITS = ("random", "pifa")
+LABEL_INITS = ("auto", "random", "pifa")
 METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
 # largest label count for which training accepts MIDX within_cell="exact" ([B, L] per step)
 EXACT_WITHIN_CELL_MAX_LABELS = 65536
@@ -80,7 +80,7 @@ EXACT_WITHIN_CELL_MAX_LABELS = 65536
 SMALL_DATA_POINTS = 10_000  # up to this many training rows: strong regularization, 20 epochs
 AUTO_DROPOUT = (0.75, 0.2)  # (small, larger) data sets
 AUTO_INPUT_DROPOUT = (0.3, 0.0)
-AUTO_EPOCH_ROWS = 250_000  # larger data sets: about this many rows seen in all, 2..20 epochs
+AUTO_EPOCH_ROWS = 150_000  # larger data sets: about this many rows seen in all, 2..20 epochs
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -111,7 +111,7 @@ class TrainConfig(ConfigBase):
         metadata=_h("hidden layer widths of the encoder MLP; the first is the EmbeddingBag width;"
                     " a first width of 0 means auto: the largest power of two in [256, 8192] with"
                     " D x width <= hidden_budget (--hidden 0, --hidden 1024, --hidden 1024,512)"))
-    hidden_budget: int = field(default=2 ** 24, metadata=_h(
+    hidden_budget: int = field(default=2 ** 26, metadata=_h(
         "parameter budget D x width of the EmbeddingBag for the auto hidden width"
         " (--hidden-budget)"))
     dropout: float = field(default=-1.0, metadata=_h(
@@ -132,9 +132,10 @@ class TrainConfig(ConfigBase):
     l2_normalize: bool = field(default=True, metadata=_h(
         "L2-normalize every input row after TF-IDF (--l2-normalize/--no-l2-normalize)"))
     label_bias: bool = field(default=True, metadata=_h("learn a per-label bias (--label-bias)"))
-    label_init: str = field(default="random", metadata=_h(
-        "initial label rows: random (N(0, 0.01)) | pifa (each row along the normalised mean"
-        " query of its training rows under the initial encoder, PECOS's PIFA in query space)"
+    label_init: str = field(default="auto", metadata=_h(
+        "initial label rows: auto | random (N(0, 0.01)) | pifa (each row along the normalised"
+        " mean query of its training rows under the initial encoder, PECOS's PIFA in query"
+        " space); auto: random on training sets of up to 10,000 rows, else pifa"
         " (--label-init)"))
     ensemble: int = field(default=0, metadata=_h(
         "members: independently initialised encoders, each with its own block of the label table"
@@ -180,11 +181,15 @@ class TrainConfig(ConfigBase):
     # -- optimization -------------------------------------------------------------------------
     epochs: int = field(default=0, metadata=_h(
         "number of passes over the training data; 0 (auto): 20 on training sets of up to 10,000"
-        " rows, else about 250,000 rows in all (round(250000 / N), clipped to 2..20) (--epochs)"))
+        " rows, else about 150,000 rows in all (round(150000 / N), clipped to 2..20) (--epochs)"))
     batch_size: int = field(default=128, metadata=_h("training rows per step (--batch-size)"))
     lr: float = field(default=1e-3, metadata=_h("AdamW learning rate of the encoder (--lr)"))
     label_lr: float = field(default=0.0, metadata=_h(
         "learning rate of the label table; 0: same as lr (--label-lr)"))
+    bag_lr: float = field(default=0.0, metadata=_h(
+        "learning rate of the EmbeddingBag rows when they are sparse (bag_optimizer"
+        " sparse-adam); 0 (auto): 10 x lr, since each row only moves on the steps whose batch"
+        " holds its feature (--bag-lr)"))
     weight_decay: float = field(default=0.01, metadata=_h(
         "AdamW decoupled weight decay of the encoder (--weight-decay)"))
     label_optimizer: str = field(default="auto", metadata=_h(
@@ -194,7 +199,7 @@ class TrainConfig(ConfigBase):
         "optimizer of the encoder's EmbeddingBag weight [D, h]: auto | adamw | sparse-adam;"
         " sparse-adam gives the bag sparse gradients and updates only the rows of the features"
         " in a batch; auto: sparse-adam when D >= sparse_features_min (--bag-optimizer)"))
-    sparse_features_min: int = field(default=8192, metadata=_h(
+    sparse_features_min: int = field(default=4096, metadata=_h(
         "smallest feature count D for which bag_optimizer=auto uses sparse-adam"
         " (--sparse-features-min)"))
     ema: float = field(default=0.0, metadata=_h(
@@ -272,7 +277,7 @@ class TrainConfig(ConfigBase):
         for name in ("dim", "batch_size", "negatives", "eval_chunk_size",
                      "eval_batch_size", "full_max_labels", "lr", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("epochs", "ensemble", "ensemble_max_points", "codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
+        for name in ("bag_lr", "epochs", "ensemble", "ensemble_max_points", "codewords", "refresh_every", "label_lr", "weight_decay", "warmup_steps",
                      "clip_grad", "bag_init_std", "patience", "checkpoint_every", "max_steps",
                      "psp_b", "sparse_features_min", "bce_weight", "hidden_budget"):
             positive(name, getattr(self, name), zero_ok=True)
@@ -341,6 +346,11 @@ class TrainConfig(ConfigBase):
                          " label table included, at every step: dense O(L d) work that the"
                          f" {loss} loss exists to avoid; use --ema 0 with sampled losses (or"
                          " --loss full)")
+        if self.bag_lr > 0 and self.resolved_bag_optimizer(num_features) != "sparse-adam":
+            p.append(f"bag_lr={self.bag_lr} applies to a sparse EmbeddingBag only, but D ="
+                     f" {num_features} gives bag_optimizer"
+                     f" {self.resolved_bag_optimizer(num_features)!r}; drop --bag-lr or use"
+                     " --bag-optimizer sparse-adam")
         if self.log_q_correction and loss != "negative-sampling":
             p.append(f"log_q_correction applies to the negative-sampling loss only, not to"
                      f" loss={loss}; drop --log-q-correction or use --loss negative-sampling"
@@ -407,7 +417,7 @@ class TrainConfig(ConfigBase):
         Rules (chosen on validation splits of the training data, ``docs/training.md``): on
         training sets of up to ``SMALL_DATA_POINTS`` (10,000) rows dropout 0.75, input dropout
         0.3 and 20 epochs (tiny data: regularize hard, pass often); above, dropout 0.2, no input
-        dropout and about ``AUTO_EPOCH_ROWS`` rows in all (``round(250000 / N)`` epochs,
+        dropout, PIFA label rows and about ``AUTO_EPOCH_ROWS`` rows in all (``round(150000 / N)`` epochs,
         clipped to 2..20); the ensemble as :meth:`resolved_ensemble`.
         """
         small = num_points <= SMALL_DATA_POINTS
@@ -421,6 +431,8 @@ class TrainConfig(ConfigBase):
                 min(20, max(2, round(AUTO_EPOCH_ROWS / max(1, num_points)))))
         if self.ensemble == 0:
             changes["ensemble"] = self.resolved_ensemble(num_points)
+        if self.label_init == "auto":
+            changes["label_init"] = "random" if small else "pifa"
         return dataclasses.replace(self, **changes) if changes else self
 
     def resolved_ensemble(self, num_points: int) -> int:
@@ -432,6 +444,10 @@ class TrainConfig(ConfigBase):
         if self.ensemble > 0:
             return int(self.ensemble)
         return 3 if num_points <= self.ensemble_max_points else 1
+
+    def resolved_bag_lr(self, num_features: int) -> float:
+        """Learning rate of a sparse EmbeddingBag (``bag_lr``, auto: ``10 * lr``)."""
+        return float(self.bag_lr) if self.bag_lr > 0 else 10.0 * float(self.lr)
 
     def resolved_bag_optimizer(self, num_features: int) -> str:
         """``adamw`` or ``sparse-adam`` for the EmbeddingBag weight after resolving ``auto``."""
@@ -957,7 +973,8 @@ class Trainer:
             network.encoder_parameters(), network.label_parameters(), lr=cfg.lr,
             label_lr=cfg.label_lr or cfg.lr, weight_decay=cfg.weight_decay,
             label_optimizer=label_opt, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-            schedule=cfg.schedule, sparse_params=network.encoder.sparse_parameters())
+            schedule=cfg.schedule, sparse_params=network.encoder.sparse_parameters(),
+            sparse_lr=cfg.resolved_bag_lr(D))
         amp_dtype, scaler = _amp_setup(cfg.amp, device)
         sample_gen = torch.Generator(device=device)
         sample_gen.manual_seed(cfg.seed + 1)
