@@ -143,7 +143,7 @@ class TrainConfig(ConfigBase):
         " mean (one [L, n*d] table, so top-k, export and the MIDX index work unchanged); costs"
         " n times one model; 0: auto = 3 when the training set has at most ensemble_max_points"
         " rows, else 1 (--ensemble)"))
-    ensemble_max_points: int = field(default=50_000, metadata=_h(
+    ensemble_max_points: int = field(default=10_000, metadata=_h(
         "largest training set (rows) for which ensemble=0 (auto) trains 3 members"
         " (--ensemble-max-points)"))
     # -- loss and sampling --------------------------------------------------------------------
