@@ -109,8 +109,25 @@ def test_scale_quick(tmp_path: Path) -> None:
     assert r["epoch_s"] > 0 and 0 <= r["approx_recall@5"] <= 1
 
 
+def test_tune_split_quick(tmp_path: Path) -> None:
+    from conftest import make_tiny_problem
+
+    from xmc_toolkit.data import XMCDataset, save
+
+    X, Y = make_tiny_problem(200)
+    data = tmp_path / "tiny_train.txt"
+    save(XMCDataset(X, Y), data, fmt="xc")
+    out = tmp_path / "ts.json"
+    _load("tune_split").main([*QUICK, "--data", str(data), "--out", str(out),
+                              "--set", '{"lr": 0.01}'])
+    payload = _check_payload(out)
+    assert payload["overrides"]["lr"] == 0.01 and payload["config"]["lr"] == 0.01
+    assert len(payload["history"]) == 1 and "val/P@1" in payload["history"][0]
+    assert 0.0 <= payload["best"]["P@1"] <= 1.0
+
+
 @pytest.mark.parametrize("name", ["bench_output_layer", "bench_sampler_quality", "bench_peers",
-                                  "bench_convergence", "bench_scale"])
+                                  "bench_convergence", "bench_scale", "tune_split"])
 def test_help_and_device_flag(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     mod = _load(name)
     with pytest.raises(SystemExit) as exc:
