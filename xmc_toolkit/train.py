@@ -80,7 +80,7 @@ EXACT_WITHIN_CELL_MAX_LABELS = 65536
 SMALL_DATA_POINTS = 10_000  # up to this many training rows: strong regularization, 20 epochs
 AUTO_DROPOUT = (0.75, 0.2)  # (small, larger) data sets
 AUTO_INPUT_DROPOUT = (0.3, 0.0)
-AUTO_EPOCH_ROWS = 150_000  # larger data sets: about this many rows seen in all, 2..20 epochs
+AUTO_EPOCH_ROWS = 150_000  # larger data sets: about this many rows seen in all, 1..20 epochs
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -153,7 +153,7 @@ class TrainConfig(ConfigBase):
     bce_weight: float = field(default=0.0, metadata=_h(
         "full softmax only: add this weight times the one-vs-all binary cross-entropy over all"
         " labels (summed over labels, mean over the batch) to the loss; 0: off (--bce-weight)"))
-    full_max_labels: int = field(default=16384, metadata=_h(
+    full_max_labels: int = field(default=32768, metadata=_h(
         "largest label count for which loss=auto uses the full softmax (--full-max-labels)"))
     sampler: str = field(default="midx", metadata=_h(
         "negative sampler: uniform | popularity | log-uniform | midx (--sampler)"))
@@ -181,7 +181,7 @@ class TrainConfig(ConfigBase):
     # -- optimization -------------------------------------------------------------------------
     epochs: int = field(default=0, metadata=_h(
         "number of passes over the training data; 0 (auto): 20 on training sets of up to 10,000"
-        " rows, else about 150,000 rows in all (round(150000 / N), clipped to 2..20) (--epochs)"))
+        " rows, else about 150,000 rows in all (round(150000 / N), clipped to 1..20) (--epochs)"))
     batch_size: int = field(default=128, metadata=_h("training rows per step (--batch-size)"))
     lr: float = field(default=1e-3, metadata=_h("AdamW learning rate of the encoder (--lr)"))
     label_lr: float = field(default=0.0, metadata=_h(
@@ -418,7 +418,7 @@ class TrainConfig(ConfigBase):
         training sets of up to ``SMALL_DATA_POINTS`` (10,000) rows dropout 0.75, input dropout
         0.3 and 20 epochs (tiny data: regularize hard, pass often); above, dropout 0.2, no input
         dropout, PIFA label rows and about ``AUTO_EPOCH_ROWS`` rows in all (``round(150000 / N)`` epochs,
-        clipped to 2..20); the ensemble as :meth:`resolved_ensemble`.
+        clipped to 1..20); the ensemble as :meth:`resolved_ensemble`.
         """
         small = num_points <= SMALL_DATA_POINTS
         changes: dict[str, Any] = {}
@@ -428,7 +428,7 @@ class TrainConfig(ConfigBase):
             changes["input_dropout"] = AUTO_INPUT_DROPOUT[0 if small else 1]
         if self.epochs == 0:
             changes["epochs"] = 20 if small else int(
-                min(20, max(2, round(AUTO_EPOCH_ROWS / max(1, num_points)))))
+                min(20, max(1, round(AUTO_EPOCH_ROWS / max(1, num_points)))))
         if self.ensemble == 0:
             changes["ensemble"] = self.resolved_ensemble(num_points)
         if self.label_init == "auto":
