@@ -78,3 +78,128 @@ def test_bad_hyper_parameters_are_all_reported():
     with pytest.raises(ConfigError) as err:
         RowAdam([torch.nn.Parameter(torch.zeros(1))], lr=-1, betas=(1.5, 0.9), eps=-1)
     assert len(err.value.problems) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the sync-free sparse path (used on CUDA parameters; forced here on the CPU)
+# ---------------------------------------------------------------------------------------------
+def _random_sparse_grads(rows: int, dim: int, steps: int, seed: int, row0: str):
+    """``steps`` uncoalesced ``[rows, dim]`` COO gradients with repeated rows, entries in random
+    order; row 0 is repeated (``row0="repeated"``) or never present (``"absent"``)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        n = int(torch.randint(5, 40, (), generator=g))
+        ids = torch.randint(1, rows, (n,), generator=g)
+        ids = torch.cat([ids, ids[: n // 3]])  # more repeats
+        if row0 == "repeated":
+            ids = torch.cat([ids, torch.zeros(3, dtype=torch.long)])
+        ids = ids[torch.randperm(ids.numel(), generator=g)]
+        vals = torch.randn(ids.numel(), dim, generator=g, dtype=torch.float64)
+        out.append(torch.sparse_coo_tensor(ids.view(1, -1), vals, (rows, dim),
+                                           check_invariants=True))
+    assert all(not t.is_coalesced() for t in out)
+    return out
+
+
+def _apply(opt_factory, grads, rows: int, dim: int) -> tuple[torch.Tensor, dict]:
+    p = torch.nn.Parameter(torch.randn(rows, dim, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(5)))
+    opt = opt_factory([p])
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+    return p.detach().clone(), opt.state[p]
+
+
+@pytest.mark.parametrize("row0", ["repeated", "absent"])
+def test_sync_free_path_equals_coalesce_path_and_sparse_adam(row0):
+    rows, dim = 30, 4
+    grads = _random_sparse_grads(rows, dim, steps=7, seed=3, row0=row0)
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    w_free, s_free = _apply(lambda ps: RowAdam(ps, sync_free=True, **kw), grads, rows, dim)
+    w_coal, s_coal = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), grads, rows, dim)
+    w_ref, s_ref = _apply(lambda ps: torch.optim.SparseAdam(ps, **kw), grads, rows, dim)
+    tight = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w_free, w_coal, **tight)
+    torch.testing.assert_close(w_free, w_ref, **tight)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(s_free[key], s_coal[key], **tight)
+        torch.testing.assert_close(s_free[key], s_ref[key], **tight)
+    assert float(s_free["step"]) == 7 and s_free["step"].device.type == "cpu"
+    # rows never in a gradient keep their initial values and zero moments
+    touched = torch.zeros(rows, dtype=torch.bool)
+    for grad in grads:
+        touched[grad._indices()[0]] = True
+    assert bool(touched[0]) == (row0 == "repeated")
+    w0, _ = _apply(lambda ps: RowAdam(ps, **kw), [], rows, dim)
+    assert torch.equal(w_free[~touched], w0[~touched])
+    assert not s_free["exp_avg"][~touched].any()
+
+
+def test_sync_free_path_float32_and_one_entry():
+    """float32 (the training dtype) against SparseAdam, and the N = 1 and N = 0 edge cases."""
+    torch.manual_seed(0)
+    kw = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+    ps = [torch.nn.Parameter(torch.randn(6, 3)) for _ in range(2)]
+    ps[1].data.copy_(ps[0].data)
+    opts = [RowAdam([ps[0]], sync_free=True, **kw), torch.optim.SparseAdam([ps[1]], **kw)]
+    for ids in ([4], [2, 2, 0, 5, 0], [1]):
+        idx = torch.tensor([ids])
+        vals = torch.randn(len(ids), 3)
+        for p, o in zip(ps, opts):
+            p.grad = torch.sparse_coo_tensor(idx, vals, (6, 3), check_invariants=True)
+            o.step()
+    torch.testing.assert_close(ps[0], ps[1], rtol=1e-6, atol=1e-7)
+    before = ps[0].detach().clone()
+    ps[0].grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long),
+                                         torch.zeros(0, 3), (6, 3), check_invariants=True)
+    opts[0].step()  # no entries: nothing moves
+    assert torch.equal(ps[0].detach(), before)
+
+
+def test_sync_free_is_the_default_off_the_cpu_only():
+    p = torch.nn.Parameter(torch.zeros(4, 2))
+    calls = []
+    import xmc_toolkit.sparse_optim as so
+
+    orig = so._sparse_row_adam_
+    mp = pytest.MonkeyPatch()
+    mp.setattr(so, "_sparse_row_adam_", lambda *a, **kw: (calls.append(1), orig(*a, **kw)))
+    try:
+        opt = RowAdam([p], lr=0.1)
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.ones(2, 2), (4, 2),
+                                         check_invariants=True)
+        opt.step()
+        assert calls == []  # CPU: the coalescing path
+        opt.sync_free = True
+        opt.step()
+        assert calls == [1]
+    finally:
+        mp.undo()
+    assert "sync_free" not in opt.state_dict()["param_groups"][0]  # checkpoints unchanged
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_row_adam_step_has_no_host_sync():
+    """The default RowAdam step on a CUDA embedding under set_sync_debug_mode("error"), and its
+    numbers against the CPU coalescing path."""
+    rows, dim = 200, 16
+    grads = _random_sparse_grads(rows, dim, steps=5, seed=7, row0="repeated")
+    grads = [g.float() for g in grads]
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    w_cpu, _ = _apply(lambda ps: RowAdam(ps, **kw), grads, rows, dim)
+    p = torch.nn.Parameter(torch.randn(rows, dim, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(5)).float().cuda())
+    opt = RowAdam([p], **kw)
+    cuda_grads = [g.cuda() for g in grads]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for grad in cuda_grads:
+            p.grad = grad
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(p.detach().cpu(), w_cpu.float(), rtol=1e-5, atol=1e-6)
