@@ -486,6 +486,38 @@ def test_distributed_trainer_refuses_an_ensemble() -> None:
             _toy_data(0, 200), _toy_data(1, 80))
 
 
+def test_distributed_trainer_reads_the_loss_every_log_every_steps(monkeypatch) -> None:
+    """The per-step loss stays on the device between reads (every log_every steps, epoch end):
+    the epoch loss does not depend on log_every, and a NaN loss still raises, naming its step."""
+    import xmc_toolkit.dist_train as dt
+    from xmc_toolkit.errors import XMCError
+
+    train, val = _toy_data(0, 200), _toy_data(1, 80)  # 5 steps an epoch
+
+    def fit(cfg, callbacks=()):
+        return dt.DistributedTrainer(cfg, dt.DistContext(), None, callbacks=callbacks).fit(
+            train, val)
+
+    a = fit(_toy_config(epochs=2, log_every=1))["history"]
+    b = fit(_toy_config(epochs=2, log_every=1000))["history"]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-12)
+    seen: list = []
+    fit(_toy_config(epochs=1, log_every=2),
+        [lambda ev, p: seen.append(p["loss"]) if ev == "step" else None])
+    assert [v is None for v in seen] == [True, False, True, False, True]
+    orig, calls = dt.sharded_full_softmax_loss, {"n": 0}
+
+    def nan_at_step_3(*args, **kw):
+        calls["n"] += 1
+        loss = orig(*args, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(dt, "sharded_full_softmax_loss", nan_at_step_3)
+    with pytest.raises(XMCError, match=r"loss became nan at step 3 \(epoch 1\)"):
+        fit(_toy_config(epochs=2, log_every=1000))
+    assert calls["n"] == 5  # found at the epoch end, not before
+
+
 def test_two_process_training_matches_one_process(train_results) -> None:
     from xmc_toolkit.dist_train import DistContext, DistributedTrainer
 

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -445,6 +444,53 @@ def _clip_sharded(encoder_params: Sequence[nn.Parameter], label_params: Sequence
     return float(total)
 
 
+class _LossLog:
+    """Per-step losses summed on the device and read on the host only when asked (one sync).
+
+    The sharded counterpart of ``Trainer._track_loss`` / ``Trainer._read_loss``: :meth:`add`
+    is device work only (the running sum and the step, epoch and value of the first NaN/inf
+    loss); :meth:`read` copies them to the host once and raises on a non-finite loss.
+    """
+
+    def __init__(self) -> None:
+        self.acc: torch.Tensor | None = None  # [] float64 sum since the last read
+        self.bad: torch.Tensor | None = None  # [] bool: a non-finite loss was seen
+        self.info: torch.Tensor | None = None  # [3] float64 its step, epoch, value
+        self.n = 0  # steps in acc
+        self.epoch_sum = 0.0  # sum of the losses read so far this epoch
+
+    def add(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        value = loss.detach().double()  # []
+        if self.acc is None:
+            self.acc = torch.zeros((), dtype=torch.float64, device=value.device)
+            self.bad = torch.zeros((), dtype=torch.bool, device=value.device)
+            self.info = torch.zeros(3, dtype=torch.float64, device=value.device)
+        self.acc += value
+        self.n += 1
+        new = ~torch.isfinite(value) & ~self.bad  # [] first non-finite loss
+        info = torch.stack([value.new_full((), step), value.new_full((), epoch), value])
+        self.info = torch.where(new, info, self.info)
+        self.bad |= new
+
+    def read(self) -> float | None:
+        """The mean loss since the last read (``None`` if no step since); adds the sum to
+        :attr:`epoch_sum`.
+
+        Raises:
+            XMCError: a loss since the last read was NaN/inf (names the first such step).
+        """
+        if self.acc is None:
+            return None
+        total, bad, step, epoch, value = torch.cat(  # one device-to-host copy
+            [self.acc.view(1), self.bad.double().view(1), self.info]).tolist()
+        n, self.acc, self.n = self.n, None, 0
+        if bad:
+            raise XMCError(f"loss became {value} at step {int(step)} (epoch {int(epoch)}); "
+                           "lower --lr or set --clip-grad")
+        self.epoch_sum += total
+        return total / max(n, 1)
+
+
 class DistributedTrainer:
     """Trains a :class:`ShardedXMCNetwork` on every rank of a process group.
 
@@ -453,7 +499,10 @@ class DistributedTrainer:
             is the *global* batch, split across ranks).
         ctx: from :func:`init_distributed`.
         out_dir: output directory (written by rank 0, shards by every rank) or ``None``.
-        callbacks: ``callback(event, payload)`` for ``"step"`` and ``"epoch_end"`` (every rank).
+        callbacks: ``callback(event, payload)`` for ``"step"`` and ``"epoch_end"`` (every rank);
+            a ``"step"`` payload has ``step``, ``epoch``, ``loss`` (the mean loss since the last
+            read as a float on every ``log_every``-th step, else ``None``) and ``loss_tensor``
+            (this step's detached 0-d loss on the device: reading it syncs).
         consolidate_model: also write a normal model directory into ``out_dir`` at the end.
     """
 
@@ -585,13 +634,15 @@ class DistributedTrainer:
         best_state: dict[str, torch.Tensor] | None = None
         t_start = time.perf_counter()
         progress = _progress(show_progress and ctx.is_main, total_steps)
+        losses = _LossLog()  # read on the host every cfg.log_every steps and at epoch end
         with progress as advance:
             for epoch in range(cfg.epochs):
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
                 self._refresh()
                 order = batches.epoch_order(epoch)
-                t0, loss_sum, n_steps, n_rows = time.perf_counter(), 0.0, 0, 0
+                t0, n_steps, n_rows = time.perf_counter(), 0, 0
+                losses.epoch_sum = 0.0
                 for b in range(steps_per_epoch):
                     rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                     if len(rows) < ctx.world_size:
@@ -610,26 +661,29 @@ class DistributedTrainer:
                         loss = sharded_full_softmax_loss(
                             q, net.weight.weight, net.local_bias, batch.pos_ids, batch.pos_mask,
                             lo, chunk_size=cfg.eval_chunk_size)
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise XMCError(f"loss became {value} at step {step + 1} (epoch "
-                                       f"{epoch + 1}); lower --lr or set --clip-grad")
                     loss.backward()
                     if cfg.clip_grad > 0:
                         _clip_sharded(list(net.encoder.parameters()), net.label_parameters(),
                                       cfg.clip_grad, ctx)
                     bundle.step()
                     step += 1
-                    loss_sum, n_steps, n_rows = loss_sum + value, n_steps + 1, n_rows + len(rows)
+                    losses.add(loss, step, epoch + 1)  # on the device: no sync
+                    n_steps, n_rows = n_steps + 1, n_rows + len(rows)
                     advance(1)
-                    self._emit("step", {"step": step, "epoch": epoch + 1, "loss": value})
+                    # the loss reaches the host (a device sync) every log_every steps, before a
+                    # refresh and at the epoch end; a NaN/inf loss raises there, naming its step
+                    value = losses.read() if step % cfg.log_every == 0 else None
+                    self._emit("step", {"step": step, "epoch": epoch + 1, "loss": value,
+                                        "loss_tensor": loss.detach()})
                     if sampled and cfg.refresh_every and step % cfg.refresh_every == 0:
+                        losses.read()
                         self._refresh()
                     if cfg.max_steps and step >= cfg.max_steps:
                         break
+                losses.read()
                 secs = time.perf_counter() - t0
                 rec: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                                       "loss": loss_sum / max(1, n_steps), "seconds": secs,
+                                       "loss": losses.epoch_sum / max(1, n_steps), "seconds": secs,
                                        "examples_per_s": n_rows / max(secs, 1e-9),
                                        "world_size": ctx.world_size}
                 if X_val is not None and Y_val is not None:
