@@ -78,6 +78,8 @@ def test_peers_quick(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
     _load("bench_peers").main([*QUICK, "--out", str(out)])
     data = _check_payload(out)
+    if "skipped" in data["datasets"].get("emotions", {}):
+        pytest.skip("the quick run's data set (emotions, ../shared/data) is absent")
     methods = {rec["method"] for rec in data["results"]}
     assert {"xmc-default", "xmc-midx"} <= methods
     for rec in data["results"]:  # a peer may be missing (recorded error), xmc must work
