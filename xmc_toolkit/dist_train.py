@@ -45,7 +45,8 @@ from .distributed import (
     sharded_topk,
     sum_allreduce_hook,
 )
-from .errors import CheckpointError, ConfigError, XMCError
+from .errors import CheckpointError, ConfigError
+from .loss_log import LossLog
 
 __all__ = [
     "DistContext",
@@ -444,53 +445,6 @@ def _clip_sharded(encoder_params: Sequence[nn.Parameter], label_params: Sequence
     return float(total)
 
 
-class _LossLog:
-    """Per-step losses summed on the device and read on the host only when asked (one sync).
-
-    The sharded counterpart of ``Trainer._track_loss`` / ``Trainer._read_loss``: :meth:`add`
-    is device work only (the running sum and the step, epoch and value of the first NaN/inf
-    loss); :meth:`read` copies them to the host once and raises on a non-finite loss.
-    """
-
-    def __init__(self) -> None:
-        self.acc: torch.Tensor | None = None  # [] float64 sum since the last read
-        self.bad: torch.Tensor | None = None  # [] bool: a non-finite loss was seen
-        self.info: torch.Tensor | None = None  # [3] float64 its step, epoch, value
-        self.n = 0  # steps in acc
-        self.epoch_sum = 0.0  # sum of the losses read so far this epoch
-
-    def add(self, loss: torch.Tensor, step: int, epoch: int) -> None:
-        value = loss.detach().double()  # []
-        if self.acc is None:
-            self.acc = torch.zeros((), dtype=torch.float64, device=value.device)
-            self.bad = torch.zeros((), dtype=torch.bool, device=value.device)
-            self.info = torch.zeros(3, dtype=torch.float64, device=value.device)
-        self.acc += value
-        self.n += 1
-        new = ~torch.isfinite(value) & ~self.bad  # [] first non-finite loss
-        info = torch.stack([value.new_full((), step), value.new_full((), epoch), value])
-        self.info = torch.where(new, info, self.info)
-        self.bad |= new
-
-    def read(self) -> float | None:
-        """The mean loss since the last read (``None`` if no step since); adds the sum to
-        :attr:`epoch_sum`.
-
-        Raises:
-            XMCError: a loss since the last read was NaN/inf (names the first such step).
-        """
-        if self.acc is None:
-            return None
-        total, bad, step, epoch, value = torch.cat(  # one device-to-host copy
-            [self.acc.view(1), self.bad.double().view(1), self.info]).tolist()
-        n, self.acc, self.n = self.n, None, 0
-        if bad:
-            raise XMCError(f"loss became {value} at step {int(step)} (epoch {int(epoch)}); "
-                           "lower --lr or set --clip-grad")
-        self.epoch_sum += total
-        return total / max(n, 1)
-
-
 class DistributedTrainer:
     """Trains a :class:`ShardedXMCNetwork` on every rank of a process group.
 
@@ -634,7 +588,7 @@ class DistributedTrainer:
         best_state: dict[str, torch.Tensor] | None = None
         t_start = time.perf_counter()
         progress = _progress(show_progress and ctx.is_main, total_steps)
-        losses = _LossLog()  # read on the host every cfg.log_every steps and at epoch end
+        losses = LossLog()  # read on the host every cfg.log_every steps and at epoch end
         with progress as advance:
             for epoch in range(cfg.epochs):
                 if cfg.max_steps and step >= cfg.max_steps:
@@ -672,7 +626,8 @@ class DistributedTrainer:
                     advance(1)
                     # the loss reaches the host (a device sync) every log_every steps, before a
                     # refresh and at the epoch end; a NaN/inf loss raises there, naming its step
-                    value = losses.read() if step % cfg.log_every == 0 else None
+                    read = losses.read() if step % cfg.log_every == 0 else None
+                    value = None if read is None else read[0]  # the mean since the last read
                     self._emit("step", {"step": step, "epoch": epoch + 1, "loss": value,
                                         "loss_tensor": loss.detach()})
                     if sampled and cfg.refresh_every and step % cfg.refresh_every == 0:

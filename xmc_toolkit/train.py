@@ -889,10 +889,9 @@ class Trainer:
 
     def _reset_loss_tracking(self) -> None:
         """Device-side loss accumulators of :meth:`_track_loss` / :meth:`_read_loss`."""
-        self._loss_acc: torch.Tensor | None = None  # [] float64 sum since the last read
-        self._bad: torch.Tensor | None = None  # [] bool: a non-finite loss was seen
-        self._bad_info: torch.Tensor | None = None  # [3] float64 its step, epoch, value
-        self._loss_n = 0  # steps in _loss_acc
+        from .loss_log import LossLog
+
+        self._loss_log = LossLog()
         self._last_loss = math.nan  # mean loss of the last read (progress bar)
 
     # -- public -----------------------------------------------------------------------------
@@ -1097,17 +1096,7 @@ class Trainer:
         Device work only (no host synchronisation): the running sum since the last
         :meth:`_read_loss`, and the step, epoch and value of the first NaN/inf loss.
         """
-        value = loss.detach().double()
-        if self._loss_acc is None:
-            self._loss_acc = torch.zeros((), dtype=torch.float64, device=value.device)
-            self._bad = torch.zeros((), dtype=torch.bool, device=value.device)
-            self._bad_info = torch.zeros(3, dtype=torch.float64, device=value.device)
-        self._loss_acc += value
-        self._loss_n += 1
-        new = ~torch.isfinite(value) & ~self._bad  # [] first non-finite loss
-        info = torch.stack([value.new_full((), step), value.new_full((), epoch), value])
-        self._bad_info = torch.where(new, info, self._bad_info)
-        self._bad |= new
+        self._loss_log.add(loss, step, epoch)
 
     def _read_loss(self, state: dict[str, Any]) -> float:
         """Bring the accumulated loss to the host (one sync): add it to the epoch's sum and
@@ -1116,22 +1105,16 @@ class Trainer:
         Raises:
             XMCError: a loss since the last read was NaN/inf (names the first such step).
         """
-        if self._loss_acc is None:
+        where = ""
+        if self.out_dir is not None:
+            ck = self.out_dir / CKPT_DIR
+            where = (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
+                     else "; no checkpoint had been written yet")
+        read = self._loss_log.read(where)  # one host copy; raises on a NaN/inf loss
+        if read is None:
             return self._last_loss
-        total, bad, step, epoch, value = torch.cat(  # one device-to-host copy
-            [self._loss_acc.view(1), self._bad.double().view(1), self._bad_info]).tolist()
-        n, self._loss_acc, self._loss_n = self._loss_n, None, 0
-        if bad:
-            where = ""
-            if self.out_dir is not None:
-                ck = self.out_dir / CKPT_DIR
-                where = (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
-                         else "; no checkpoint had been written yet")
-            raise XMCError(
-                f"loss became {value} at step {int(step)} (epoch {int(epoch)}){where}; lower "
-                "--lr, set --clip-grad, or check the data for extreme values")
+        self._last_loss, total = read
         state["epoch_loss_sum"] += total
-        self._last_loss = total / max(n, 1)
         return self._last_loss
 
     def _end_epoch(self, ctx: dict[str, Any], epoch: int, X_val: sp.csr_matrix | None,
