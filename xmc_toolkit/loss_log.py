@@ -10,6 +10,8 @@ use it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .errors import XMCError
@@ -41,11 +43,12 @@ class LossLog:
         self.info = torch.where(new, info, self.info)
         self.bad |= new
 
-    def read(self, where: str = "") -> tuple[float, float] | None:
+    def read(self, where: Callable[[], str] | None = None) -> tuple[float, float] | None:
         """``(mean, sum)`` of the losses since the last read, or ``None`` if there were none.
 
         Args:
-            where: appended to the error message (e.g. which checkpoint is kept).
+            where: called only on a NaN/inf loss; its text is appended to the error message
+                (e.g. which checkpoint is kept).
 
         Raises:
             XMCError: a loss since the last read was NaN/inf (names the first such step).
@@ -57,7 +60,8 @@ class LossLog:
         n, self.acc, self.n = self.n, None, 0
         if bad:
             raise XMCError(
-                f"loss became {value} at step {int(step)} (epoch {int(epoch)}){where}; lower "
+                f"loss became {value} at step {int(step)} (epoch {int(epoch)})"
+                f"{where() if where is not None else ''}; lower "
                 "--lr, set --clip-grad, or check the data for extreme values")
         self.epoch_sum += total
         return total / max(n, 1), total

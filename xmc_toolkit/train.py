@@ -448,7 +448,7 @@ class TrainConfig(ConfigBase):
             return int(self.ensemble)
         return 3 if num_points <= self.ensemble_max_points else 1
 
-    def resolved_bag_lr(self, num_features: int) -> float:
+    def resolved_bag_lr(self) -> float:
         """Learning rate of a sparse EmbeddingBag (``bag_lr``, auto: ``10 * lr``)."""
         return float(self.bag_lr) if self.bag_lr > 0 else 10.0 * float(self.lr)
 
@@ -976,7 +976,7 @@ class Trainer:
             label_lr=cfg.label_lr or cfg.lr, weight_decay=cfg.weight_decay,
             label_optimizer=label_opt, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
             schedule=cfg.schedule, sparse_params=network.encoder.sparse_parameters(),
-            sparse_lr=cfg.resolved_bag_lr(D))
+            sparse_lr=cfg.resolved_bag_lr())
         amp_dtype, scaler = _amp_setup(cfg.amp, device)
         sample_gen = torch.Generator(device=device)
         sample_gen.manual_seed(cfg.seed + 1)
@@ -1108,11 +1108,13 @@ class Trainer:
         Raises:
             XMCError: a loss since the last read was NaN/inf (names the first such step).
         """
-        where = ""
-        if self.out_dir is not None:
+        def where() -> str:  # only on a NaN/inf loss: no file system look-up per read
+            if self.out_dir is None:
+                return ""
             ck = self.out_dir / CKPT_DIR
-            where = (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
-                     else "; no checkpoint had been written yet")
+            return (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
+                    else "; no checkpoint had been written yet")
+
         read = self._loss_log.read(where)  # one host copy; raises on a NaN/inf loss
         if read is None:
             return self._last_loss
