@@ -22,9 +22,11 @@ omikuji's training, ``threads`` of napkinXC's PLT and PECOS's indexer, training 
 (``0``: each library's own default, usually all cores). ``--threads 1`` gives a one-thread
 comparison.
 
-Inputs: the toolkit preprocesses raw features itself (TF-IDF + row L2, part of its model); the
-peers get the same TF-IDF + L2 rows (fitted on the training split) so that the comparison is
-about the models (``--peer-features raw`` gives them the raw rows instead). Every method's top-5
+Inputs: the toolkit preprocesses raw features itself (row L2, and TF-IDF unless the file is
+already weighted: ``TrainConfig.tfidf = "auto"``; part of its model); the peers get the same rows
+(``--peer-features xmc``, fitted on the training split) so that the comparison is about the
+models (``tfidf-l2`` always applies an IDF, as the toolkit did before 2026-12-01; ``raw`` gives
+them the file's rows). Every method's top-5
 predictions are scored by ``xmc_toolkit.metrics.evaluate`` (propensities from the training
 labels, A=0.55, B=1.5): P@1/3/5, nDCG@1/3/5, PSP@1/3/5. Also per method: training seconds,
 prediction milliseconds per test point (whole test set in one call, divided), model size on
@@ -250,7 +252,15 @@ def _prepare(name: str, tr_path: Path, te_path: Path, work: Path, peer_features:
     if max_train:
         Xtr, Ytr = Xtr[:max_train], Ytr[:max_train]
         Xte, Yte = Xte[:max_train], Yte[:max_train]
-    if peer_features == "tfidf-l2":
+    if peer_features == "xmc":
+        from xmc_toolkit.batching import is_weighted
+        from xmc_toolkit.train import Preprocessor, TrainConfig
+
+        tfidf = TrainConfig().resolved_for_data(
+            Xtr.shape[0], weighted_input=is_weighted(Xtr)).tfidf == "on"
+        pre = Preprocessor.fit(sp.csr_matrix(Xtr, dtype=np.float32), tfidf, True)
+        Ptr, Pte = pre.transform(Xtr), pre.transform(Xte)
+    elif peer_features == "tfidf-l2":
         idf = fit_idf(Xtr)
         Ptr, Pte = (l2_normalize_rows(tfidf_transform(Xtr, idf)),
                     l2_normalize_rows(tfidf_transform(Xte, idf)))
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--datasets", default=",".join(DATASETS),
                     help="comma-separated (default: all; absent ones are skipped)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    ap.add_argument("--peer-features", choices=("tfidf-l2", "raw"), default="tfidf-l2")
+    ap.add_argument("--peer-features", choices=("xmc", "tfidf-l2", "raw"), default="xmc")
     ap.add_argument("--pecos-path", type=Path,
                     default=_DEFAULT_PECOS if _DEFAULT_PECOS.is_dir() else None,
                     help="folder prepended to PYTHONPATH for PECOS (numpy<2 / scipy<1.14)")

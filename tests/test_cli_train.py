@@ -125,7 +125,7 @@ def test_nan_loss_is_a_cli_error(files, tmp_path):
     X.data[:] = 3e38
     save(XMCDataset(X, ds.Y), tmp_path / "bad.txt")
     r = CliRunner().invoke(xmc, ["train", "--data", str(tmp_path / "bad.txt"), "--out",
-                                 str(tmp_path / "o"), *FLAGS, "--no-tfidf",
+                                 str(tmp_path / "o"), *FLAGS, "--tfidf", "off",
                                  "--no-l2-normalize"])
     assert r.exit_code == 2, r.output
     assert re.search(r"error: loss became (nan|inf) at step \d+ \(epoch 1\)", r.output)

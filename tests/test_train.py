@@ -297,3 +297,33 @@ def test_auto_hidden_width_follows_the_parameter_budget():
     assert any("hidden=(64, 0)" in p for p in probs)
     assert any("input_dropout=1.0" in p for p in probs)
     assert any("ema=1.5" in p for p in probs)
+
+
+def test_is_weighted_tells_counts_from_weighted_values():
+    from xmc_toolkit.batching import is_weighted
+
+    assert not is_weighted(sp.csr_matrix(np.array([[1.0, 0, 3.0], [0, 2.0, 0]])))  # counts
+    assert not is_weighted(sp.csr_matrix((2, 3)))  # empty
+    assert is_weighted(sp.csr_matrix(np.array([[1.0, 0, 0.25], [0, 2.0, 0]])))  # one weight
+
+
+@pytest.mark.parametrize("scale, expect_idf", [(1.0, True), (0.37, False)])
+def test_tfidf_auto_weights_counts_once_and_weighted_files_never_twice(tiny_xy, scale, expect_idf):
+    """auto: IDF on whole-number inputs (counts / binary), none on already weighted inputs."""
+    X, Y = tiny_xy
+    X = sp.csr_matrix(X, dtype=np.float32)
+    X.data = np.ceil(X.data * 3.0) * scale  # whole numbers, or every value a non-integer weight
+    trainer = Trainer(TrainConfig(**{**TINY, "epochs": 1}))
+    trainer.fit(XMCDataset(X, Y))
+    assert trainer.config.tfidf == ("on" if expect_idf else "off")  # saved resolved
+    assert (trainer.preprocessor.idf is not None) is expect_idf
+    explicit = Trainer(TrainConfig(**{**TINY, "epochs": 1, "tfidf": "on"}))
+    explicit.fit(XMCDataset(X, Y))
+    assert explicit.preprocessor.idf is not None  # an explicit choice wins
+
+
+def test_tfidf_bool_configs_of_older_models_still_load():
+    assert TrainConfig(tfidf=False).tfidf == "off"
+    assert TrainConfig.from_dict({"tfidf": True}).tfidf == "on"
+    with pytest.raises(ConfigError, match=r"tfidf='sometimes' is unknown.*\(--tfidf\)"):
+        TrainConfig(tfidf="sometimes").validate()

@@ -37,6 +37,7 @@ __all__ = [
     "csr_to_bag",
     "csr_to_padded",
     "fit_idf",
+    "is_weighted",
     "tfidf_transform",
     "l2_normalize_rows",
 ]
@@ -121,6 +122,18 @@ def csr_to_padded(
         dev = resolve_device(device)
         pos_ids, pos_mask = pos_ids.to(dev), pos_mask.to(dev)
     return pos_ids, pos_mask
+
+
+def is_weighted(X: sp.spmatrix) -> bool:
+    """Whether some stored value of ``X [N, D]`` is not a whole number.
+
+    Counts and binary indicators are whole numbers; TF-IDF, BM25 or distance-weighted features
+    are not. ``TrainConfig.tfidf = "auto"`` applies the IDF only to unweighted inputs, so that a
+    file that is already TF-IDF (the XC repository's, ``../shared/data/real``) is not weighted
+    twice.
+    """
+    data = _as_csr(X, "X").data
+    return bool(data.size) and bool(np.any(data != np.round(data)))
 
 
 def fit_idf(X: sp.spmatrix) -> np.ndarray:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .batching import is_weighted
 from .device import resolve_device
 from .distributed import (
     shard_range,
@@ -543,11 +544,11 @@ class DistributedTrainer:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
         # auto values resolved as in one process (dropout, epochs); an auto ensemble is one
         # member here (several members need one process)
-        cfg = self.config = dataclasses.replace(
-            cfg.resolved_for_data(train.num_points), ensemble=max(1, cfg.ensemble),
-            label_init="random")
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
-        self.preprocessor = pre = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
+        cfg = self.config = dataclasses.replace(
+            cfg.resolved_for_data(train.num_points, weighted_input=is_weighted(X_raw)),
+            ensemble=max(1, cfg.ensemble), label_init="random")
+        self.preprocessor = pre = Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize)
         X = pre.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
         X_val = None if val is None else pre.transform(val.X)

@@ -27,7 +27,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from torch import nn
 
 from .config import ConfigBase
 from .data.dataset import XMCDataset
+from .batching import is_weighted
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, XMCError
 
@@ -72,6 +73,7 @@ WITHIN_CELL = ("uniform", "popularity", "exact")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 NORMS = ("none", "layernorm", "batchnorm")
 LABEL_INITS = ("auto", "random", "pifa")
+TFIDF_MODES = ("auto", "on", "off")
 METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
 # largest label count for which training accepts MIDX within_cell="exact" ([B, L] per step)
 EXACT_WITHIN_CELL_MAX_LABELS = 65536
@@ -94,15 +96,21 @@ def _h(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _legacy_tfidf(value: Any) -> Any:
+    """``tfidf`` was a bool before it had an auto mode: True -> "on", False -> "off"."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
 @dataclass
 class TrainConfig(ConfigBase):
     """Every hyper-parameter of a training run (JSON round trip; ``xmc train --print-config``).
 
     Defaults are chosen to work on unseen data sets and scale with them
-    (:meth:`resolved_for_data`): TF-IDF + L2 inputs; one hidden layer whose width adapts to the
-    feature count D (8192 down to 256 within a D x width budget); on up to 10,000 training rows
-    dropout 0.75, input dropout 0.3, 3 ensemble members and 20 epochs, above that dropout 0.2,
-    one member, PIFA label rows and about 150,000 rows of training; full softmax up to
+    (:meth:`resolved_for_data`): L2 inputs, TF-IDF unless the file is already weighted; one
+    hidden layer whose width adapts to the feature count D (8192 down to 256 within a D x width
+    budget); on up to 10,000 training rows dropout 0.75, input dropout 0.3, 3 ensemble members
+    and 20 epochs, above that dropout 0.2, 2 members up to 100,000 rows and 1 beyond, PIFA label
+    rows and about 150,000 rows of training; full softmax up to
     ``full_max_labels`` labels and MIDX sampled softmax above; AdamW with warm-up and linear
     decay (sparse row-wise Adam for a sparse bag and sampled label tables).
     """
@@ -130,8 +138,10 @@ class TrainConfig(ConfigBase):
         " 1/sqrt(width) (--bag-init-std)"))
     linear_only: bool = field(default=False, metadata=_h(
         "linear model: one EmbeddingBag to d, no MLP (--linear-only)"))
-    tfidf: bool = field(default=True, metadata=_h(
-        "scale features by the training set's smooth IDF (--tfidf/--no-tfidf)"))
+    tfidf: str = field(default="auto", metadata=_h(
+        "scale features by the training set's smooth IDF: auto | on | off; auto is on when every"
+        " stored feature value is a whole number (counts, binary) and off when the values are"
+        " already weighted (e.g. the TF-IDF of XC repository files) (--tfidf)"))
     l2_normalize: bool = field(default=True, metadata=_h(
         "L2-normalize every input row after TF-IDF (--l2-normalize/--no-l2-normalize)"))
     label_bias: bool = field(default=True, metadata=_h("learn a per-label bias (--label-bias)"))
@@ -145,10 +155,10 @@ class TrainConfig(ConfigBase):
         " and its own loss, trained side by side on the same batches; scores are the members'"
         " mean (one [L, n*d] table, so top-k, export and the MIDX index work unchanged); costs"
         " n times one model; 0: auto = 3 when the training set has at most ensemble_max_points"
-        " rows, else 1 (--ensemble)"))
+        " rows, 2 up to 10 x ensemble_max_points rows, else 1 (--ensemble)"))
     ensemble_max_points: int = field(default=10_000, metadata=_h(
-        "largest training set (rows) for which ensemble=0 (auto) trains 3 members"
-        " (--ensemble-max-points)"))
+        "largest training set (rows) for which ensemble=0 (auto) trains 3 members; up to 10 x"
+        " this many rows it trains 2 (--ensemble-max-points)"))
     # -- loss and sampling --------------------------------------------------------------------
     loss: str = field(default="auto", metadata=_h(
         "auto | full | sampled | negative-sampling; auto: full softmax when the number of labels"
@@ -250,6 +260,16 @@ class TrainConfig(ConfigBase):
         " between reads a step never waits for the device (--log-every)"))
 
     # -- validation ----------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.tfidf = _legacy_tfidf(self.tfidf)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, validate: bool = True) -> "TrainConfig":
+        """As :meth:`ConfigBase.from_dict`; also reads configs written when ``tfidf`` was a bool."""
+        if isinstance(data.get("tfidf"), bool):
+            data = {**data, "tfidf": _legacy_tfidf(data["tfidf"])}
+        return super().from_dict(data, validate=validate)
+
     def problems(self) -> list[str]:
         """Every problem of the config that does not depend on the data (all at once)."""
         p: list[str] = []
@@ -273,6 +293,7 @@ class TrainConfig(ConfigBase):
         choice("amp", self.amp, AMP_MODES)
         choice("norm", self.norm, NORMS)
         choice("label_init", self.label_init, LABEL_INITS)
+        choice("tfidf", self.tfidf, TFIDF_MODES)
         choice("schedule", self.schedule, ("linear", "cosine", "constant"))
         choice("bag_optimizer", self.bag_optimizer, ("auto", "adamw", "sparse-adam"))
         choice("label_optimizer", self.label_optimizer, ("auto", "adamw", "sparse-adam",
@@ -413,15 +434,19 @@ class TrainConfig(ConfigBase):
             width //= 2
         return (width,) + hidden[1:]
 
-    def resolved_for_data(self, num_points: int) -> "TrainConfig":
-        """A copy with every data-size-dependent auto value resolved for ``num_points`` rows.
+    def resolved_for_data(self, num_points: int, *, weighted_input: bool = False
+                          ) -> "TrainConfig":
+        """A copy with every data-dependent auto value resolved for ``num_points`` rows.
 
         The trainer builds and saves this copy, so a model directory records what was trained.
         Rules (chosen on validation splits of the training data, ``docs/training.md``): on
         training sets of up to ``SMALL_DATA_POINTS`` (10,000) rows dropout 0.75, input dropout
         0.3 and 20 epochs (tiny data: regularize hard, pass often); above, dropout 0.2, no input
         dropout, PIFA label rows and about ``AUTO_EPOCH_ROWS`` rows in all (``round(150000 / N)`` epochs,
-        clipped to 1..20); the ensemble as :meth:`resolved_ensemble`.
+        clipped to 1..20); the ensemble as :meth:`resolved_ensemble`; ``tfidf`` auto is off when
+        ``weighted_input`` (the stored feature values are not all whole numbers, see
+        :func:`xmc_toolkit.batching.is_weighted`: the file is already TF-IDF or otherwise weighted,
+        and a second IDF would square it), else on.
         """
         small = num_points <= SMALL_DATA_POINTS
         changes: dict[str, Any] = {}
@@ -436,17 +461,23 @@ class TrainConfig(ConfigBase):
             changes["ensemble"] = self.resolved_ensemble(num_points)
         if self.label_init == "auto":
             changes["label_init"] = "random" if small else "pifa"
+        if self.tfidf == "auto":
+            changes["tfidf"] = "off" if weighted_input else "on"
         return dataclasses.replace(self, **changes) if changes else self
 
     def resolved_ensemble(self, num_points: int) -> int:
         """Members after resolving ``ensemble=0`` (auto) for ``num_points`` training rows.
 
         Auto: 3 members up to ``ensemble_max_points`` rows (small data sets, where one network's
-        variance dominates and three cost minutes), else 1.
+        variance dominates and three cost minutes), 2 up to ``10 * ensemble_max_points`` rows
+        (kjv-strongs, 24,879 rows: +3 P@5 on its validation split for twice the time), else 1
+        (above, one member's epoch is the cost that matters: nextword-tdavid, 941,684 rows).
         """
         if self.ensemble > 0:
             return int(self.ensemble)
-        return 3 if num_points <= self.ensemble_max_points else 1
+        if num_points <= self.ensemble_max_points:
+            return 3
+        return 2 if num_points <= 10 * self.ensemble_max_points else 1
 
     def resolved_bag_lr(self) -> float:
         """Learning rate of a sparse EmbeddingBag (``bag_lr``, auto: ``10 * lr``)."""
@@ -936,9 +967,10 @@ class Trainer:
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
         # resolve the auto values now: the saved config records what was built
-        cfg = self.config = cfg.resolved_for_data(train.num_points)
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
-        self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
+        cfg = self.config = cfg.resolved_for_data(train.num_points,
+                                                  weighted_input=is_weighted(X_raw))
+        self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize)
         X = self.preprocessor.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
         X_val = None if val is None else self.preprocessor.transform(val.X)
