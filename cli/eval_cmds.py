@@ -93,6 +93,7 @@ def _evaluate_model(
     chunk_size: int | None,
     ignore_extra: bool,
     show_progress: bool,
+    fields: Any = None,
 ) -> dict[str, Any]:
     from xmc_toolkit.evaluate import evaluate_model_dir  # lazy: imports torch
 
@@ -101,6 +102,7 @@ def _evaluate_model(
         "device": device,
         "ignore_extra": ignore_extra,
         "show_progress": show_progress,
+        "fields": fields,
     }
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
@@ -129,7 +131,15 @@ def _evaluate_model(
 )
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Trained model directory to evaluate (instead of --predictions).")
-@click.option("--data", type=_DATA, help="Test data set for --model.")
+@click.option("--data", type=_DATA,
+              help="Test data set for --model: raw text (.jsonl/.tsv/.csv) for a model trained on "
+                   "text, else the model's feature format.")
+@click.option("--text-field", default="text", show_default=True,
+              help="Text data: JSON field or column of the text (with --model).")
+@click.option("--label-field", default="labels", show_default=True,
+              help="Text data: JSON field (list of strings) or column of the labels.")
+@click.option("--label-sep", default="|", show_default=True,
+              help="TSV/CSV data: separator of the labels inside their column.")
 @click.option("--device", default=None, help="auto | cpu | cuda (with --model; default auto).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="Labels scored at once (with --model; lower it when out of memory).")
@@ -150,6 +160,9 @@ def eval_(
     device: str | None,
     chunk_size: int | None,
     ignore_extra: bool,
+    text_field: str,
+    label_field: str,
+    label_sep: str,
     k: int,
     as_json: bool,
 ) -> None:
@@ -158,6 +171,7 @@ def eval_(
     \b
     xmc eval --predictions pred.txt --labels test.txt --train-labels train.txt
     xmc eval --model runs/bibtex --data test.txt --json
+    xmc eval --model runs/kjv --data kjv-strongs_test.jsonl
     """
     if (predictions is None) == (model is None):
         raise click.UsageError("give exactly one of --predictions (with --labels) or --model "
@@ -186,9 +200,12 @@ def eval_(
             raise click.UsageError(f"{', '.join(misplaced)} apply only with --predictions")
         if data is None:
             raise click.UsageError("--model needs --data (the test data set)")
+        from xmc_toolkit.inputs import TextFields
+
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
             show_progress=not as_json and sys.stderr.isatty(),
+            fields=TextFields(text_field, label_field, label_sep),
         )
     ks = range(1, k + 1)
     if as_json:

@@ -154,17 +154,14 @@ def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
     return {key: float(v) for key, v in res.items()}
 
 
-def _load_data(data_path: str | os.PathLike[str]) -> XMCDataset:
-    from .data import load
-
-    return load(data_path)
-
-
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], *,
                        ks: tuple[int, ...] = (1, 3, 5), device: str = "auto",
                        chunk_size: int = 65536, ignore_extra: bool = False,
-                       show_progress: bool = False) -> dict[str, float]:
+                       show_progress: bool = False, fields: Any = None) -> dict[str, float]:
     """Evaluate the model in ``model_dir`` on the data file ``data_path`` (exact top-k).
+
+    ``data_path`` may be raw text (``.jsonl``/``.tsv``/``.csv``, field names in ``fields``, a
+    :class:`~xmc_toolkit.inputs.TextFields`) for a model trained on text.
 
     Returns:
         ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ..., "num_rows_evaluated": ...}``; metric
@@ -174,9 +171,11 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
         CheckpointError: ``model_dir`` is not a model directory.
         DataFormatError: the data does not match the model (see ``ignore_extra``).
     """
+    from .inputs import TextFields, load_for_model
+
     model = load_model_dir(model_dir, device=device)
-    ds = align_dataset(_load_data(data_path), model.num_features, model.num_labels,
-                       ignore_extra=ignore_extra, path=str(data_path))
+    ds = load_for_model(data_path, model, ignore_extra=ignore_extra,
+                        fields=fields or TextFields())
     return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
                           show_progress=show_progress)
 
@@ -184,8 +183,10 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
 def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], k: int,
                       *, approx: bool = False, num_cells: int = 16, device: str = "auto",
                       chunk_size: int = 65536, ignore_extra: bool = False,
-                      show_progress: bool = False) -> dict[str, Any]:
+                      show_progress: bool = False, fields: Any = None) -> dict[str, Any]:
     """Top-k predictions of the model in ``model_dir`` for the rows of ``data_path``.
+
+    ``data_path`` may be raw text for a model trained on text (labels optional there).
 
     Returns:
         ``{"ids": int64 [N, k], "scores": float32 [N, k], "label_names": list | None,
@@ -194,9 +195,11 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
     """
     from .output_layer import recall_at_k_vs_exact
 
+    from .inputs import TextFields, load_for_model
+
     model = load_model_dir(model_dir, device=device)
-    ds = align_dataset(_load_data(data_path), model.num_features, model.num_labels,
-                       ignore_extra=ignore_extra, path=str(data_path))
+    ds = load_for_model(data_path, model, ignore_extra=ignore_extra, labels_required=False,
+                        fields=fields or TextFields())
     ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
                                num_cells=num_cells, show_progress=show_progress)
     recall = None

@@ -28,7 +28,7 @@ import numpy as np
 
 from xmc_toolkit.errors import DataFormatError
 
-__all__ = ["write_predictions", "read_predictions", "is_jsonl"]
+__all__ = ["write_predictions", "read_predictions", "is_jsonl", "jsonl_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,51 @@ def _atomic_write(path: Path, lines: list[str]) -> None:
         raise
 
 
+def jsonl_lines(ids: np.ndarray, scores: np.ndarray | None = None,
+                label_names: Sequence[str] | None = None, *, path: PathType | None = None,
+                extra: Sequence[dict[str, object]] | None = None) -> list[str]:
+    """The JSONL prediction lines (each ending in ``\\n``) of ``N`` points, best first.
+
+    Args:
+        ids: int ``[N, k]`` label ids, ``-1`` = padding (left out).
+        scores: float ``[N, k]`` or ``None``.
+        label_names: the ``L`` names, written as ``"labels"``.
+        path: the file name for error messages.
+        extra: ``N`` dicts of more fields per line (e.g. ``{"probabilities": [...]}``), each
+            list as long as the row's predictions is cut like ``ids``.
+
+    Raises:
+        DataFormatError: inconsistent shapes, NaN scores, ids without a name.
+    """
+    p = Path(path) if path is not None else Path("<predictions>")
+    ids_a, sc = _check_arrays(p, ids, scores)
+    valid = ids_a >= 0  # [N, k]
+    names = None
+    if label_names is not None:
+        names = list(label_names)
+        if valid.any() and int(ids_a.max()) >= len(names):
+            raise DataFormatError(
+                path, None,
+                f"label id {int(ids_a.max())} has no name: label_names has {len(names)} entries",
+            )
+    lines: list[str] = []
+    for i in range(ids_a.shape[0]):
+        keep = valid[i]
+        row = ids_a[i][keep].tolist()
+        obj: dict[str, object] = {"ids": row}
+        if sc is not None:
+            # str(np.float32) is the shortest text that reads back to the same float32.
+            obj["scores"] = [float(str(v)) for v in sc[i][keep]]
+        if names is not None:
+            obj["labels"] = [names[j] for j in row]
+        if extra is not None:
+            for key, value in extra[i].items():
+                obj[key] = [value[j] for j in np.flatnonzero(keep)] if isinstance(
+                    value, (list, np.ndarray)) else value
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    return lines
+
+
 def write_predictions(
     path: PathType,
     ids: np.ndarray,
@@ -119,24 +164,7 @@ def write_predictions(
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     lines: list[str] = []
     if is_jsonl(path):
-        names = None
-        if label_names is not None:
-            names = list(label_names)
-            if valid.any() and int(ids_a.max()) >= len(names):
-                raise DataFormatError(
-                    path,
-                    None,
-                    f"label id {int(ids_a.max())} has no name: label_names has {len(names)} "
-                    "entries",
-                )
-        for i in range(n):
-            a, b = bounds[i], bounds[i + 1]
-            obj: dict[str, object] = {"ids": flat_ids[a:b]}
-            if flat_sc is not None:
-                obj["scores"] = [float(v) for v in flat_sc[a:b]]
-            if names is not None:
-                obj["labels"] = [names[j] for j in flat_ids[a:b]]
-            lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+        lines = jsonl_lines(ids_a, sc, label_names, path=path)
     else:
         if label_names is not None:
             logger.debug("text prediction files carry ids only; label_names not written")
