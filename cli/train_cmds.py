@@ -336,7 +336,7 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
         raise click.UsageError("--text - writes to standard output; drop --out")
     from xmc_toolkit.data.text import iter_text_lines
 
-    stdin = click.get_binary_stream("stdin")
+    stdin = sys.stdin.buffer
     for number, line in iter_text_lines(stdin, "<stdin>"):
         if not line.strip():
             raise DataFormatError("<stdin>", number, "empty line: give one text a line")

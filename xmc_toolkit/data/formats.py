@@ -35,6 +35,8 @@ __all__ = [
     "save",
     "infer_format",
     "open_text_bytes",
+    "DECOMPRESSION_ERRORS",
+    "damaged_file_error",
     "read_label_names",
     "write_xc_header",
     "append_xc_rows",
@@ -94,7 +96,7 @@ def infer_format(path: PathLike) -> str:
     if _split_prefix(p) is not None:
         return "xc-split"
     suffix = p.suffix.lower()
-    if suffix == ".gz":  # gzip-compressed text: the format of the name without ".gz"
+    if suffix in _COMPRESSED_SUFFIXES:  # compressed text: the format of the name without it
         suffix = Path(p.stem).suffix.lower()
     if suffix == ".npz":
         return "npz"
@@ -109,7 +111,10 @@ def infer_format(path: PathLike) -> str:
             p, None, f"directory holds no *{_SPLIT_X} / *{_SPLIT_Y} pair; pass a file instead"
         )
     with open_text_bytes(p) as fh:
-        first = fh.readline(4096)
+        try:
+            first = fh.readline(4096)
+        except DECOMPRESSION_ERRORS as exc:
+            raise damaged_file_error(p, exc) from None
     if re.fullmatch(rb"\s*\d+\s+\d+\s+\d+\s*", first):
         return "xc"
     return "svmlight"
@@ -119,21 +124,50 @@ def infer_format(path: PathLike) -> str:
 # block-wise text reading
 # ------------------------------------------------------------------------------------------------
 _GZIP_MAGIC = b"\x1f\x8b"
+_BZ2_MAGIC = b"BZh"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import lzma
+    import zlib
+
+    return (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, OSError)
+
+
+DECOMPRESSION_ERRORS = _decompression_errors()
+
+
+def damaged_file_error(path: PathLike, exc: BaseException) -> DataFormatError:
+    """The error for a compressed file that cannot be decompressed to its end."""
+    return DataFormatError(path, None, f"cannot decompress the file ({type(exc).__name__}: "
+                           f"{exc}); it is damaged or truncated: download or compress it again")
 
 
 def open_text_bytes(path: PathLike) -> IO[bytes]:
-    """Open a text data file for binary reading, decompressing gzip transparently.
+    """Open a text data file for binary reading, decompressing gzip, bzip2 and xz transparently.
 
-    A file that starts with the gzip magic bytes is read through :func:`gzip.open` (whatever
-    its name), so ``train.txt.gz`` loads like ``train.txt``; line numbers in errors are lines
-    of the decompressed text.
+    The compression is told by the file's first bytes (gzip ``1f 8b``, bzip2 ``BZh``, xz
+    ``fd 37 7a 58 5a 00``), whatever its name, so ``train.txt.gz`` / ``.bz2`` / ``.xz`` load
+    like ``train.txt``, streamed; line numbers in errors are lines of the decompressed text.
     """
     fh = open(path, "rb")
-    magic = fh.read(2)
+    magic = fh.read(6)
     fh.seek(0)
-    if magic == _GZIP_MAGIC:
+    if magic.startswith(_GZIP_MAGIC):
         fh.close()
         return gzip.open(path, "rb")  # type: ignore[return-value]
+    if magic.startswith(_BZ2_MAGIC) and len(magic) >= 4 and magic[3:4].isdigit():
+        import bz2
+
+        fh.close()
+        return bz2.open(path, "rb")  # type: ignore[return-value]
+    if magic == _XZ_MAGIC:
+        import lzma
+
+        fh.close()
+        return lzma.open(path, "rb")  # type: ignore[return-value]
     return fh
 
 
@@ -250,15 +284,19 @@ def _parse_file(
 ) -> tuple[tuple[int, ...], _Rows]:
     rows = _Rows()
     with open_text_bytes(path) as fh:
-        head = _read_header(fh, path, header) if header else ()
-        num_features, num_labels = dims_from_header(head)
-        line0 = 2 if header else 1  # 1-based file line of the first data line
-        for data in _iter_blocks(fh, block_bytes):
-            try:
-                block = parse_block(data, has_labels, num_features, num_labels)
-            except BlockError as exc:
-                raise DataFormatError(path, line0 + rows.num_lines + exc.line, exc.message) from None
-            rows.add(block)
+        try:
+            head = _read_header(fh, path, header) if header else ()
+            num_features, num_labels = dims_from_header(head)
+            line0 = 2 if header else 1  # 1-based file line of the first data line
+            for data in _iter_blocks(fh, block_bytes):
+                try:
+                    block = parse_block(data, has_labels, num_features, num_labels)
+                except BlockError as exc:
+                    raise DataFormatError(path, line0 + rows.num_lines + exc.line,
+                                          exc.message) from None
+                rows.add(block)
+        except DECOMPRESSION_ERRORS as exc:
+            raise damaged_file_error(path, exc) from None
     return head, rows
 
 

@@ -104,7 +104,18 @@ def iter_text_lines(fh: Any, path: PathLike | None) -> Iterator[tuple[int, str]]
     Raises:
         DataFormatError: a line is not valid UTF-8 (names the byte and its column).
     """
-    for number, raw in enumerate(fh, 1):
+    from .formats import DECOMPRESSION_ERRORS, damaged_file_error
+
+    it = iter(fh)
+    number = 0
+    while True:
+        try:
+            raw = next(it)
+        except StopIteration:
+            return
+        except DECOMPRESSION_ERRORS as exc:
+            raise damaged_file_error(path, exc) from None
+        number += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -329,7 +340,7 @@ def label_matrix(labels: Sequence[Sequence[str]], names: Sequence[str], *,
     cols: list[int] = []
     dropped = 0
     for i, labs in enumerate(labels):
-        for lab in labs:
+        for lab in dict.fromkeys(labs):  # a label listed twice counts once
             j = index.get(lab)
             if j is None:
                 if not ignore_extra:
