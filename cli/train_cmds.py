@@ -383,13 +383,18 @@ def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool
             emb = fold(emb, m.label_bias())
         names = m.label_names
     else:
-        from xmc_toolkit.data import load
-        from xmc_toolkit.evaluate import align_dataset
+        from xmc_toolkit.inputs import is_text_file, load_for_model
 
         fitted = m.fitted
-        ds = load(data)  # only the feature space matters for instance embeddings
-        ds = align_dataset(ds, fitted.num_features, ds.num_labels, ignore_extra=ignore_extra,
-                           path=str(data))
+        if is_text_file(data):  # texts through the model's featurizer; labels play no part
+            ds = load_for_model(data, fitted, labels_required=False)
+        else:
+            from xmc_toolkit.data import load
+            from xmc_toolkit.evaluate import align_dataset
+
+            ds = load(data)  # only the feature space matters for instance embeddings
+            ds = align_dataset(ds, fitted.num_features, ds.num_labels,
+                               ignore_extra=ignore_extra, path=str(data))
         emb = m.encode(ds.X)
     path = export_embeddings(emb, out, normalize=normalize, names=names,
                              metadata={"what": what, "model": str(model)})

@@ -224,3 +224,59 @@ def test_xmcmodel_on_texts(tmp_path):
     assert back.featurizer_config.min_df == 1
     with pytest.raises(Exception, match="label-name lists"):
         XMCModel(epochs=1).fit(tr, np.zeros((160, 6)))
+
+
+def test_cli_reference_lists_every_featurizer_flag():
+    import dataclasses
+
+    from xmc_toolkit.featurizer import FeaturizerConfig
+
+    doc = (REPO / "docs" / "cli.md").read_text()
+    missing = [f.name for f in dataclasses.fields(FeaturizerConfig)
+               if f"`--{f.name.replace('_', '-')}" not in doc]
+    assert not missing, f"docs/cli.md lacks {missing}; run python scripts/gen_cli_table.py"
+
+
+def test_featurizer_and_train_flags_do_not_collide():
+    import dataclasses
+
+    from xmc_toolkit.featurizer import FeaturizerConfig
+    from xmc_toolkit.train import TrainConfig
+
+    a = {f.name for f in dataclasses.fields(FeaturizerConfig)}
+    b = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not a & b
+
+
+def test_export_instances_of_texts(files, trained, tmp_path):
+    out = tmp_path / "q.npy"
+    r = CliRunner().invoke(xmc, ["export", "--model", str(trained), "--what", "instances",
+                                 "--data", str(files / "test_nolabels.jsonl"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert np.load(out).shape == (40, 16)
+
+
+def test_label_names_for_feature_data(tmp_path):
+    from conftest import make_tiny_problem
+
+    from xmc_toolkit.data import XMCDataset, save
+
+    X, Y = make_tiny_problem(60)
+    save(XMCDataset(X, Y), tmp_path / "train.txt")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"tag {j}\n" for j in range(Y.shape[1])))
+    out = tmp_path / "m"
+    r = CliRunner().invoke(xmc, ["train", "--data", str(tmp_path / "train.txt"), "--out",
+                                 str(out), "--label-names", str(names), *FLAGS[:-2],
+                                 "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "labels.json").read_text())["label_names"][2] == "tag 2"
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(out), "--data",
+                                 str(tmp_path / "train.txt"), "--topk", "2"])
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout.splitlines()[0])
+    assert all(name.startswith("tag ") for name in first["labels"])
+    names.write_text("only one\n")
+    r = CliRunner().invoke(xmc, ["train", "--data", str(tmp_path / "train.txt"), "--out",
+                                 str(out), "--label-names", str(names), *FLAGS[:-2]])
+    assert r.exit_code == 2 and "1 label names but the data set has 6 labels" in r.output
