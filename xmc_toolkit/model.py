@@ -46,9 +46,18 @@ class XMCModel:
     """
 
     def __init__(self, featurizer: Any = None, **config: Any) -> None:
+        self._params: dict[str, Any] = {"featurizer": featurizer, **config}
+        self._configure()
+        self._model: LoadedModel | None = None
+        self.result: TrainResult | None = None
+
+    def _configure(self) -> None:
+        """Build and validate ``config`` / ``featurizer_config`` from the parameters."""
         from .featurizer import FeaturizerConfig
 
-        self.config = TrainConfig().merged(config)
+        params = dict(self._params)
+        featurizer = params.pop("featurizer", None)
+        self.config = TrainConfig().merged(params)
         if featurizer is None or isinstance(featurizer, FeaturizerConfig):
             self.featurizer_config = (featurizer or FeaturizerConfig()).validate()
         elif isinstance(featurizer, dict):
@@ -56,8 +65,46 @@ class XMCModel:
         else:
             raise ConfigError(f"featurizer must be a FeaturizerConfig or a dict of its fields, "
                               f"got {type(featurizer).__name__}")
-        self._model: LoadedModel | None = None
-        self.result: TrainResult | None = None
+
+    # -- scikit-learn estimator protocol ----------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Every constructor parameter: ``featurizer`` and each TrainConfig field (scikit-learn
+        ``get_params``; the values are the objects given, so ``sklearn.base.clone`` works)."""
+        import dataclasses
+
+        out: dict[str, Any] = {"featurizer": self._params.get("featurizer")}
+        for f in dataclasses.fields(TrainConfig):
+            out[f.name] = self._params.get(f.name, f.default)
+        return out
+
+    def set_params(self, **params: Any) -> "XMCModel":
+        """Change constructor parameters (validated at once, every problem listed); a fitted
+        model keeps its weights until the next :meth:`fit`."""
+        known = self.get_params()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError([f"unknown parameter {k!r} of XMCModel" for k in unknown])
+        old = dict(self._params)
+        self._params.update(params)
+        try:
+            self._configure()
+        except ConfigError:
+            self._params = old
+            raise
+        return self
+
+    def score(self, X: Any, Y: Any) -> float:
+        """P@1 (a fraction) on ``X`` / ``Y``: the ``score`` of the scikit-learn protocol."""
+        return float(self.evaluate(X, Y, ks=(1,))["P@1"])
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._model is not None
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True,
+                    multi_output=True), classifier_tags=ClassifierTags(multi_label=True))
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None,
@@ -226,6 +273,7 @@ class XMCModel:
         obj.config = loaded.config
         obj.featurizer_config = (loaded.featurizer.config if loaded.featurizer is not None
                                  else FeaturizerConfig())
+        obj._params = {"featurizer": obj.featurizer_config, **loaded.config.to_dict()}
         obj._model = loaded
         obj.result = None
         return obj
