@@ -145,6 +145,8 @@ def _evaluate_model(
               help="Labels scored at once (with --model; lower it when out of memory).")
 @click.option("--ignore-extra", is_flag=True,
               help="Ignore test labels/features unknown to the model (with --model).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads for torch with --model (0: one per core or OMP_NUM_THREADS).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Report metrics at 1..k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fractions).")
@@ -163,6 +165,7 @@ def eval_(
     text_field: str,
     label_field: str,
     label_sep: str,
+    threads: int,
     k: int,
     as_json: bool,
 ) -> None:
@@ -200,8 +203,10 @@ def eval_(
             raise click.UsageError(f"{', '.join(misplaced)} apply only with --predictions")
         if data is None:
             raise click.UsageError("--model needs --data (the test data set)")
+        from xmc_toolkit.device import set_threads
         from xmc_toolkit.inputs import TextFields
 
+        set_threads(threads)
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
             show_progress=not as_json and sys.stderr.isatty(),

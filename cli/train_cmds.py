@@ -77,6 +77,19 @@ def _featurizer_options(func: Any) -> Any:
     return _fields_as_options(FeaturizerConfig, func)
 
 
+def threads_option(func: Any) -> Any:
+    """``--threads N``: CPU threads of torch (0: its default)."""
+    return click.option("--threads", "threads", type=click.IntRange(min=0), default=0,
+                        show_default=True,
+                        help="CPU threads for torch (0: one per core or OMP_NUM_THREADS).")(func)
+
+
+def apply_threads(threads: int) -> None:
+    from xmc_toolkit.device import set_threads
+
+    set_threads(threads)
+
+
 def text_field_options(func: Any) -> Any:
     """``--text-field``, ``--label-field``, ``--label-sep`` of text data files."""
     func = click.option("--label-sep", "label_sep", default="|", show_default=True,
@@ -110,13 +123,14 @@ def text_field_options(func: Any) -> Any:
 @click.option("--label-names", "label_names", type=_DATA, default=None,
               help="Feature-vector data: label names, one a line in label-id order (or a Mulan "
                    "XML), stored in the model so that predictions carry names.")
+@threads_option
 @text_field_options
 @_featurizer_options
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
           resume: Path | None, print_config: bool, progress: bool | None, as_json: bool,
           label_names: Path | None, text_field: str, label_field: str, label_sep: str,
-          **flags: Any) -> None:
+          threads: int, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
     \b
@@ -173,6 +187,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     from xmc_toolkit.inputs import (TextFields, is_text_file, load_training_data,
                                     load_validation_data)
     from xmc_toolkit.train import Trainer
+
+    apply_threads(threads)
 
     text_data = is_text_file(data)
     given = [("--" + k.replace("_", "-")) for k, v in feat_flags.items() if v is not None]
@@ -263,10 +279,12 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 @click.option("--ignore-extra", is_flag=True,
               help="Drop features/labels the model does not know instead of failing.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
+@threads_option
 @text_field_options
 def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, out: Path | None,
             approx: bool, num_cells: int, device: str, chunk_size: int, ignore_extra: bool,
-            progress: bool | None, text_field: str, label_field: str, label_sep: str) -> None:
+            progress: bool | None, threads: int, text_field: str, label_field: str,
+            label_sep: str) -> None:
     """Write the top-k labels of every point of --data, or of --text documents.
 
     \b
@@ -281,6 +299,7 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
     if (data is None) == (not texts):
         raise click.UsageError("give exactly one of --data FILE or --text TEXT (--text - reads "
                                "standard input)")
+    apply_threads(threads)
     if texts:
         _predict_texts(model, texts, topk, out, approx, num_cells, device, chunk_size)
         return

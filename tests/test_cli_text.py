@@ -280,3 +280,31 @@ def test_label_names_for_feature_data(tmp_path):
     r = CliRunner().invoke(xmc, ["train", "--data", str(tmp_path / "train.txt"), "--out",
                                  str(out), "--label-names", str(names), *FLAGS[:-2]])
     assert r.exit_code == 2 and "1 label names but the data set has 6 labels" in r.output
+
+
+def test_threads_flag(trained):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(xmc, ["predict", "--model", str(trained), "--text", "ship",
+                                     "--threads", "1"])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_info(trained):
+    r = CliRunner().invoke(xmc, ["info", str(trained), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["architecture"]["hidden"] == [32] and d["architecture"]["members"] == 1
+    assert d["architecture"]["num_labels"] == 6 and d["labels"]["named"]
+    assert d["training"]["num_points"] == 160 and d["featurizer"]["kind"] == "vocabulary"
+    assert d["disk"]["files"]["featurizer.json"] > 0 and d["memory"]["parameters"] > 0
+    assert "P@1" in d["metrics"]["validation"]
+    r = CliRunner().invoke(xmc, ["info", str(trained)])
+    assert r.exit_code == 0 and "hidden [32]" in r.output and "validation   epoch" in r.output
+    r = CliRunner().invoke(xmc, ["info", str(trained / "nope")])
+    assert r.exit_code == 2 and "is not a model directory" in r.output
