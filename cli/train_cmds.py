@@ -279,12 +279,18 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 @click.option("--ignore-extra", is_flag=True,
               help="Drop features/labels the model does not know instead of failing.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
+@click.option("--probability", type=click.Choice(["softmax", "sigmoid"]), default=None,
+              help="Add each label's probability to JSONL output: softmax = its share of the "
+                   "softmax over all labels; sigmoid = 1/(1+exp(-score)), one-vs-all.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Keep only the top-k labels whose probability (--probability, default "
+                   "softmax) is at least this value.")
 @threads_option
 @text_field_options
 def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, out: Path | None,
             approx: bool, num_cells: int, device: str, chunk_size: int, ignore_extra: bool,
-            progress: bool | None, threads: int, text_field: str, label_field: str,
-            label_sep: str) -> None:
+            progress: bool | None, probability: str | None, threshold: float | None,
+            threads: int, text_field: str, label_field: str, label_sep: str) -> None:
     """Write the top-k labels of every point of --data, or of --text documents.
 
     \b
@@ -301,7 +307,8 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
                                "standard input)")
     apply_threads(threads)
     if texts:
-        _predict_texts(model, texts, topk, out, approx, num_cells, device, chunk_size)
+        _predict_texts(model, texts, topk, out, approx, num_cells, device, chunk_size,
+                       probability, threshold)
         return
     from xmc_toolkit.evaluate import predict_model_dir
     from xmc_toolkit.inputs import TextFields
@@ -310,24 +317,36 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
     res = predict_model_dir(model, data, topk, approx=approx, num_cells=num_cells, device=device,
                             chunk_size=chunk_size, ignore_extra=ignore_extra,
                             show_progress=show,
-                            fields=TextFields(text_field, label_field, label_sep))
+                            fields=TextFields(text_field, label_field, label_sep),
+                            probability=probability, threshold=threshold)
+    extra = _probability_fields(res["probabilities"], probability, threshold)
     if out is None or str(out) == "-":
-        for line in jsonl_lines(res["ids"], res["scores"], res["label_names"]):
+        for line in jsonl_lines(res["ids"], res["scores"], res["label_names"], extra=extra):
             sys.stdout.write(line)
     else:
-        write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"])
+        write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"],
+                          extra=extra)
         click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
     if res["recall_vs_exact"] is not None:
         click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}",
                    err=out is None)
 
 
+def _probability_fields(probs: Any, probability: str | None, threshold: float | None
+                        ) -> list[dict[str, Any]] | None:
+    """The ``probabilities`` field of each JSONL line (when asked for or thresholded on)."""
+    if probs is None:
+        return None
+    return [{"probabilities": row} for row in probs]
+
+
 def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | None,
-                   approx: bool, num_cells: int, device: str, chunk_size: int) -> None:
+                   approx: bool, num_cells: int, device: str, chunk_size: int,
+                   probability: str | None, threshold: float | None) -> None:
     """``--text``: documents from the command line, or streamed from standard input."""
     from xmc_toolkit.data.predictions import jsonl_lines, write_predictions
     from xmc_toolkit.errors import DataFormatError
-    from xmc_toolkit.evaluate import predict_topk
+    from xmc_toolkit.evaluate import apply_threshold, predict_topk, probabilities
     from xmc_toolkit.inputs import featurize_texts
     from xmc_toolkit.train import load_model_dir
 
@@ -336,20 +355,27 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
     m = load_model_dir(model_dir, device=device)  # loaded once, also for a whole stream
     k = min(k, m.num_labels)
 
-    def run(batch: list[str]) -> tuple[Any, Any]:
-        return predict_topk(m, featurize_texts(m, batch), k, chunk_size=chunk_size,
-                            approx=approx, num_cells=num_cells)
+    def run(batch: list[str]) -> tuple[Any, Any, Any]:
+        X = featurize_texts(m, batch)
+        ids, scores = predict_topk(m, X, k, chunk_size=chunk_size, approx=approx,
+                                   num_cells=num_cells)
+        probs = None
+        if probability is not None or threshold is not None:
+            probs = probabilities(m, X, scores, probability or "softmax", chunk_size=chunk_size)
+            if threshold is not None:
+                ids = apply_threshold(ids, probs, threshold)
+        return ids, scores, _probability_fields(probs, probability, threshold)
 
     if texts != ("-",):
         for i, t in enumerate(texts):
             if not t.strip():
                 raise DataFormatError("--text", i + 1, "empty text; give a document to predict")
-        ids, scores = run(list(texts))
+        ids, scores, extra = run(list(texts))
         if out is not None and str(out) != "-":
-            write_predictions(out, ids, scores, label_names=m.label_names)
+            write_predictions(out, ids, scores, label_names=m.label_names, extra=extra)
             click.echo(f"wrote top-{k} predictions of {len(texts)} texts to {out}")
         else:
-            sys.stdout.writelines(jsonl_lines(ids, scores, m.label_names))
+            sys.stdout.writelines(jsonl_lines(ids, scores, m.label_names, extra=extra))
         return
     if out is not None and str(out) != "-":
         raise click.UsageError("--text - writes to standard output; drop --out")
@@ -359,8 +385,8 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
     for number, line in iter_text_lines(stdin, "<stdin>"):
         if not line.strip():
             raise DataFormatError("<stdin>", number, "empty line: give one text a line")
-        ids, scores = run([line])
-        sys.stdout.write(jsonl_lines(ids, scores, m.label_names)[0])
+        ids, scores, extra = run([line])
+        sys.stdout.write(jsonl_lines(ids, scores, m.label_names, extra=extra)[0])
         sys.stdout.flush()
 
 

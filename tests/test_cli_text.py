@@ -308,3 +308,44 @@ def test_info(trained):
     assert r.exit_code == 0 and "hidden [32]" in r.output and "validation   epoch" in r.output
     r = CliRunner().invoke(xmc, ["info", str(trained / "nope")])
     assert r.exit_code == 2 and "is not a model directory" in r.output
+
+
+def test_probabilities_and_threshold(files, trained, tmp_path):
+    import torch
+
+    from xmc_toolkit.evaluate import log_partition
+    from xmc_toolkit.inputs import featurize_texts
+    from xmc_toolkit.train import load_model_dir
+
+    texts = ["ship wave sailor", "harp song and sword battle"]
+    m = load_model_dir(trained, device="cpu")
+    X = featurize_texts(m, texts)
+    # log_partition equals the log-sum-exp of the full score matrix, also across chunks
+    from xmc_toolkit.batching import csr_to_bag
+
+    q = m.network(*csr_to_bag(m.preprocessor.transform(X), device=torch.device("cpu"))).float()
+    full = q @ m.network.labels.label_embeddings().T + m.network.labels.bias_vector()
+    np.testing.assert_allclose(log_partition(m, X, chunk_size=4),
+                               torch.logsumexp(full.double(), 1).detach().numpy(), rtol=1e-5)
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(trained), "--text", texts[0],
+                                 "--text", texts[1], "--topk", "6", "--probability", "softmax"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    for row in rows:  # all 6 labels: the shares sum to 1 and follow the scores
+        assert sum(row["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["probabilities"] == sorted(row["probabilities"], reverse=True)
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(trained), "--text", texts[0],
+                                 "--text", texts[1], "--topk", "6", "--threshold", "0.3"])
+    kept = [json.loads(x) for x in r.stdout.splitlines()]
+    for full_row, row in zip(rows, kept):
+        assert row["labels"] == [n for n, p in zip(full_row["labels"],
+                                                    full_row["probabilities"]) if p >= 0.3]
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(trained), "--text", texts[0],
+                                 "--probability", "sigmoid", "--topk", "2"])
+    row = json.loads(r.stdout)
+    assert row["probabilities"] == pytest.approx(1 / (1 + np.exp(-np.array(row["scores"]))),
+                                                 rel=1e-5)
+    model = XMCModel.load(trained, device="cpu")
+    ids, probs = model.predict_proba(texts, k=6)
+    assert probs.shape == (2, 6) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert model.predict(texts, k=6, threshold=0.3) == [r_["labels"] for r_ in kept]

@@ -190,14 +190,42 @@ class XMCModel:
                            " use the same feature space")
         return X
 
-    def predict(self, X: Any, k: int = 5) -> list[list[str]] | list[list[int]]:
+    def predict(self, X: Any, k: int = 5, *, threshold: float | None = None,
+                probability: str = "softmax") -> list[list[str]] | list[list[int]]:
         """The ``k`` best labels of each row or text, best first: label names when the model
-        has them (always after fitting on texts), else label ids."""
-        ids, _ = self.predict_topk(X, k=min(k, self.fitted.num_labels))
+        has them (always after fitting on texts), else label ids. With ``threshold``, only
+        the labels whose ``probability`` (see :meth:`predict_proba`) is at least that value."""
+        k = min(k, self.fitted.num_labels)
+        if threshold is None:
+            ids, _ = self.predict_topk(X, k=k)
+        else:
+            from .evaluate import apply_threshold
+
+            ids, probs = self.predict_proba(X, k=k, kind=probability)
+            ids = apply_threshold(ids, probs, threshold)
         names = self.fitted.label_names
+        rows = [[j for j in row if j >= 0] for row in ids.tolist()]
         if names is None:
-            return [row.tolist() for row in ids]
-        return [[names[j] for j in row] for row in ids.tolist()]
+            return rows
+        return [[names[j] for j in row] for row in rows]
+
+    def predict_proba(self, X: Any, k: int = 5, kind: str = "softmax"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` ids int64 ``[N, k]`` and their probabilities float32 ``[N, k]``.
+
+        ``kind="softmax"``: each label's share of the softmax over all ``L`` labels (what the
+        softmax losses train; a row's shares sum to 1 over all labels); ``"sigmoid"``:
+        ``1 / (1 + exp(-score))``, one-vs-all, calibrated only when trained with a binary loss
+        (``bce_weight > 0`` or ``loss="negative-sampling"``).
+        """
+        from .evaluate import predict_topk, probabilities
+
+        Xf = self._check_X(X)
+        ids, scores = predict_topk(self.fitted, Xf, k, chunk_size=self.config.eval_chunk_size,
+                                   batch_size=self.config.eval_batch_size)
+        return ids, probabilities(self.fitted, Xf, scores, kind,
+                                  batch_size=self.config.eval_batch_size,
+                                  chunk_size=self.config.eval_chunk_size)
 
     def predict_topk(self, X: Any, k: int = 5, *, approx: bool = False,
                      chunk_size: int = 65536, num_cells: int | None = None

@@ -124,10 +124,21 @@ def jsonl_lines(ids: np.ndarray, scores: np.ndarray | None = None,
             obj["labels"] = [names[j] for j in row]
         if extra is not None:
             for key, value in extra[i].items():
-                obj[key] = [value[j] for j in np.flatnonzero(keep)] if isinstance(
-                    value, (list, np.ndarray)) else value
+                if isinstance(value, (list, np.ndarray)):
+                    obj[key] = [_plain(value[j]) for j in np.flatnonzero(keep)]
+                else:
+                    obj[key] = _plain(value)
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     return lines
+
+
+def _plain(v: object) -> object:
+    """numpy scalars as Python numbers (float32 by its shortest round-trip text)."""
+    if isinstance(v, np.floating):
+        return float(str(np.float32(v)))
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
 
 
 def write_predictions(
@@ -135,6 +146,7 @@ def write_predictions(
     ids: np.ndarray,
     scores: np.ndarray | None = None,
     label_names: Sequence[str] | None = None,
+    extra: Sequence[dict[str, object]] | None = None,
 ) -> None:
     """Write the top-k predictions of ``N`` points, one line per point, best first.
 
@@ -147,6 +159,7 @@ def write_predictions(
         scores: float ``[N, k]`` scores of ``ids`` or ``None`` to write ids only.
         label_names: the ``L`` label names; written as ``"labels"`` in JSONL files (text
             files carry ids only and ignore them).
+        extra: JSONL only: ``N`` dicts of more fields per line (see :func:`jsonl_lines`).
 
     Raises:
         DataFormatError: (line ``None``) on inconsistent shapes, non-integer ids, NaN scores
@@ -164,7 +177,7 @@ def write_predictions(
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     lines: list[str] = []
     if is_jsonl(path):
-        lines = jsonl_lines(ids_a, sc, label_names, path=path)
+        lines = jsonl_lines(ids_a, sc, label_names, path=path, extra=extra)
     else:
         if label_names is not None:
             logger.debug("text prediction files carry ids only; label_names not written")
