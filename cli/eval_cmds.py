@@ -102,8 +102,9 @@ def _evaluate_model(
         "device": device,
         "ignore_extra": ignore_extra,
         "show_progress": show_progress,
-        "fields": fields,
     }
+    if fields is not None:  # only field names other than the defaults
+        kwargs["fields"] = fields
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     return dict(evaluate_model_dir(model, data, **kwargs))
@@ -210,7 +211,8 @@ def eval_(
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
             show_progress=not as_json and sys.stderr.isatty(),
-            fields=TextFields(text_field, label_field, label_sep),
+            fields=None if (text_field, label_field, label_sep) == ("text", "labels", "|")
+            else TextFields(text_field, label_field, label_sep),
         )
     ks = range(1, k + 1)
     if as_json:

@@ -267,8 +267,9 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 @click.option("--topk", "topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="Labels per point.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Prediction file: text (id:score ...) or .jsonl (ids, scores, label names); "
-                   "default: JSONL on standard output.")
+              help="Prediction file: text (id:score ...), .jsonl (ids, scores, label names) or "
+                   ".npz (CSR score matrix [N, L], PECOS/pyxclib); default: JSONL on standard "
+                   "output.")
 @click.option("--approx", is_flag=True,
               help="Approximate top-k through the MIDX index (reports recall vs exact).")
 @click.option("--num-cells", type=click.IntRange(min=1), default=16, show_default=True,
@@ -325,7 +326,7 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
             sys.stdout.write(line)
     else:
         write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"],
-                          extra=extra)
+                          extra=extra, num_labels=res["num_labels"])
         click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
     if res["recall_vs_exact"] is not None:
         click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}",
@@ -372,7 +373,8 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
                 raise DataFormatError("--text", i + 1, "empty text; give a document to predict")
         ids, scores, extra = run(list(texts))
         if out is not None and str(out) != "-":
-            write_predictions(out, ids, scores, label_names=m.label_names, extra=extra)
+            write_predictions(out, ids, scores, label_names=m.label_names, extra=extra,
+                              num_labels=m.num_labels)
             click.echo(f"wrote top-{k} predictions of {len(texts)} texts to {out}")
         else:
             sys.stdout.writelines(jsonl_lines(ids, scores, m.label_names, extra=extra))

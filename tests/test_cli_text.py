@@ -349,3 +349,21 @@ def test_probabilities_and_threshold(files, trained, tmp_path):
     ids, probs = model.predict_proba(texts, k=6)
     assert probs.shape == (2, 6) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert model.predict(texts, k=6, threshold=0.3) == [r_["labels"] for r_ in kept]
+
+
+def test_predict_to_a_csr_npz(files, trained, tmp_path):
+    import scipy.sparse as sp
+
+    from xmc_toolkit.data.predictions import read_predictions
+
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(trained), "--data",
+                                 str(files / "test.jsonl"), "--topk", "3", "--out",
+                                 str(tmp_path / "p.npz")])
+    assert r.exit_code == 0, r.output
+    r2 = CliRunner().invoke(xmc, ["predict", "--model", str(trained), "--data",
+                                  str(files / "test.jsonl"), "--topk", "3"])
+    rows = [json.loads(x) for x in r2.stdout.splitlines()]
+    M = sp.load_npz(tmp_path / "p.npz")
+    assert M.shape == (40, 6) and M.nnz == 120
+    ids, _ = read_predictions(tmp_path / "p.npz")
+    assert ids.tolist() == [row["ids"] for row in rows]

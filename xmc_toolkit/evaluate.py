@@ -294,5 +294,5 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
         if threshold is not None:
             ids = apply_threshold(ids, probs, threshold)
     return {"ids": ids, "scores": scores, "probabilities": probs,
-            "label_names": model.label_names, "recall_vs_exact": recall,
+            "label_names": model.label_names, "num_labels": model.num_labels, "recall_vs_exact": recall,
             "path": str(Path(data_path))}
