@@ -94,6 +94,7 @@ def _evaluate_model(
     ignore_extra: bool,
     show_progress: bool,
     fields: Any = None,
+    labels: Path | None = None,
 ) -> dict[str, Any]:
     from xmc_toolkit.evaluate import evaluate_model_dir  # lazy: imports torch
 
@@ -105,6 +106,8 @@ def _evaluate_model(
     }
     if fields is not None:  # only field names other than the defaults
         kwargs["fields"] = fields
+    if labels is not None:
+        kwargs["labels_path"] = labels
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     return dict(evaluate_model_dir(model, data, **kwargs))
@@ -112,7 +115,9 @@ def _evaluate_model(
 
 @click.command("eval")
 @click.option("--predictions", type=_FILE, help="Prediction file (text or .jsonl) to evaluate.")
-@click.option("--labels", type=_DATA, help="Label file of the predicted points (any format).")
+@click.option("--labels", type=_DATA,
+              help="Label file of the predicted points (any format); with --model and an .npz "
+                   "feature matrix --data X.npz, its label matrix Y.npz.")
 @click.option(
     "--train-labels",
     type=_DATA,
@@ -195,8 +200,7 @@ def eval_(
             k, sort_by_score,
         )
     else:
-        misplaced = [flag for flag, value in (("--labels", labels),
-                                              ("--train-labels", train_labels),
+        misplaced = [flag for flag, value in (("--train-labels", train_labels),
                                               ("-A", prop_a), ("-B", prop_b),
                                               ("--sort-by-score", sort_by_score or None))
                      if value is not None]
@@ -212,7 +216,7 @@ def eval_(
             model, data, k, device or "auto", chunk_size, ignore_extra,
             show_progress=not as_json and sys.stderr.isatty(),
             fields=None if (text_field, label_field, label_sep) == ("text", "labels", "|")
-            else TextFields(text_field, label_field, label_sep),
+            else TextFields(text_field, label_field, label_sep), labels=labels,
         )
     ks = range(1, k + 1)
     if as_json:

@@ -120,6 +120,9 @@ def text_field_options(func: Any) -> Any:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--labels", "labels_file", type=_DATA, default=None,
+              help="With an .npz feature matrix --data X.npz: its label matrix Y.npz "
+                   "(scipy.sparse.save_npz / PECOS pairs under any names).")
 @click.option("--label-names", "label_names", type=_DATA, default=None,
               help="Feature-vector data: label names, one a line in label-id order (or a Mulan "
                    "XML), stored in the model so that predictions carry names.")
@@ -129,8 +132,8 @@ def text_field_options(func: Any) -> Any:
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
           resume: Path | None, print_config: bool, progress: bool | None, as_json: bool,
-          label_names: Path | None, text_field: str, label_field: str, label_sep: str,
-          threads: int, **flags: Any) -> None:
+          labels_file: Path | None, label_names: Path | None, text_field: str,
+          label_field: str, label_sep: str, threads: int, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
     \b
@@ -171,6 +174,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
             label_sep = text.get("label_sep", label_sep)
         if run.get("label_names") and label_names is None:
             label_names = Path(run["label_names"])
+        if run.get("labels") and labels_file is None:
+            labels_file = Path(run["labels"])
     if config_file is not None:
         file_cfg = TrainConfig.from_json(config_file, validate=False)
         base = base.merged(file_cfg.to_dict(), validate=False)
@@ -197,7 +202,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                                "(.jsonl/.tsv/.csv)")
     fields = TextFields(text_field, label_field, label_sep)
     train_ds, featurizer = load_training_data(
-        data, feat_cfg if text_data else None, fields=fields, label_names_from=label_names)
+        data, feat_cfg if text_data else None, fields=fields, label_names_from=label_names,
+        labels_from=labels_file)
     # every config problem, data-dependent ones included, at once and before any work
     cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
     val_ds = None if val is None else load_validation_data(val, train_ds, featurizer,
@@ -211,6 +217,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                           "label_field": label_field, "label_sep": label_sep}
     if label_names is not None:
         record["label_names"] = str(Path(label_names).resolve())
+    if labels_file is not None:
+        record["labels"] = str(Path(labels_file).resolve())
     (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     show = sys.stderr.isatty() if progress is None else progress
     from xmc_toolkit.train import TrainingInterrupted

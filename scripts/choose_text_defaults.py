@@ -23,11 +23,11 @@ from xmc_toolkit.featurizer import Featurizer, FeaturizerConfig
 from xmc_toolkit.model import XMCModel
 
 CANDIDATES: list[tuple[dict, dict]] = [  # (featurizer settings, extra TrainConfig settings)
-    ({}, {}),
-    ({"sublinear_tf": True}, {}),
-    ({}, {"tfidf": False}),
-    ({"sublinear_tf": True, "ngram_range": (1, 2)}, {}),
-    ({"token_pattern": r"(?u)\b\w\w+\b"}, {}),
+    ({"sublinear_tf": False}, {}),                          # raw counts, like the XC files
+    ({"sublinear_tf": True}, {}),                           # the chosen default
+    ({"sublinear_tf": False}, {"tfidf": False}),            # no second idf in the model
+    ({"sublinear_tf": True, "ngram_range": (1, 2)}, {}),    # word pairs too
+    ({"sublinear_tf": False, "token_pattern": r"(?u)\b\w\w+\b"}, {}),  # scikit-learn's tokens
     ({"analyzer": "char_wb", "ngram_range": (2, 4), "sublinear_tf": True}, {}),
 ]
 

@@ -367,3 +367,33 @@ def test_predict_to_a_csr_npz(files, trained, tmp_path):
     assert M.shape == (40, 6) and M.nnz == 120
     ids, _ = read_predictions(tmp_path / "p.npz")
     assert ids.tolist() == [row["ids"] for row in rows]
+
+
+def test_npz_pairs_under_any_names(tmp_path):
+    import scipy.sparse as sp
+    from conftest import make_tiny_problem
+
+    from xmc_toolkit.data import load
+
+    X, Y = make_tiny_problem(60)
+    sp.save_npz(tmp_path / "features.npz", X)  # PECOS / scipy: one matrix a file
+    sp.save_npz(tmp_path / "targets.npz", Y)
+    ds = load(tmp_path / "features.npz", labels_from=tmp_path / "targets.npz")
+    assert (ds.X != X).nnz == 0 and (ds.Y != Y).nnz == 0
+    with pytest.raises(Exception, match="holds one scipy sparse matrix"):
+        load(tmp_path / "features.npz")
+    out = tmp_path / "m"
+    r = CliRunner().invoke(xmc, ["train", "--data", str(tmp_path / "features.npz"), "--labels",
+                                 str(tmp_path / "targets.npz"), "--out", str(out), *FLAGS[:-2],
+                                 "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(xmc, ["eval", "--model", str(out), "--data",
+                                 str(tmp_path / "features.npz"), "--labels",
+                                 str(tmp_path / "targets.npz"), "--json", "--k", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["num_rows_evaluated"] == 60
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(out), "--data",
+                                 str(tmp_path / "features.npz"), "--topk", "2", "--out",
+                                 str(tmp_path / "p.npz")])  # features only: no labels needed
+    assert r.exit_code == 0, r.output
+    assert sp.load_npz(tmp_path / "p.npz").shape == (60, 6)

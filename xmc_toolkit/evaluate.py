@@ -231,11 +231,13 @@ def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], *,
                        ks: tuple[int, ...] = (1, 3, 5), device: str = "auto",
                        chunk_size: int = 65536, ignore_extra: bool = False,
-                       show_progress: bool = False, fields: Any = None) -> dict[str, float]:
+                       show_progress: bool = False, fields: Any = None,
+                       labels_path: str | os.PathLike[str] | None = None) -> dict[str, float]:
     """Evaluate the model in ``model_dir`` on the data file ``data_path`` (exact top-k).
 
     ``data_path`` may be raw text (``.jsonl``/``.tsv``/``.csv``, field names in ``fields``, a
-    :class:`~xmc_toolkit.inputs.TextFields`) for a model trained on text.
+    :class:`~xmc_toolkit.inputs.TextFields`) for a model trained on text. ``labels_path``: the
+    label matrix of an ``.npz`` feature matrix ``data_path`` (PECOS / scipy pairs).
 
     Returns:
         ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ..., "num_rows_evaluated": ...}``; metric
@@ -249,7 +251,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
 
     model = load_model_dir(model_dir, device=device)
     ds = load_for_model(data_path, model, ignore_extra=ignore_extra,
-                        fields=fields or TextFields())
+                        fields=fields or TextFields(), labels_from=labels_path)
     return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
                           show_progress=show_progress)
 

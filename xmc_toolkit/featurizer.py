@@ -67,7 +67,7 @@ class FeaturizerConfig(ConfigBase):
         "drop n-grams found in more than this fraction of the training texts (--max-df)"))
     max_features: int = field(default=0, metadata=_h(
         "keep only the most frequent N n-grams; 0: no limit (--max-features)"))
-    sublinear_tf: bool = field(default=False, metadata=_h(
+    sublinear_tf: bool = field(default=True, metadata=_h(
         "weight a term by 1 + ln(count) instead of its count (--sublinear-tf/--no-sublinear-tf)"))
     use_idf: bool = field(default=True, metadata=_h(
         "multiply by the training texts' smooth idf ln((1+N)/(1+df))+1 (--use-idf/--no-use-idf)"))

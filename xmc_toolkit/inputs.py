@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import scipy.sparse as sp
 
 from .data.dataset import XMCDataset
@@ -54,7 +55,8 @@ def is_text_file(path: PathLike) -> bool:
 
 def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = None, *,
                        fields: TextFields = TextFields(),
-                       label_names_from: PathLike | None = None
+                       label_names_from: PathLike | None = None,
+                       labels_from: PathLike | None = None
                        ) -> tuple[XMCDataset, Featurizer | None]:
     """Read a training file; fit the featurizer on it when it is a text file.
 
@@ -64,14 +66,15 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
         fields: field names of a text file.
         label_names_from: feature-vector formats only: a file of label names, one a line in
             label-id order (stored with the model).
+        labels_from: ``.npz`` features only: the label matrix in its own ``.npz`` file.
 
     Returns:
         ``(dataset, featurizer)``; ``featurizer`` is ``None`` for feature-vector data.
     """
     if is_text_file(path):
-        if label_names_from is not None:
-            raise XMCError(f"{path}: a text data set names its labels itself; drop "
-                           "--label-names")
+        if label_names_from is not None or labels_from is not None:
+            raise XMCError(f"{path}: a text data set holds and names its labels itself; drop "
+                           "--label-names / --labels")
         data = read_text(path, text_field=fields.text_field, label_field=fields.label_field,
                          label_sep=fields.label_sep)
         feat = Featurizer.fit(data.texts, featurizer)
@@ -83,7 +86,7 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
                        "only to .jsonl/.tsv/.csv data")
     from .data import load
 
-    return load(path, label_names_from=label_names_from), None
+    return load(path, label_names_from=label_names_from, labels_from=labels_from), None
 
 
 def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featurizer | None, *,
@@ -107,13 +110,16 @@ def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featuriz
 
 
 def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
-                   labels_required: bool = True, fields: TextFields = TextFields()
-                   ) -> XMCDataset:
+                   labels_required: bool = True, fields: TextFields = TextFields(),
+                   labels_from: PathLike | None = None) -> XMCDataset:
     """Read ``path`` in the feature and label space of ``model`` (a ``LoadedModel``).
 
     Text files go through the model's featurizer and their labels are matched by name
     (unknown ones are an error, or dropped and counted with ``ignore_extra``); feature files
-    must have the model's dimensions (or are cut/padded with ``ignore_extra``).
+    must have the model's dimensions (or are cut/padded with ``ignore_extra``). With
+    ``labels_required=False`` (prediction) the labels of the file play no part, and an
+    ``.npz`` holding only a feature matrix is accepted. ``labels_from``: the label ``.npz`` of
+    an ``.npz`` feature matrix.
 
     Raises:
         XMCError: a text file for a model trained on feature vectors.
@@ -133,8 +139,15 @@ def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
         return text_dataset(data, model.featurizer, model.label_names or [],
                             ignore_extra=ignore_extra)
     from .data import load
+    from .data.formats import is_single_matrix_npz
 
-    ds = load(path)
+    if not labels_required and labels_from is None and is_single_matrix_npz(path):
+        X = sp.csr_matrix(sp.load_npz(path), dtype=np.float32)
+        ds = XMCDataset(X, sp.csr_matrix((X.shape[0], model.num_labels), dtype=np.float32))
+    else:
+        ds = load(path, labels_from=labels_from)
+    if not labels_required:  # prediction: the file's labels play no part
+        ds.Y = sp.csr_matrix((ds.num_points, model.num_labels), dtype=np.float32)
     return align_dataset(ds, model.num_features, model.num_labels, ignore_extra=ignore_extra,
                          path=str(path))
 

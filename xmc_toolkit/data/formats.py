@@ -35,6 +35,7 @@ __all__ = [
     "save",
     "infer_format",
     "open_text_bytes",
+    "is_single_matrix_npz",
     "DECOMPRESSION_ERRORS",
     "damaged_file_error",
     "read_label_names",
@@ -452,9 +453,38 @@ def _finish(X: sp.spmatrix, Y: sp.spmatrix, path: Path, what: str) -> tuple[sp.c
     return X, Y
 
 
-def _load_npz(path: Path) -> XMCDataset:
+def _is_scipy_npz(z: Any) -> bool:
+    """Whether an open ``.npz`` holds one matrix written by ``scipy.sparse.save_npz``."""
+    return all(k in z for k in ("data", "indices", "indptr", "shape", "format"))
+
+
+def is_single_matrix_npz(path: PathLike) -> bool:
+    """Whether ``path`` is an ``.npz`` holding one ``scipy.sparse.save_npz`` matrix (features
+    only, as PECOS writes ``X``)."""
+    p = Path(path)
+    if p.suffix.lower() != ".npz" or not p.is_file() or _npz_pair(p) is not None:
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return _is_scipy_npz(z)
+    except Exception:  # not a readable npz: the loader reports it
+        return False
+
+
+def _load_npz(path: Path, labels_from: Path | None = None) -> XMCDataset:
     pair = _npz_pair(path)
     try:
+        if labels_from is not None:  # PECOS / scipy pair under any names: X file + Y file
+            for p in (path, labels_from):
+                if not p.exists():
+                    raise DataFormatError(p, None, "no such file")
+            with np.load(path, allow_pickle=False) as z:
+                scipy_x = _is_scipy_npz(z)
+                X = None if scipy_x else _csr_from_npz(z, "X", path)
+            if X is None:
+                X = sp.load_npz(path)
+            X, Y = _finish(X, sp.load_npz(labels_from), path, "npz pair (--labels)")
+            return XMCDataset(X, Y)
         if pair is not None:
             xp, yp = pair
             for p in pair:
@@ -465,6 +495,11 @@ def _load_npz(path: Path) -> XMCDataset:
         if not path.exists():
             raise DataFormatError(path, None, "no such file")
         with np.load(path, allow_pickle=False) as z:
+            if _is_scipy_npz(z):
+                raise DataFormatError(
+                    path, None, "holds one scipy sparse matrix (features only); pass its label "
+                    "matrix too: load(X, labels_from=Y) / --labels Y.npz, or name the pair "
+                    "<prefix>_X.npz / <prefix>_Y.npz")
             X, Y = _finish(_csr_from_npz(z, "X", path), _csr_from_npz(z, "Y", path), path, "npz")
             names = [str(s) for s in z["label_names"]] if "label_names" in z else None
             fnames = [str(s) for s in z["feature_names"]] if "feature_names" in z else None
@@ -609,6 +644,7 @@ def load(
     zero_based: bool | str = "auto",
     num_features: int | None = None,
     num_labels: int | None = None,
+    labels_from: PathLike | None = None,
 ) -> XMCDataset:
     """Read a multi-label data set.
 
@@ -623,6 +659,9 @@ def load(
         zero_based: svmlight only: feature ids are 0-based (``True``), 1-based (``False``) or
             ``"auto"`` (1-based unless some feature id is 0), as in scikit-learn.
         num_features, num_labels: svmlight only: dimensions (default: largest id + 1).
+        labels_from: npz only: the label matrix ``Y`` of ``path`` in its own file (a pair
+            written by ``scipy.sparse.save_npz`` / PECOS ``smat_util`` under any names,
+            ``--data X.npz --labels Y.npz``); ``path`` holds ``X``.
 
     Returns:
         ``XMCDataset`` with ``X`` csr float32 ``[N, D]`` (sorted indices) and binary ``Y`` csr
@@ -638,6 +677,9 @@ def load(
         raise DataFormatError(p, None, f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (--fmt)")
     if fmt not in ("xc-split", "npz") and not p.is_file():
         raise DataFormatError(p, None, "no such file")
+    if labels_from is not None and fmt != "npz":
+        raise DataFormatError(p, None, f"a separate label file (--labels) applies only to .npz "
+                              f"feature matrices; {fmt} files hold their labels")
     logger.info("loading %s as %s", p, fmt)
     if fmt == "xc":
         ds = _load_xc(p)
@@ -646,7 +688,7 @@ def load(
     elif fmt == "svmlight":
         ds = _load_svmlight(p, zero_based, num_features, num_labels)
     elif fmt == "npz":
-        ds = _load_npz(p)
+        ds = _load_npz(p, None if labels_from is None else Path(labels_from))
     else:
         X, Y, names, fnames = read_arff(p, label_xml)
         ds = XMCDataset(X, Y, names, fnames)
