@@ -328,7 +328,7 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
                             show_progress=show,
                             fields=TextFields(text_field, label_field, label_sep),
                             probability=probability, threshold=threshold)
-    extra = _probability_fields(res["probabilities"], probability, threshold)
+    extra = _probability_fields(res["probabilities"])
     if out is None or str(out) == "-":
         for line in jsonl_lines(res["ids"], res["scores"], res["label_names"], extra=extra):
             sys.stdout.write(line)
@@ -341,8 +341,7 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
                    err=out is None)
 
 
-def _probability_fields(probs: Any, probability: str | None, threshold: float | None
-                        ) -> list[dict[str, Any]] | None:
+def _probability_fields(probs: Any) -> list[dict[str, Any]] | None:
     """The ``probabilities`` field of each JSONL line (when asked for or thresholded on)."""
     if probs is None:
         return None
@@ -373,7 +372,7 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
             probs = probabilities(m, X, scores, probability or "softmax", chunk_size=chunk_size)
             if threshold is not None:
                 ids = apply_threshold(ids, probs, threshold)
-        return ids, scores, _probability_fields(probs, probability, threshold)
+        return ids, scores, _probability_fields(probs)
 
     if texts != ("-",):
         for i, t in enumerate(texts):
