@@ -166,3 +166,10 @@ def test_truncated_compressed_file_is_one_error(tmp_path):
     p.write_bytes(packed[: len(packed) // 2])
     with pytest.raises(DataFormatError, match=r"cut\.jsonl\.bz2: cannot decompress the file"):
         read_text(p)
+
+
+def test_feature_loader_names_raw_text(tmp_path):
+    from xmc_toolkit.data import load
+
+    with pytest.raises(DataFormatError, match="holds raw text records, not feature vectors"):
+        load(_jsonl(tmp_path / "a.jsonl", RECORDS))

@@ -672,6 +672,12 @@ def load(
     """
     p = Path(path)
     if fmt is None:
+        from .text import text_format
+
+        if text_format(p) is not None:
+            raise DataFormatError(p, None, "holds raw text records, not feature vectors: give it "
+                                  "to xmc train / eval / predict (they featurize it), or read it "
+                                  "with xmc_toolkit.data.text.read_text")
         fmt = infer_format(p)
     elif fmt not in FORMATS:
         raise DataFormatError(p, None, f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (--fmt)")
