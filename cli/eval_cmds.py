@@ -93,6 +93,8 @@ def _evaluate_model(
     chunk_size: int | None,
     ignore_extra: bool,
     show_progress: bool,
+    fields: Any = None,
+    labels: Path | None = None,
 ) -> dict[str, Any]:
     from xmc_toolkit.evaluate import evaluate_model_dir  # lazy: imports torch
 
@@ -102,6 +104,10 @@ def _evaluate_model(
         "ignore_extra": ignore_extra,
         "show_progress": show_progress,
     }
+    if fields is not None:  # only field names other than the defaults
+        kwargs["fields"] = fields
+    if labels is not None:
+        kwargs["labels_path"] = labels
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     return dict(evaluate_model_dir(model, data, **kwargs))
@@ -109,7 +115,9 @@ def _evaluate_model(
 
 @click.command("eval")
 @click.option("--predictions", type=_FILE, help="Prediction file (text or .jsonl) to evaluate.")
-@click.option("--labels", type=_DATA, help="Label file of the predicted points (any format).")
+@click.option("--labels", type=_DATA,
+              help="Label file of the predicted points (any format); with --model and an .npz "
+                   "feature matrix --data X.npz, its label matrix Y.npz.")
 @click.option(
     "--train-labels",
     type=_DATA,
@@ -129,12 +137,22 @@ def _evaluate_model(
 )
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Trained model directory to evaluate (instead of --predictions).")
-@click.option("--data", type=_DATA, help="Test data set for --model.")
+@click.option("--data", type=_DATA,
+              help="Test data set for --model: raw text (.jsonl/.tsv/.csv) for a model trained on "
+                   "text, else the model's feature format.")
+@click.option("--text-field", default="text", show_default=True,
+              help="Text data: JSON field or column of the text (with --model).")
+@click.option("--label-field", default="labels", show_default=True,
+              help="Text data: JSON field (list of strings) or column of the labels.")
+@click.option("--label-sep", default="|", show_default=True,
+              help="TSV/CSV data: separator of the labels inside their column.")
 @click.option("--device", default=None, help="auto | cpu | cuda (with --model; default auto).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="Labels scored at once (with --model; lower it when out of memory).")
 @click.option("--ignore-extra", is_flag=True,
               help="Ignore test labels/features unknown to the model (with --model).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads for torch with --model (0: one per core or OMP_NUM_THREADS).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Report metrics at 1..k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fractions).")
@@ -150,6 +168,10 @@ def eval_(
     device: str | None,
     chunk_size: int | None,
     ignore_extra: bool,
+    text_field: str,
+    label_field: str,
+    label_sep: str,
+    threads: int,
     k: int,
     as_json: bool,
 ) -> None:
@@ -158,6 +180,7 @@ def eval_(
     \b
     xmc eval --predictions pred.txt --labels test.txt --train-labels train.txt
     xmc eval --model runs/bibtex --data test.txt --json
+    xmc eval --model runs/kjv --data kjv-strongs_test.jsonl
     """
     if (predictions is None) == (model is None):
         raise click.UsageError("give exactly one of --predictions (with --labels) or --model "
@@ -177,8 +200,7 @@ def eval_(
             k, sort_by_score,
         )
     else:
-        misplaced = [flag for flag, value in (("--labels", labels),
-                                              ("--train-labels", train_labels),
+        misplaced = [flag for flag, value in (("--train-labels", train_labels),
                                               ("-A", prop_a), ("-B", prop_b),
                                               ("--sort-by-score", sort_by_score or None))
                      if value is not None]
@@ -186,9 +208,15 @@ def eval_(
             raise click.UsageError(f"{', '.join(misplaced)} apply only with --predictions")
         if data is None:
             raise click.UsageError("--model needs --data (the test data set)")
+        from xmc_toolkit.device import set_threads
+        from xmc_toolkit.inputs import TextFields
+
+        set_threads(threads)
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
             show_progress=not as_json and sys.stderr.isatty(),
+            fields=None if (text_field, label_field, label_sep) == ("text", "labels", "|")
+            else TextFields(text_field, label_field, label_sep), labels=labels,
         )
     ks = range(1, k + 1)
     if as_json:

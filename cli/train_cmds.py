@@ -40,12 +40,10 @@ def _int_list(text: str) -> tuple[int, ...]:
             from exc
 
 
-def _config_options(func: Any) -> Any:
-    """Add one option per TrainConfig field (default ``None``: "not given")."""
-    from xmc_toolkit.train import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in reversed(dataclasses.fields(TrainConfig)):
+def _fields_as_options(cls: Any, func: Any) -> Any:
+    """Add one option per field of the config dataclass ``cls`` (default ``None``: "not given")."""
+    hints = typing.get_type_hints(cls)
+    for f in reversed(dataclasses.fields(cls)):
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -65,11 +63,52 @@ def _config_options(func: Any) -> Any:
     return func
 
 
+def _config_options(func: Any) -> Any:
+    """Add one option per TrainConfig field."""
+    from xmc_toolkit.train import TrainConfig
+
+    return _fields_as_options(TrainConfig, func)
+
+
+def _featurizer_options(func: Any) -> Any:
+    """Add one option per FeaturizerConfig field (raw-text training data only)."""
+    from xmc_toolkit.featurizer import FeaturizerConfig
+
+    return _fields_as_options(FeaturizerConfig, func)
+
+
+def threads_option(func: Any) -> Any:
+    """``--threads N``: CPU threads of torch (0: its default)."""
+    return click.option("--threads", "threads", type=click.IntRange(min=0), default=0,
+                        show_default=True,
+                        help="CPU threads for torch (0: one per core or OMP_NUM_THREADS).")(func)
+
+
+def apply_threads(threads: int) -> None:
+    from xmc_toolkit.device import set_threads
+
+    set_threads(threads)
+
+
+def text_field_options(func: Any) -> Any:
+    """``--text-field``, ``--label-field``, ``--label-sep`` of text data files."""
+    func = click.option("--label-sep", "label_sep", default="|", show_default=True,
+                        help="TSV/CSV data: separator of the labels inside their column.")(func)
+    func = click.option("--label-field", "label_field", default="labels", show_default=True,
+                        help="Text data: JSON field (a list of strings) or column of the "
+                             "labels.")(func)
+    func = click.option("--text-field", "text_field", default="text", show_default=True,
+                        help="Text data (.jsonl/.tsv/.csv): JSON field or column of the "
+                             "text.")(func)
+    return func
+
+
 @click.command("train")
-@click.option("--data", "data", type=_DATA, help="Training data set (any supported format).")
+@click.option("--data", "data", type=_DATA,
+              help="Training data set: raw text (.jsonl/.tsv/.csv) or any feature-vector format.")
 @click.option("--val", "val", type=_DATA, default=None,
-              help="Validation data set (same feature/label space); default: none, or "
-                   "--val-fraction of the training rows.")
+              help="Validation data set (same feature/label space; text for text data); "
+                   "default: none, or --val-fraction of the training rows.")
 @click.option("--out", "out", type=_MODEL, default=None,
               help="Output model directory (weights, config, metrics.jsonl, checkpoint/).")
 @click.option("--config", "config_file", type=_DATA, default=None,
@@ -81,20 +120,37 @@ def _config_options(func: Any) -> Any:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--labels", "labels_file", type=_DATA, default=None,
+              help="With an .npz feature matrix --data X.npz: its label matrix Y.npz "
+                   "(scipy.sparse.save_npz / PECOS pairs under any names).")
+@click.option("--label-names", "label_names", type=_DATA, default=None,
+              help="Feature-vector data: label names, one a line in label-id order (or a Mulan "
+                   "XML), stored in the model so that predictions carry names.")
+@threads_option
+@text_field_options
+@_featurizer_options
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
           resume: Path | None, print_config: bool, progress: bool | None, as_json: bool,
-          **flags: Any) -> None:
+          labels_file: Path | None, label_names: Path | None, text_field: str,
+          label_field: str, label_sep: str, threads: int, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
     \b
+    xmc train --data train.jsonl --out runs/kjv          # raw text: featurizer fitted and kept
     xmc train --data train.txt --out runs/bibtex
     xmc train --data train.txt --out runs/big --loss sampled --sampler midx --negatives 32
     xmc train --resume runs/big                         # continue an interrupted run
     xmc train --print-config > cfg.json; xmc train --config cfg.json --data train.txt --out r
     """
+    from xmc_toolkit.featurizer import FeaturizerConfig
+
     TrainConfig = _config_cls()
+    feat_names = {f.name for f in dataclasses.fields(FeaturizerConfig)}
+    feat_flags = {k: v for k, v in flags.items() if k in feat_names}
+    flags = {k: v for k, v in flags.items() if k not in feat_names}
     base = TrainConfig()
+    feat_base = FeaturizerConfig()
     run: dict[str, Any] = {}
     if resume is not None:
         run_file = resume / RUN_FILE
@@ -110,10 +166,21 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         out = resume
         data = data or (Path(run["data"]) if run.get("data") else None)
         val = val or (Path(run["val"]) if run.get("val") else None)
+        text = run.get("text") or {}
+        if text:
+            feat_base = feat_base.merged(text.get("featurizer", {}), validate=False)
+            text_field = text.get("text_field", text_field)
+            label_field = text.get("label_field", label_field)
+            label_sep = text.get("label_sep", label_sep)
+        if run.get("label_names") and label_names is None:
+            label_names = Path(run["label_names"])
+        if run.get("labels") and labels_file is None:
+            labels_file = Path(run["labels"])
     if config_file is not None:
         file_cfg = TrainConfig.from_json(config_file, validate=False)
         base = base.merged(file_cfg.to_dict(), validate=False)
     cfg = base.merged(flags, validate=print_config or data is None)
+    feat_cfg = feat_base.merged(feat_flags)
     if print_config:
         click.echo(cfg.to_json())
         return
@@ -122,23 +189,43 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     if out is None:
         raise click.UsageError("--out is required (the model directory to write)")
 
-    from xmc_toolkit.data import load
+    from xmc_toolkit.inputs import (TextFields, is_text_file, load_training_data,
+                                    load_validation_data)
     from xmc_toolkit.train import Trainer
 
-    train_ds = load(data)
+    apply_threads(threads)
+
+    text_data = is_text_file(data)
+    given = [("--" + k.replace("_", "-")) for k, v in feat_flags.items() if v is not None]
+    if not text_data and given:
+        raise click.UsageError(f"{', '.join(given)} apply only to raw-text training data "
+                               "(.jsonl/.tsv/.csv)")
+    fields = TextFields(text_field, label_field, label_sep)
+    train_ds, featurizer = load_training_data(
+        data, feat_cfg if text_data else None, fields=fields, label_names_from=label_names,
+        labels_from=labels_file)
     # every config problem, data-dependent ones included, at once and before any work
     cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
-    val_ds = load(val) if val is not None else None
+    val_ds = None if val is None else load_validation_data(val, train_ds, featurizer,
+                                                           fields=fields)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps({
+    record: dict[str, Any] = {
         "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
-        "config": cfg.to_dict()}, indent=2))
+        "config": cfg.to_dict()}
+    if featurizer is not None:
+        record["text"] = {"featurizer": feat_cfg.to_dict(), "text_field": text_field,
+                          "label_field": label_field, "label_sep": label_sep}
+    if label_names is not None:
+        record["label_names"] = str(Path(label_names).resolve())
+    if labels_file is not None:
+        record["labels"] = str(Path(labels_file).resolve())
+    (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     show = sys.stderr.isatty() if progress is None else progress
     from xmc_toolkit.train import TrainingInterrupted
 
     try:
-        result = Trainer(cfg, out_dir=out).fit(train_ds, val_ds, show_progress=show,
-                                               resume=resume is not None)
+        result = Trainer(cfg, out_dir=out, featurizer=featurizer).fit(
+            train_ds, val_ds, show_progress=show, resume=resume is not None)
     except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
         click.echo(str(exc), err=True)
         sys.exit(130)
@@ -148,9 +235,15 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                "stopped_early": result.stopped_early,
                "final_loss": result.history[-1]["loss"] if result.history else None,
                "val": result.best}
+    if featurizer is not None:
+        summary["featurizer"] = {"num_features": featurizer.num_features,
+                                 "num_labels": train_ds.num_labels}
     if as_json:
         click.echo(json.dumps(summary))
         return
+    if featurizer is not None:
+        click.echo(f"featurized {train_ds.num_points} texts: {featurizer.num_features} features, "
+                   f"{train_ds.num_labels} labels")
     click.echo(f"trained {summary['epochs']} epochs ({result.steps} steps, "
                f"{result.seconds:.1f} s), loss={result.loss}"
                + (f" sampler={result.sampler}" if result.sampler else "")
@@ -173,11 +266,18 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 
 @click.command("predict")
 @click.option("--model", "model", type=_MODEL, required=True, help="Model directory.")
-@click.option("--data", "data", type=_DATA, required=True, help="Data set to predict.")
+@click.option("--data", "data", type=_DATA, default=None,
+              help="Data set to predict: raw text (.jsonl/.tsv/.csv, labels optional) for a "
+                   "model trained on text, else the model's feature format.")
+@click.option("--text", "texts", multiple=True,
+              help="A document to predict (repeatable); '-' reads standard input, one text a "
+                   "line, and writes one JSONL line per text as it arrives.")
 @click.option("--topk", "topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="Labels per point.")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Prediction file: text (id:score ...) or .jsonl (ids, scores, label names).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Prediction file: text (id:score ...), .jsonl (ids, scores, label names) or "
+                   ".npz (CSR score matrix [N, L], PECOS/pyxclib); default: JSONL on standard "
+                   "output.")
 @click.option("--approx", is_flag=True,
               help="Approximate top-k through the MIDX index (reports recall vs exact).")
 @click.option("--num-cells", type=click.IntRange(min=1), default=16, show_default=True,
@@ -188,25 +288,115 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 @click.option("--ignore-extra", is_flag=True,
               help="Drop features/labels the model does not know instead of failing.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
-def predict(model: Path, data: Path, topk: int, out: Path, approx: bool, num_cells: int,
-            device: str, chunk_size: int, ignore_extra: bool, progress: bool | None) -> None:
-    """Write the top-k labels of every point of --data.
+@click.option("--probability", type=click.Choice(["softmax", "sigmoid"]), default=None,
+              help="Add each label's probability to JSONL output: softmax = its share of the "
+                   "softmax over all labels; sigmoid = 1/(1+exp(-score)), one-vs-all.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Keep only the top-k labels whose probability (--probability, default "
+                   "softmax) is at least this value.")
+@threads_option
+@text_field_options
+def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, out: Path | None,
+            approx: bool, num_cells: int, device: str, chunk_size: int, ignore_extra: bool,
+            progress: bool | None, probability: str | None, threshold: float | None,
+            threads: int, text_field: str, label_field: str, label_sep: str) -> None:
+    """Write the top-k labels of every point of --data, or of --text documents.
 
     \b
-    xmc predict --model runs/bibtex --data test.txt --topk 5 --out pred.jsonl
+    xmc predict --model runs/kjv --data test.jsonl --out pred.jsonl
+    xmc predict --model runs/kjv --text "In the beginning God created the heaven"
+    cat verses.txt | xmc predict --model runs/kjv --text - --topk 3   # one JSONL line each
+    xmc predict --model runs/bibtex --data test.txt --topk 5 --out pred.txt
     xmc predict --model runs/big --data test.txt --out pred.txt --approx
     """
-    from xmc_toolkit.data.predictions import write_predictions
+    from xmc_toolkit.data.predictions import jsonl_lines, write_predictions
+
+    if (data is None) == (not texts):
+        raise click.UsageError("give exactly one of --data FILE or --text TEXT (--text - reads "
+                               "standard input)")
+    apply_threads(threads)
+    if texts:
+        _predict_texts(model, texts, topk, out, approx, num_cells, device, chunk_size,
+                       probability, threshold)
+        return
     from xmc_toolkit.evaluate import predict_model_dir
+    from xmc_toolkit.inputs import TextFields
 
     show = sys.stderr.isatty() if progress is None else progress
     res = predict_model_dir(model, data, topk, approx=approx, num_cells=num_cells, device=device,
                             chunk_size=chunk_size, ignore_extra=ignore_extra,
-                            show_progress=show)
-    write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"])
-    click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
+                            show_progress=show,
+                            fields=TextFields(text_field, label_field, label_sep),
+                            probability=probability, threshold=threshold)
+    extra = _probability_fields(res["probabilities"])
+    if out is None or str(out) == "-":
+        for line in jsonl_lines(res["ids"], res["scores"], res["label_names"], extra=extra):
+            sys.stdout.write(line)
+    else:
+        write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"],
+                          extra=extra, num_labels=res["num_labels"])
+        click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
     if res["recall_vs_exact"] is not None:
-        click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}")
+        click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}",
+                   err=out is None)
+
+
+def _probability_fields(probs: Any) -> list[dict[str, Any]] | None:
+    """The ``probabilities`` field of each JSONL line (when asked for or thresholded on)."""
+    if probs is None:
+        return None
+    return [{"probabilities": row} for row in probs]
+
+
+def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | None,
+                   approx: bool, num_cells: int, device: str, chunk_size: int,
+                   probability: str | None, threshold: float | None) -> None:
+    """``--text``: documents from the command line, or streamed from standard input."""
+    from xmc_toolkit.data.predictions import jsonl_lines, write_predictions
+    from xmc_toolkit.errors import DataFormatError
+    from xmc_toolkit.evaluate import apply_threshold, predict_topk, probabilities
+    from xmc_toolkit.inputs import featurize_texts
+    from xmc_toolkit.train import load_model_dir
+
+    if "-" in texts and len(texts) > 1:
+        raise click.UsageError("--text - (standard input) cannot be combined with other --text")
+    m = load_model_dir(model_dir, device=device)  # loaded once, also for a whole stream
+    k = min(k, m.num_labels)
+
+    def run(batch: list[str]) -> tuple[Any, Any, Any]:
+        X = featurize_texts(m, batch)
+        ids, scores = predict_topk(m, X, k, chunk_size=chunk_size, approx=approx,
+                                   num_cells=num_cells)
+        probs = None
+        if probability is not None or threshold is not None:
+            probs = probabilities(m, X, scores, probability or "softmax", chunk_size=chunk_size)
+            if threshold is not None:
+                ids = apply_threshold(ids, probs, threshold)
+        return ids, scores, _probability_fields(probs)
+
+    if texts != ("-",):
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise DataFormatError("--text", i + 1, "empty text; give a document to predict")
+        ids, scores, extra = run(list(texts))
+        if out is not None and str(out) != "-":
+            write_predictions(out, ids, scores, label_names=m.label_names, extra=extra,
+                              num_labels=m.num_labels)
+            click.echo(f"wrote top-{k} predictions of {len(texts)} texts to {out}")
+        else:
+            sys.stdout.writelines(jsonl_lines(ids, scores, m.label_names, extra=extra))
+        return
+    if out is not None and str(out) != "-":
+        raise click.UsageError("--text - writes to standard output; drop --out")
+    from xmc_toolkit.data.text import iter_text_lines
+
+    stdin = sys.stdin.buffer
+    for number, line in iter_text_lines(stdin, "<stdin>"):
+        if not line.strip():
+            raise DataFormatError("<stdin>", number, "empty line: give one text a line")
+        ids, scores, extra = run([line])
+        sys.stdout.write(jsonl_lines(ids, scores, m.label_names, extra=extra)[0])
+        sys.stdout.flush()
 
 
 @click.command("export")
@@ -247,13 +437,18 @@ def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool
             emb = fold(emb, m.label_bias())
         names = m.label_names
     else:
-        from xmc_toolkit.data import load
-        from xmc_toolkit.evaluate import align_dataset
+        from xmc_toolkit.inputs import is_text_file, load_for_model
 
         fitted = m.fitted
-        ds = load(data)  # only the feature space matters for instance embeddings
-        ds = align_dataset(ds, fitted.num_features, ds.num_labels, ignore_extra=ignore_extra,
-                           path=str(data))
+        if is_text_file(data):  # texts through the model's featurizer; labels play no part
+            ds = load_for_model(data, fitted, labels_required=False)
+        else:
+            from xmc_toolkit.data import load
+            from xmc_toolkit.evaluate import align_dataset
+
+            ds = load(data)  # only the feature space matters for instance embeddings
+            ds = align_dataset(ds, fitted.num_features, ds.num_labels,
+                               ignore_extra=ignore_extra, path=str(data))
         emb = m.encode(ds.X)
     path = export_embeddings(emb, out, normalize=normalize, names=names,
                              metadata={"what": what, "model": str(model)})

@@ -1,4 +1,4 @@
-"""Regenerate the TrainConfig flag table of docs/cli.md from the fields' help texts.
+"""Regenerate the TrainConfig and FeaturizerConfig flag tables of docs/cli.md from the help texts.
 
     python scripts/gen_cli_table.py          # rewrites the table in place
 """
@@ -10,16 +10,18 @@ import re
 import typing
 from pathlib import Path
 
+from xmc_toolkit.featurizer import FeaturizerConfig
 from xmc_toolkit.train import TrainConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 MARK = "Every TrainConfig field is a flag (defaults shown):"
+FEATURIZER_MARK = "Every FeaturizerConfig field is a flag of `xmc train` on text data (defaults shown):"
 
 
-def table() -> str:
-    hints = typing.get_type_hints(TrainConfig)
+def table(cls: type = TrainConfig) -> str:
+    hints = typing.get_type_hints(cls)
     rows = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         name = f.name.replace("_", "-")
         flag = f"`--{name} / --no-{name}`" if hints[f.name] is bool else f"`--{name}`"
         default = f.default
@@ -29,13 +31,17 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    doc = DOC.read_text()
-    start = doc.index(MARK) + len(MARK)
+def _replace(doc: str, mark: str, body: str) -> str:
+    start = doc.index(mark) + len(mark)
     body_start = doc.index("| flag |", start)
     end = doc.find("\n\n", body_start)
     end = len(doc) if end < 0 else end
-    DOC.write_text(doc[:body_start] + table() + doc[end:])
+    return doc[:body_start] + body + doc[end:]
+
+
+def main() -> None:
+    doc = _replace(DOC.read_text(), MARK, table(TrainConfig))
+    DOC.write_text(_replace(doc, FEATURIZER_MARK, table(FeaturizerConfig)))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,31 @@ def test_gzip_text_files_load_like_plain(tmp_path: Path) -> None:
         load(bad)
 
 
+@pytest.mark.parametrize("suffix", [".bz2", ".xz"])
+def test_bz2_xz_text_files_load_by_content(tmp_path: Path, suffix: str) -> None:
+    import bz2
+    import lzma
+
+    pack = bz2.compress if suffix == ".bz2" else lzma.compress
+    src = FIX / "tiny.txt"
+    named = tmp_path / ("tiny.txt" + suffix)
+    named.write_bytes(pack(src.read_bytes()))
+    unnamed = tmp_path / "tiny_packed.txt"  # told by the first bytes, not by the name
+    unnamed.write_bytes(pack(src.read_bytes()))
+    plain = load(src)
+    for p in (named, unnamed):
+        assert infer_format(p) == "xc"
+        np.testing.assert_array_equal(load(p).X.toarray(), plain.X.toarray())
+    bad = tmp_path / ("bad.txt" + suffix)
+    bad.write_bytes(pack(b"2 5 3\n0 1:1\n0 9:1\n"))
+    with pytest.raises(DataFormatError, match=r"bad.txt.*:3"):
+        load(bad)
+    cut = tmp_path / ("cut.txt" + suffix)
+    cut.write_bytes(pack(src.read_bytes() * 20)[:40])
+    with pytest.raises(DataFormatError, match="cannot decompress"):
+        load(cut)
+
+
 def test_xc_split_fixture_any_entry_point(tmp_path: Path) -> None:
     for p in (FIX / "tiny_X_Xf.txt", FIX / "tiny_X_Y.txt", FIX / "tiny"):
         ds = load(p)

@@ -233,3 +233,23 @@ def test_evaluate_from_file(tmp_path: Path) -> None:
     write_predictions(path, ids, None)
     got, _ = read_predictions(path)
     assert evaluate(Y, got, ks=(3,)) == evaluate(Y, ids, ks=(3,))
+
+
+def test_npz_prediction_matrix_round_trip(tmp_path):
+    import scipy.sparse as sp
+
+    ids = np.array([[3, 0, -1], [1, 4, 2], [-1, -1, -1]], dtype=np.int64)
+    scores = np.array([[2.5, 1.0, -np.inf], [0.5, 0.25, -1.0], [-np.inf] * 3], np.float32)
+    p = tmp_path / "pred.npz"
+    write_predictions(p, ids, scores, num_labels=6)
+    M = sp.load_npz(p)  # what PECOS smat_util / pyxclib read
+    assert M.shape == (3, 6) and M.nnz == 5 and M[0, 3] == 2.5 and M[1, 2] == -1.0
+    back_ids, back_scores = read_predictions(p)
+    np.testing.assert_array_equal(back_ids, ids)
+    np.testing.assert_array_equal(back_scores, scores)
+    # a matrix from elsewhere: rows are ranked by decreasing value
+    sp.save_npz(tmp_path / "other.npz", sp.csr_matrix(np.array([[0.1, 0.9, 0.0, 0.5]])))
+    r_ids, r_sc = read_predictions(tmp_path / "other.npz")
+    assert r_ids.tolist() == [[1, 3, 0]] and r_sc[0, 0] == pytest.approx(0.9)
+    with pytest.raises(DataFormatError, match="label id 4 >= num_labels=2"):
+        write_predictions(tmp_path / "x.npz", ids, scores, num_labels=2)

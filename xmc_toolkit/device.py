@@ -6,7 +6,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "set_threads"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -26,3 +26,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+
+
+def set_threads(num_threads: int) -> None:
+    """Use ``num_threads`` CPU threads for torch's operations (``--threads N``); 0 keeps torch's
+    default (one per core, or ``OMP_NUM_THREADS``).
+
+    Raises:
+        ConfigError: ``num_threads`` is negative.
+    """
+    if num_threads < 0:
+        raise ConfigError(f"threads={num_threads} must be >= 0 (0: torch's default) (--threads)")
+    if num_threads:
+        torch.set_num_threads(int(num_threads))

@@ -31,7 +31,14 @@ __all__ = [
     "evaluate_model_dir",
     "predict_model_dir",
     "build_index",
+    "PROBABILITIES",
+    "log_partition",
+    "probabilities",
+    "apply_threshold",
 ]
+
+#: Kinds of probability derived from a score ``s`` of label ``j`` for row ``x``.
+PROBABILITIES = ("softmax", "sigmoid")
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,73 @@ def predict_topk(model: LoadedModel, X: sp.spmatrix, k: int, *, chunk_size: int 
                                 approx=approx, sampler=sampler, num_cells=num_cells)
 
 
+@torch.no_grad()
+def log_partition(model: LoadedModel, X: sp.spmatrix, *, batch_size: int = 2048,
+                  chunk_size: int = 65536) -> np.ndarray:
+    """``log sum_j exp(s_j(x))`` over all ``L`` labels of each raw row: float64 ``[N]``.
+
+    Scores are computed by label chunks (at most ``[batch_size, chunk_size]`` at once), with a
+    running log-sum-exp; the model's preprocessing is applied to ``X`` first.
+    """
+    from .batching import csr_to_bag
+
+    network = model.network
+    Xp = model.preprocessor.transform(X)
+    device = next(network.parameters()).device
+    W = network.labels.label_embeddings()
+    b = network.labels.bias_vector()
+    out = np.zeros(Xp.shape[0], dtype=np.float64)
+    was_training = network.training
+    network.eval()
+    try:
+        for s in range(0, Xp.shape[0], batch_size):
+            idx, off, w = csr_to_bag(Xp[s: s + batch_size], device=device)
+            q = network(idx, off, w).float()  # [B, d]
+            run = torch.full((q.shape[0],), -torch.inf, dtype=torch.float64, device=device)
+            for c in range(0, W.shape[0], chunk_size):
+                sc = q @ W[c: c + chunk_size].float().T  # [B, c]
+                if b is not None:
+                    sc = sc + b[c: c + chunk_size].float()
+                run = torch.logaddexp(run, torch.logsumexp(sc.double(), dim=1))
+            out[s: s + q.shape[0]] = run.cpu().numpy()
+    finally:
+        network.train(was_training)
+    return out
+
+
+def probabilities(model: LoadedModel, X: sp.spmatrix, scores: np.ndarray, kind: str = "softmax",
+                  *, batch_size: int = 2048, chunk_size: int = 65536) -> np.ndarray:
+    """Probabilities float32 ``[N, k]`` of the top-k ``scores`` of raw rows ``X``.
+
+    ``softmax``: the label's share of the softmax over all ``L`` labels,
+    ``exp(s_j - log sum_l exp(s_l))``, the distribution the softmax losses train (a row's
+    shares sum to 1 over all labels, so a row with several true labels splits the mass among
+    them). ``sigmoid``: ``1 / (1 + exp(-s_j))``, one-vs-all; calibrated only for a model
+    trained with a binary loss (``--bce-weight`` > 0 or ``--loss negative-sampling``).
+
+    Raises:
+        ConfigError: unknown ``kind``.
+    """
+    from .errors import ConfigError
+
+    sc = np.asarray(scores, dtype=np.float64)
+    if kind == "sigmoid":
+        return (0.5 * (1.0 + np.tanh(0.5 * sc))).astype(np.float32)  # overflow-free sigmoid
+    if kind != "softmax":
+        raise ConfigError(f"probability={kind!r} is unknown; use one of "
+                          f"{', '.join(PROBABILITIES)} (--probability)")
+    lse = log_partition(model, X, batch_size=batch_size, chunk_size=chunk_size)  # [N]
+    return np.exp(sc - lse[:, None]).astype(np.float32)
+
+
+def apply_threshold(ids: np.ndarray, probs: np.ndarray, threshold: float) -> np.ndarray:
+    """``ids`` ``[N, k]`` with every entry whose probability is below ``threshold`` set to
+    ``-1`` (padding, left out of prediction files); a new array."""
+    out = np.array(ids, dtype=np.int64, copy=True)
+    out[np.asarray(probs) < threshold] = -1
+    return out
+
+
 def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
                    ks: tuple[int, ...] = (1, 3, 5), chunk_size: int = 65536,
                    show_progress: bool = False) -> dict[str, float]:
@@ -154,17 +228,16 @@ def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
     return {key: float(v) for key, v in res.items()}
 
 
-def _load_data(data_path: str | os.PathLike[str]) -> XMCDataset:
-    from .data import load
-
-    return load(data_path)
-
-
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], *,
                        ks: tuple[int, ...] = (1, 3, 5), device: str = "auto",
                        chunk_size: int = 65536, ignore_extra: bool = False,
-                       show_progress: bool = False) -> dict[str, float]:
+                       show_progress: bool = False, fields: Any = None,
+                       labels_path: str | os.PathLike[str] | None = None) -> dict[str, float]:
     """Evaluate the model in ``model_dir`` on the data file ``data_path`` (exact top-k).
+
+    ``data_path`` may be raw text (``.jsonl``/``.tsv``/``.csv``, field names in ``fields``, a
+    :class:`~xmc_toolkit.inputs.TextFields`) for a model trained on text. ``labels_path``: the
+    label matrix of an ``.npz`` feature matrix ``data_path`` (PECOS / scipy pairs).
 
     Returns:
         ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ..., "num_rows_evaluated": ...}``; metric
@@ -174,9 +247,11 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
         CheckpointError: ``model_dir`` is not a model directory.
         DataFormatError: the data does not match the model (see ``ignore_extra``).
     """
+    from .inputs import TextFields, load_for_model
+
     model = load_model_dir(model_dir, device=device)
-    ds = align_dataset(_load_data(data_path), model.num_features, model.num_labels,
-                       ignore_extra=ignore_extra, path=str(data_path))
+    ds = load_for_model(data_path, model, ignore_extra=ignore_extra,
+                        fields=fields or TextFields(), labels_from=labels_path)
     return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
                           show_progress=show_progress)
 
@@ -184,19 +259,29 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
 def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], k: int,
                       *, approx: bool = False, num_cells: int = 16, device: str = "auto",
                       chunk_size: int = 65536, ignore_extra: bool = False,
-                      show_progress: bool = False) -> dict[str, Any]:
+                      show_progress: bool = False, fields: Any = None,
+                      probability: str | None = None, threshold: float | None = None
+                      ) -> dict[str, Any]:
     """Top-k predictions of the model in ``model_dir`` for the rows of ``data_path``.
 
+    ``data_path`` may be raw text for a model trained on text (labels optional there).
+    ``probability`` (``"softmax"`` | ``"sigmoid"``, see :func:`probabilities`) adds the
+    probability of each predicted label; ``threshold`` (with a probability, ``softmax`` when
+    none is given) keeps only the labels of probability ``>= threshold`` (the others become
+    ``-1``, padding).
+
     Returns:
-        ``{"ids": int64 [N, k], "scores": float32 [N, k], "label_names": list | None,
-        "recall_vs_exact": float | None}``; the last is the overlap of the approximate top-k
-        with the exact top-k (only with ``approx``).
+        ``{"ids": int64 [N, k], "scores": float32 [N, k], "probabilities": float32 [N, k] |
+        None, "label_names": list | None, "recall_vs_exact": float | None}``; the last is the
+        overlap of the approximate top-k with the exact top-k (only with ``approx``).
     """
     from .output_layer import recall_at_k_vs_exact
 
+    from .inputs import TextFields, load_for_model
+
     model = load_model_dir(model_dir, device=device)
-    ds = align_dataset(_load_data(data_path), model.num_features, model.num_labels,
-                       ignore_extra=ignore_extra, path=str(data_path))
+    ds = load_for_model(data_path, model, ignore_extra=ignore_extra, labels_required=False,
+                        fields=fields or TextFields())
     ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
                                num_cells=num_cells, show_progress=show_progress)
     recall = None
@@ -204,5 +289,12 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
         exact_ids, _ = predict_topk(model, ds.X, k, chunk_size=chunk_size)
         recall = recall_at_k_vs_exact(torch.from_numpy(ids), torch.from_numpy(exact_ids))
         logger.info("approximate top-%d recall vs exact: %.4f", k, recall)
-    return {"ids": ids, "scores": scores, "label_names": model.label_names,
-            "recall_vs_exact": recall, "path": str(Path(data_path))}
+    probs = None
+    if probability is not None or threshold is not None:
+        probs = probabilities(model, ds.X, scores, probability or "softmax",
+                              chunk_size=chunk_size)
+        if threshold is not None:
+            ids = apply_threshold(ids, probs, threshold)
+    return {"ids": ids, "scores": scores, "probabilities": probs,
+            "label_names": model.label_names, "num_labels": model.num_labels, "recall_vs_exact": recall,
+            "path": str(Path(data_path))}

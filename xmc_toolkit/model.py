@@ -3,6 +3,9 @@
 Example::
 
     from xmc_toolkit import XMCModel
+    model = XMCModel().fit(texts, labels)                       # list[str], list[list[str]]
+    model.predict(["In the beginning God created"], k=3)      # [["H0430", "H7225", "H1254"]]
+
     model = XMCModel(epochs=10, loss="sampled", sampler="midx", negatives=32)
     model.fit(X_train, Y_train, X_val=X_val, Y_val=Y_val)     # scipy CSR [N, D], [N, L]
     ids, scores = model.predict_topk(X_test, k=5)               # numpy [N, 5] int64 / float32
@@ -13,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +33,93 @@ __all__ = ["XMCModel"]
 class XMCModel:
     """Sparse-input extreme multi-label classifier (EmbeddingBag + MLP encoder, label table).
 
+    Inputs are either feature rows (scipy sparse ``[N, D]`` with a binary ``Y`` ``[N, L]``) or
+    raw texts (``list[str]`` with ``list[list[str]]`` labels): then a featurizer is fitted on
+    the training texts and kept in the model, and label ids are the sorted label names.
+
     Args:
+        featurizer: text featurizer settings, a :class:`~xmc_toolkit.featurizer.FeaturizerConfig`
+            or a dict of its fields (``{"ngram_range": (1, 2)}``); used when fitting on texts.
         **config: any :class:`~xmc_toolkit.train.TrainConfig` field (``epochs=10``,
             ``loss="sampled"``, ``sampler="midx"``, ``negatives=32``, ``device="auto"``, ...).
             Every invalid value is reported at once (:class:`~xmc_toolkit.errors.ConfigError`).
     """
 
-    def __init__(self, **config: Any) -> None:
-        self.config = TrainConfig().merged(config)
+    def __init__(self, featurizer: Any = None, **config: Any) -> None:
+        self._params: dict[str, Any] = {"featurizer": featurizer, **config}
+        self._configure()
         self._model: LoadedModel | None = None
         self.result: TrainResult | None = None
 
+    def _configure(self) -> None:
+        """Build and validate ``config`` / ``featurizer_config`` from the parameters."""
+        from .featurizer import FeaturizerConfig
+
+        params = dict(self._params)
+        featurizer = params.pop("featurizer", None)
+        self.config = TrainConfig().merged(params)
+        if featurizer is None or isinstance(featurizer, FeaturizerConfig):
+            self.featurizer_config = (featurizer or FeaturizerConfig()).validate()
+        elif isinstance(featurizer, dict):
+            self.featurizer_config = FeaturizerConfig().merged(featurizer)
+        else:
+            raise ConfigError(f"featurizer must be a FeaturizerConfig or a dict of its fields, "
+                              f"got {type(featurizer).__name__}")
+
+    # -- scikit-learn estimator protocol ----------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Every constructor parameter: ``featurizer`` and each TrainConfig field (scikit-learn
+        ``get_params``; the values are the objects given, so ``sklearn.base.clone`` works)."""
+        import dataclasses
+
+        out: dict[str, Any] = {"featurizer": self._params.get("featurizer")}
+        for f in dataclasses.fields(TrainConfig):
+            out[f.name] = self._params.get(f.name, f.default)
+        return out
+
+    def set_params(self, **params: Any) -> "XMCModel":
+        """Change constructor parameters (validated at once, every problem listed); a fitted
+        model keeps its weights until the next :meth:`fit`."""
+        known = self.get_params()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError([f"unknown parameter {k!r} of XMCModel" for k in unknown])
+        old = dict(self._params)
+        self._params.update(params)
+        try:
+            self._configure()
+        except ConfigError:
+            self._params = old
+            raise
+        return self
+
+    def score(self, X: Any, Y: Any) -> float:
+        """P@1 (a fraction) on ``X`` / ``Y``: the ``score`` of the scikit-learn protocol."""
+        return float(self.evaluate(X, Y, ks=(1,))["P@1"])
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._model is not None
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True,
+                    multi_output=True), classifier_tags=ClassifierTags(multi_label=True))
+
     # -- training ---------------------------------------------------------------------------
-    def fit(self, X: sp.spmatrix, Y: sp.spmatrix, X_val: sp.spmatrix | None = None,
-            Y_val: sp.spmatrix | None = None, show_progress: bool = False,
+    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None,
+            show_progress: bool = False,
             callbacks: tuple[Any, ...] = (), out_dir: str | os.PathLike[str] | None = None,
             label_names: list[str] | None = None) -> "XMCModel":
-        """Train on ``X`` ``[N, D]`` and ``Y`` ``[N, L]`` (scipy sparse).
+        """Train on ``X`` ``[N, D]`` and ``Y`` ``[N, L]`` (scipy sparse), or on texts.
 
         Args:
-            X: raw features (TF-IDF / L2 preprocessing is part of the model).
-            Y: binary labels.
-            X_val: validation features (same ``D``), or ``None``.
-            Y_val: validation labels (same ``L``), or ``None``.
+            X: raw features (TF-IDF / L2 preprocessing is part of the model), or ``N`` texts
+                (``list[str]``: the featurizer is fitted on them and kept in the model).
+            Y: binary labels, or with texts ``N`` lists of label names (``list[list[str]]``).
+            X_val: validation features (same ``D``) or texts, or ``None``.
+            Y_val: validation labels (same ``L``) or label-name lists (names unseen in
+                ``Y`` are dropped), or ``None``.
             show_progress: rich progress bar.
             callbacks: ``callback(event, state)`` hooks (see :class:`Trainer`).
             out_dir: also write the model directory / checkpoints there.
@@ -60,6 +128,23 @@ class XMCModel:
         Returns:
             ``self``.
         """
+        featurizer = None
+        if _is_texts(X):
+            from .data.text import label_matrix, label_vocabulary
+            from .featurizer import Featurizer
+
+            if label_names is not None:
+                raise ConfigError("texts name their labels themselves; drop label_names")
+            labels = _label_lists(Y, "Y", len(X))
+            featurizer = Featurizer.fit(list(X), self.featurizer_config)
+            label_names = label_vocabulary(labels)
+            X, Y = featurizer.transform(list(X)), label_matrix(labels, label_names)[0]
+            if X_val is not None and Y_val is not None:
+                if not _is_texts(X_val):
+                    raise ConfigError("X_val must be texts like X")
+                Y_val = label_matrix(_label_lists(Y_val, "Y_val", len(X_val)), label_names,
+                                     ignore_extra=True)[0]
+                X_val = featurizer.transform(list(X_val))
         X, Y = _csr(X, "X"), _csr(Y, "Y")
         if X.shape[0] != Y.shape[0]:
             raise ConfigError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; they must match")
@@ -68,7 +153,8 @@ class XMCModel:
         val = None
         if X_val is not None and Y_val is not None:
             val = XMCDataset(_csr(X_val, "X_val"), _csr(Y_val, "Y_val"))
-        trainer = Trainer(self.config, out_dir=out_dir, callbacks=callbacks)
+        trainer = Trainer(self.config, out_dir=out_dir, callbacks=callbacks,
+                          featurizer=featurizer)
         self.result = trainer.fit(XMCDataset(X, Y, label_names), val,
                                   show_progress=show_progress)
         if trainer.network is None or trainer.preprocessor is None:  # pragma: no cover
@@ -81,7 +167,7 @@ class XMCModel:
             network=trainer.network, preprocessor=trainer.preprocessor, config=trainer.config,
             label_names=label_names, label_counts=trainer.label_counts,  # type: ignore[arg-type]
             num_train=trainer.num_train, sampler_state=sampler_state,
-            summary=self.result.to_dict())
+            summary=self.result.to_dict(), featurizer=featurizer)
         return self
 
     # -- inference --------------------------------------------------------------------------
@@ -91,7 +177,12 @@ class XMCModel:
             raise XMCError("this XMCModel is not fitted; call fit(X, Y) or XMCModel.load(dir)")
         return self._model
 
-    def _check_X(self, X: sp.spmatrix) -> sp.csr_matrix:
+    def _check_X(self, X: Any) -> sp.csr_matrix:
+        """Feature rows ``[N, D]`` of sparse ``X`` (checked) or of texts (featurized)."""
+        if _is_texts(X):
+            from .inputs import featurize_texts
+
+            return featurize_texts(self.fitted, list(X))
         X = _csr(X, "X")
         D = self.fitted.num_features
         if X.shape[1] != D:
@@ -99,10 +190,48 @@ class XMCModel:
                            " use the same feature space")
         return X
 
-    def predict_topk(self, X: sp.spmatrix, k: int = 5, *, approx: bool = False,
+    def predict(self, X: Any, k: int = 5, *, threshold: float | None = None,
+                probability: str = "softmax") -> list[list[str]] | list[list[int]]:
+        """The ``k`` best labels of each row or text, best first: label names when the model
+        has them (always after fitting on texts), else label ids. With ``threshold``, only
+        the labels whose ``probability`` (see :meth:`predict_proba`) is at least that value."""
+        k = min(k, self.fitted.num_labels)
+        if threshold is None:
+            ids, _ = self.predict_topk(X, k=k)
+        else:
+            from .evaluate import apply_threshold
+
+            ids, probs = self.predict_proba(X, k=k, kind=probability)
+            ids = apply_threshold(ids, probs, threshold)
+        names = self.fitted.label_names
+        rows = [[j for j in row if j >= 0] for row in ids.tolist()]
+        if names is None:
+            return rows
+        return [[names[j] for j in row] for row in rows]
+
+    def predict_proba(self, X: Any, k: int = 5, kind: str = "softmax"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` ids int64 ``[N, k]`` and their probabilities float32 ``[N, k]``.
+
+        ``kind="softmax"``: each label's share of the softmax over all ``L`` labels (what the
+        softmax losses train; a row's shares sum to 1 over all labels); ``"sigmoid"``:
+        ``1 / (1 + exp(-score))``, one-vs-all, calibrated only when trained with a binary loss
+        (``bce_weight > 0`` or ``loss="negative-sampling"``).
+        """
+        from .evaluate import predict_topk, probabilities
+
+        Xf = self._check_X(X)
+        ids, scores = predict_topk(self.fitted, Xf, k, chunk_size=self.config.eval_chunk_size,
+                                   batch_size=self.config.eval_batch_size)
+        return ids, probabilities(self.fitted, Xf, scores, kind,
+                                  batch_size=self.config.eval_batch_size,
+                                  chunk_size=self.config.eval_chunk_size)
+
+    def predict_topk(self, X: Any, k: int = 5, *, approx: bool = False,
                      chunk_size: int = 65536, num_cells: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` labels of each row: ``ids`` int64 ``[N, k]``, ``scores`` float32 ``[N, k]``.
+        """Top-``k`` labels of each row (or text): ``ids`` int64 ``[N, k]``, ``scores`` float32
+        ``[N, k]``.
 
         ``approx=True`` uses the MIDX inverted multi-index (faster for very large ``L``),
         probing ``num_cells`` codeword-pair cells per query (``None``: the default of
@@ -115,8 +244,8 @@ class XMCModel:
         return predict_topk(self.fitted, X, k, chunk_size=chunk_size, approx=approx,
                             batch_size=self.config.eval_batch_size, **extra)
 
-    def encode(self, X: sp.spmatrix) -> np.ndarray:
-        """Query embeddings ``[N, d]`` float32 of raw feature rows."""
+    def encode(self, X: Any) -> np.ndarray:
+        """Query embeddings ``[N, d]`` float32 of raw feature rows or texts."""
         from .encoder import encode_csr
 
         X = self.fitted.preprocessor.transform(self._check_X(X))
@@ -132,11 +261,19 @@ class XMCModel:
         b = self.fitted.network.labels.bias_vector()
         return None if b is None else b.float().cpu().numpy()
 
-    def evaluate(self, X: sp.spmatrix, Y: sp.spmatrix, ks: tuple[int, ...] = (1, 3, 5)
-                 ) -> dict[str, float]:
-        """P@k, nDCG@k, PSP@k, PSnDCG@k, R@k (fractions) on ``X`` / ``Y``."""
+    def evaluate(self, X: Any, Y: Any, ks: tuple[int, ...] = (1, 3, 5),
+                 ignore_extra: bool = False) -> dict[str, float]:
+        """P@k, nDCG@k, PSP@k, PSnDCG@k, R@k (fractions) on ``X`` / ``Y``, or on texts and
+        their label-name lists (unknown names: an error, or dropped with ``ignore_extra``)."""
         from .evaluate import evaluate_model
 
+        if _is_texts(X):
+            from .data.text import label_matrix
+
+            if self.fitted.label_names is None:
+                raise XMCError("this model has no label names; evaluate with a label matrix Y")
+            Y = label_matrix(_label_lists(Y, "Y", len(X)), self.fitted.label_names,
+                             ignore_extra=ignore_extra)[0]
         X = self._check_X(X)
         Y = _csr(Y, "Y")
         if Y.shape[1] != self.fitted.num_labels:
@@ -152,14 +289,19 @@ class XMCModel:
         return save_model_dir(path, m.network, m.preprocessor, m.config,
                               label_names=m.label_names, label_counts=m.label_counts,
                               num_train=m.num_train, sampler_state=m.sampler_state,
-                              summary=m.summary)
+                              summary=m.summary, featurizer=m.featurizer)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> "XMCModel":
         """Load a model directory written by :meth:`save` or ``xmc train``."""
         loaded = load_model_dir(path, device=device)
+        from .featurizer import FeaturizerConfig
+
         obj = cls.__new__(cls)
         obj.config = loaded.config
+        obj.featurizer_config = (loaded.featurizer.config if loaded.featurizer is not None
+                                 else FeaturizerConfig())
+        obj._params = {"featurizer": obj.featurizer_config, **loaded.config.to_dict()}
         obj._model = loaded
         obj.result = None
         return obj
@@ -172,6 +314,29 @@ class XMCModel:
         state = "fitted" if self._model is not None else "not fitted"
         return (f"XMCModel({state}, loss={self.config.loss!r}, sampler={self.config.sampler!r}, "
                 f"dim={self.config.dim}, hidden={list(self.config.hidden)})")
+
+
+def _is_texts(X: Any) -> bool:
+    """Whether ``X`` is a sequence of texts (not a matrix)."""
+    if sp.issparse(X) or isinstance(X, np.ndarray) or isinstance(X, str):
+        return False
+    return isinstance(X, Sequence) and len(X) > 0 and all(isinstance(t, str) for t in X)
+
+
+def _label_lists(Y: Any, name: str, n: int) -> list[list[str]]:
+    """Check ``Y`` is ``n`` lists of label names (strings)."""
+    if sp.issparse(Y) or isinstance(Y, np.ndarray) or not isinstance(Y, Sequence):
+        raise XMCError(f"with texts, {name} must be a list of label-name lists "
+                       f"(list[list[str]]), got {type(Y).__name__}")
+    if len(Y) != n:
+        raise ConfigError(f"{n} texts but {len(Y)} label lists in {name}; they must match")
+    out: list[list[str]] = []
+    for i, labs in enumerate(Y):
+        if isinstance(labs, str) or not isinstance(labs, Sequence) or not all(
+                isinstance(lab, str) for lab in labs):
+            raise XMCError(f"{name}[{i}] = {labs!r:.60} must be a list of label names (strings)")
+        out.append(list(labs))
+    return out
 
 
 def _csr(M: Any, name: str) -> sp.csr_matrix:

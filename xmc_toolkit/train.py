@@ -722,6 +722,8 @@ class LoadedModel:
         num_train: number of training points (for propensities).
         sampler_state: MIDX sampler tensors when saved (for ``--approx``), else ``None``.
         summary: the summary JSON (metrics, steps) or ``{}``.
+        featurizer: the text featurizer (:class:`~xmc_toolkit.featurizer.Featurizer`) of a
+            model trained on raw text, else ``None``.
     """
 
     network: XMCNetwork
@@ -732,6 +734,7 @@ class LoadedModel:
     num_train: int
     sampler_state: dict[str, torch.Tensor] | None
     summary: dict[str, Any]
+    featurizer: Any = None
 
     @property
     def num_features(self) -> int:
@@ -758,10 +761,21 @@ def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Pr
                    config: TrainConfig, *, label_names: list[str] | None,
                    label_counts: np.ndarray, num_train: int,
                    sampler_state: dict[str, torch.Tensor] | None = None,
-                   summary: dict[str, Any] | None = None) -> Path:
-    """Write a model directory (weights, config, label vocabulary and counts) atomically."""
+                   summary: dict[str, Any] | None = None, featurizer: Any = None) -> Path:
+    """Write a model directory (weights, config, label vocabulary and counts) atomically.
+
+    ``featurizer`` (a :class:`~xmc_toolkit.featurizer.Featurizer`, models trained on raw text)
+    is written beside the weights as ``featurizer.json`` / ``featurizer.safetensors``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if featurizer is not None:
+        featurizer.save(out)
+    else:  # never leave the featurizer of an earlier text model in a reused directory
+        from .featurizer import FEATURIZER_FILE, FEATURIZER_TENSORS
+
+        for name in (FEATURIZER_FILE, FEATURIZER_TENSORS):
+            (out / name).unlink(missing_ok=True)
     tensors = _model_tensors(network, pre)
     if sampler_state:
         tensors.update({f"sampler.{k}": v.detach().cpu().contiguous()
@@ -819,9 +833,15 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device
         with contextlib.suppress(ValueError):
             summary = json.loads((d / SUMMARY_FILE).read_text())
     names = labels.get("label_names")
+    from .featurizer import Featurizer
+
+    featurizer = Featurizer.load(d) if Featurizer.exists(d) else None
+    if featurizer is not None and featurizer.num_features != D:
+        raise CheckpointError(f"{str(d)!r}: the featurizer makes {featurizer.num_features} "
+                              f"features but the model takes {D}; retrain the model")
     return LoadedModel(network, pre, config, names,
                        np.asarray(labels.get("label_counts", [0] * L), dtype=np.int64),
-                       int(labels.get("num_train", 1)), sampler_state, summary)
+                       int(labels.get("num_train", 1)), sampler_state, summary, featurizer)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -896,6 +916,8 @@ class Trainer:
         config: the run's :class:`TrainConfig` (validated against the data in :meth:`fit`).
         out_dir: model directory to write (weights, config, labels, ``metrics.jsonl``,
             ``checkpoint/``); ``None`` keeps everything in memory (no checkpoints).
+        featurizer: the fitted text featurizer of raw-text training data, saved in the model
+            directory (``None`` for feature-vector data).
         callbacks: ``callback(event, state)`` hooks; events ``"train_begin"``, ``"epoch_begin"``,
             ``"step"`` (every step: ``step``, ``epoch``, ``lr``, ``loss`` -- the mean loss
             since the last read as a float on every ``log_every``-th step, else ``None`` --
@@ -904,8 +926,9 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike[str] | None = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), featurizer: Any = None) -> None:
         self.config = config.validate()
+        self.featurizer = featurizer
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.callbacks = list(callbacks)
         self.network: XMCNetwork | None = None
@@ -966,10 +989,12 @@ class Trainer:
 
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
-        # resolve the auto values now: the saved config records what was built
+        # resolve the auto values now: the saved config records what was built. Rows from the
+        # text featurizer keep the model's IDF on top of the featurizer's (the pair chosen on
+        # kjv-strongs' validation split, docs/data-formats.md); files already weighted do not.
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
-        cfg = self.config = cfg.resolved_for_data(train.num_points,
-                                                  weighted_input=is_weighted(X_raw))
+        weighted = self.featurizer is None and is_weighted(X_raw)
+        cfg = self.config = cfg.resolved_for_data(train.num_points, weighted_input=weighted)
         self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize)
         X = self.preprocessor.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
@@ -1337,7 +1362,8 @@ class Trainer:
                 sampler_state = self.sampler.state_dict()
         save_model_dir(self.out_dir, network, self.preprocessor, self.config,  # type: ignore
                        label_names=self.label_names, label_counts=self.label_counts,
-                       num_train=self.num_train, sampler_state=sampler_state, summary=summary)
+                       num_train=self.num_train, sampler_state=sampler_state, summary=summary,
+                       featurizer=self.featurizer)
 
     def _save_checkpoint(self, ctx: dict[str, Any]) -> None:
         """Write ``out_dir/checkpoint/ckpt-<step>`` through :mod:`xmc_toolkit.checkpoint`."""

@@ -35,6 +35,9 @@ __all__ = [
     "save",
     "infer_format",
     "open_text_bytes",
+    "is_single_matrix_npz",
+    "DECOMPRESSION_ERRORS",
+    "damaged_file_error",
     "read_label_names",
     "write_xc_header",
     "append_xc_rows",
@@ -94,7 +97,7 @@ def infer_format(path: PathLike) -> str:
     if _split_prefix(p) is not None:
         return "xc-split"
     suffix = p.suffix.lower()
-    if suffix == ".gz":  # gzip-compressed text: the format of the name without ".gz"
+    if suffix in _COMPRESSED_SUFFIXES:  # compressed text: the format of the name without it
         suffix = Path(p.stem).suffix.lower()
     if suffix == ".npz":
         return "npz"
@@ -109,7 +112,10 @@ def infer_format(path: PathLike) -> str:
             p, None, f"directory holds no *{_SPLIT_X} / *{_SPLIT_Y} pair; pass a file instead"
         )
     with open_text_bytes(p) as fh:
-        first = fh.readline(4096)
+        try:
+            first = fh.readline(4096)
+        except DECOMPRESSION_ERRORS as exc:
+            raise damaged_file_error(p, exc) from None
     if re.fullmatch(rb"\s*\d+\s+\d+\s+\d+\s*", first):
         return "xc"
     return "svmlight"
@@ -119,21 +125,50 @@ def infer_format(path: PathLike) -> str:
 # block-wise text reading
 # ------------------------------------------------------------------------------------------------
 _GZIP_MAGIC = b"\x1f\x8b"
+_BZ2_MAGIC = b"BZh"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import lzma
+    import zlib
+
+    return (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, OSError)
+
+
+DECOMPRESSION_ERRORS = _decompression_errors()
+
+
+def damaged_file_error(path: PathLike, exc: BaseException) -> DataFormatError:
+    """The error for a compressed file that cannot be decompressed to its end."""
+    return DataFormatError(path, None, f"cannot decompress the file ({type(exc).__name__}: "
+                           f"{exc}); it is damaged or truncated: download or compress it again")
 
 
 def open_text_bytes(path: PathLike) -> IO[bytes]:
-    """Open a text data file for binary reading, decompressing gzip transparently.
+    """Open a text data file for binary reading, decompressing gzip, bzip2 and xz transparently.
 
-    A file that starts with the gzip magic bytes is read through :func:`gzip.open` (whatever
-    its name), so ``train.txt.gz`` loads like ``train.txt``; line numbers in errors are lines
-    of the decompressed text.
+    The compression is told by the file's first bytes (gzip ``1f 8b``, bzip2 ``BZh``, xz
+    ``fd 37 7a 58 5a 00``), whatever its name, so ``train.txt.gz`` / ``.bz2`` / ``.xz`` load
+    like ``train.txt``, streamed; line numbers in errors are lines of the decompressed text.
     """
     fh = open(path, "rb")
-    magic = fh.read(2)
+    magic = fh.read(6)
     fh.seek(0)
-    if magic == _GZIP_MAGIC:
+    if magic.startswith(_GZIP_MAGIC):
         fh.close()
         return gzip.open(path, "rb")  # type: ignore[return-value]
+    if magic.startswith(_BZ2_MAGIC) and len(magic) >= 4 and magic[3:4].isdigit():
+        import bz2
+
+        fh.close()
+        return bz2.open(path, "rb")  # type: ignore[return-value]
+    if magic == _XZ_MAGIC:
+        import lzma
+
+        fh.close()
+        return lzma.open(path, "rb")  # type: ignore[return-value]
     return fh
 
 
@@ -250,15 +285,19 @@ def _parse_file(
 ) -> tuple[tuple[int, ...], _Rows]:
     rows = _Rows()
     with open_text_bytes(path) as fh:
-        head = _read_header(fh, path, header) if header else ()
-        num_features, num_labels = dims_from_header(head)
-        line0 = 2 if header else 1  # 1-based file line of the first data line
-        for data in _iter_blocks(fh, block_bytes):
-            try:
-                block = parse_block(data, has_labels, num_features, num_labels)
-            except BlockError as exc:
-                raise DataFormatError(path, line0 + rows.num_lines + exc.line, exc.message) from None
-            rows.add(block)
+        try:
+            head = _read_header(fh, path, header) if header else ()
+            num_features, num_labels = dims_from_header(head)
+            line0 = 2 if header else 1  # 1-based file line of the first data line
+            for data in _iter_blocks(fh, block_bytes):
+                try:
+                    block = parse_block(data, has_labels, num_features, num_labels)
+                except BlockError as exc:
+                    raise DataFormatError(path, line0 + rows.num_lines + exc.line,
+                                          exc.message) from None
+                rows.add(block)
+        except DECOMPRESSION_ERRORS as exc:
+            raise damaged_file_error(path, exc) from None
     return head, rows
 
 
@@ -414,9 +453,38 @@ def _finish(X: sp.spmatrix, Y: sp.spmatrix, path: Path, what: str) -> tuple[sp.c
     return X, Y
 
 
-def _load_npz(path: Path) -> XMCDataset:
+def _is_scipy_npz(z: Any) -> bool:
+    """Whether an open ``.npz`` holds one matrix written by ``scipy.sparse.save_npz``."""
+    return all(k in z for k in ("data", "indices", "indptr", "shape", "format"))
+
+
+def is_single_matrix_npz(path: PathLike) -> bool:
+    """Whether ``path`` is an ``.npz`` holding one ``scipy.sparse.save_npz`` matrix (features
+    only, as PECOS writes ``X``)."""
+    p = Path(path)
+    if p.suffix.lower() != ".npz" or not p.is_file() or _npz_pair(p) is not None:
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return _is_scipy_npz(z)
+    except Exception:  # not a readable npz: the loader reports it
+        return False
+
+
+def _load_npz(path: Path, labels_from: Path | None = None) -> XMCDataset:
     pair = _npz_pair(path)
     try:
+        if labels_from is not None:  # PECOS / scipy pair under any names: X file + Y file
+            for p in (path, labels_from):
+                if not p.exists():
+                    raise DataFormatError(p, None, "no such file")
+            with np.load(path, allow_pickle=False) as z:
+                scipy_x = _is_scipy_npz(z)
+                X = None if scipy_x else _csr_from_npz(z, "X", path)
+            if X is None:
+                X = sp.load_npz(path)
+            X, Y = _finish(X, sp.load_npz(labels_from), path, "npz pair (--labels)")
+            return XMCDataset(X, Y)
         if pair is not None:
             xp, yp = pair
             for p in pair:
@@ -427,6 +495,11 @@ def _load_npz(path: Path) -> XMCDataset:
         if not path.exists():
             raise DataFormatError(path, None, "no such file")
         with np.load(path, allow_pickle=False) as z:
+            if _is_scipy_npz(z):
+                raise DataFormatError(
+                    path, None, "holds one scipy sparse matrix (features only); pass its label "
+                    "matrix too: load(X, labels_from=Y) / --labels Y.npz, or name the pair "
+                    "<prefix>_X.npz / <prefix>_Y.npz")
             X, Y = _finish(_csr_from_npz(z, "X", path), _csr_from_npz(z, "Y", path), path, "npz")
             names = [str(s) for s in z["label_names"]] if "label_names" in z else None
             fnames = [str(s) for s in z["feature_names"]] if "feature_names" in z else None
@@ -571,6 +644,7 @@ def load(
     zero_based: bool | str = "auto",
     num_features: int | None = None,
     num_labels: int | None = None,
+    labels_from: PathLike | None = None,
 ) -> XMCDataset:
     """Read a multi-label data set.
 
@@ -585,6 +659,9 @@ def load(
         zero_based: svmlight only: feature ids are 0-based (``True``), 1-based (``False``) or
             ``"auto"`` (1-based unless some feature id is 0), as in scikit-learn.
         num_features, num_labels: svmlight only: dimensions (default: largest id + 1).
+        labels_from: npz only: the label matrix ``Y`` of ``path`` in its own file (a pair
+            written by ``scipy.sparse.save_npz`` / PECOS ``smat_util`` under any names,
+            ``--data X.npz --labels Y.npz``); ``path`` holds ``X``.
 
     Returns:
         ``XMCDataset`` with ``X`` csr float32 ``[N, D]`` (sorted indices) and binary ``Y`` csr
@@ -595,11 +672,20 @@ def load(
     """
     p = Path(path)
     if fmt is None:
+        from .text import text_format
+
+        if text_format(p) is not None:
+            raise DataFormatError(p, None, "holds raw text records, not feature vectors: give it "
+                                  "to xmc train / eval / predict (they featurize it), or read it "
+                                  "with xmc_toolkit.data.text.read_text")
         fmt = infer_format(p)
     elif fmt not in FORMATS:
         raise DataFormatError(p, None, f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)} (--fmt)")
     if fmt not in ("xc-split", "npz") and not p.is_file():
         raise DataFormatError(p, None, "no such file")
+    if labels_from is not None and fmt != "npz":
+        raise DataFormatError(p, None, f"a separate label file (--labels) applies only to .npz "
+                              f"feature matrices; {fmt} files hold their labels")
     logger.info("loading %s as %s", p, fmt)
     if fmt == "xc":
         ds = _load_xc(p)
@@ -608,7 +694,7 @@ def load(
     elif fmt == "svmlight":
         ds = _load_svmlight(p, zero_based, num_features, num_labels)
     elif fmt == "npz":
-        ds = _load_npz(p)
+        ds = _load_npz(p, None if labels_from is None else Path(labels_from))
     else:
         X, Y, names, fnames = read_arff(p, label_xml)
         ds = XMCDataset(X, Y, names, fnames)

@@ -1,13 +1,16 @@
 """Prediction files: the top-k label ids (and scores) of each point, best first (numpy only).
 
-Two formats, chosen by the file suffix:
+Three formats, chosen by the file suffix:
 
-* **text** (any suffix but ``.jsonl``): one line per point, ``id:score id:score ...`` or just
+* **text** (any suffix but ``.jsonl`` / ``.npz``): one line per point, ``id:score id:score ...`` or just
   ``id id ...``, best first. An empty line is a point without predictions. Every line of a file
   uses the same style (all with scores or all without).
 * **JSONL** (``.jsonl``): one JSON object per line,
   ``{"ids": [3, 7], "scores": [0.9, 0.2], "labels": ["cs.LG", "stat.ML"]}``; ``scores`` and
   ``labels`` are optional (``labels`` is informative and ignored by the reader).
+* **CSR** (``.npz``): ``scipy.sparse.save_npz`` of the ``[N, L]`` matrix holding each point's
+  scores at its predicted label ids, the layout PECOS ``smat_util.load_matrix`` and pyxclib read;
+  on reading, each row is ranked by decreasing value.
 
 In memory, ``ids`` is int64 ``[N, kmax]`` padded with ``-1`` and ``scores`` float32
 ``[N, kmax]`` padded with ``-inf`` (or ``None`` when the file has no scores).
@@ -15,6 +18,7 @@ In memory, ``ids`` is int64 ``[N, kmax]`` padded with ``-1`` and ``scores`` floa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +32,7 @@ import numpy as np
 
 from xmc_toolkit.errors import DataFormatError
 
-__all__ = ["write_predictions", "read_predictions", "is_jsonl"]
+__all__ = ["write_predictions", "read_predictions", "is_jsonl", "is_npz", "jsonl_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,63 @@ PathType = str | PathLike[str]
 def is_jsonl(path: PathType) -> bool:
     """Whether ``path`` names a JSONL prediction file (suffix ``.jsonl``)."""
     return Path(path).suffix.lower() == ".jsonl"
+
+
+def is_npz(path: PathType) -> bool:
+    """Whether ``path`` names a CSR score-matrix prediction file (suffix ``.npz``)."""
+    return Path(path).suffix.lower() == ".npz"
+
+
+def _write_npz(path: Path, ids: np.ndarray, scores: np.ndarray | None,
+               num_labels: int | None) -> None:
+    """``scipy.sparse.save_npz`` of the ``[N, L]`` CSR matrix holding each row's scores at
+    its predicted ids (1.0 without scores), written atomically."""
+    import scipy.sparse as sp
+
+    valid = ids >= 0  # [N, k]
+    L = int(num_labels) if num_labels is not None else (int(ids.max()) + 1 if valid.any() else 0)
+    if valid.any() and int(ids.max()) >= L:
+        raise DataFormatError(path, None, f"cannot write predictions: label id {int(ids.max())}"
+                              f" >= num_labels={L}")
+    indptr = np.concatenate(([0], np.cumsum(valid.sum(axis=1)))).astype(np.int64)
+    data = (np.ones(int(valid.sum()), np.float32) if scores is None
+            else scores[valid].astype(np.float32))
+    M = sp.csr_matrix((data, ids[valid].astype(np.int32), indptr), shape=(ids.shape[0], L))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        sp.save_npz(tmp, M, compressed=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """ids int64 ``[N, kmax]`` (-1 padded) and scores float32 (-inf padded) of a CSR score
+    matrix, each row sorted by decreasing score (ties by increasing id)."""
+    import scipy.sparse as sp
+
+    try:
+        M = sp.csr_matrix(sp.load_npz(path), dtype=np.float32)
+    except Exception as exc:  # zip / format errors of many kinds
+        raise DataFormatError(path, None, f"not a scipy sparse .npz prediction matrix ({exc})"
+                              ) from None
+    M.sum_duplicates()
+    counts = np.diff(M.indptr)  # [N]
+    n, kmax = M.shape[0], int(counts.max()) if M.shape[0] else 0
+    rows = np.repeat(np.arange(n), counts)  # [nnz]
+    order = np.lexsort((M.indices, -M.data, rows))  # by row, then score desc, then id
+    cols = np.arange(M.nnz) - np.repeat(M.indptr[:-1], counts)  # rank inside the row
+    ids = np.full((n, kmax), -1, dtype=np.int64)
+    scores = np.full((n, kmax), -np.inf, dtype=np.float32)
+    ids[rows, cols] = M.indices[order]
+    scores[rows, cols] = M.data[order]
+    if not np.all(np.isfinite(M.data)):
+        raise DataFormatError(path, None, "the prediction matrix holds NaN or infinite scores")
+    return ids, scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,15 +146,74 @@ def _atomic_write(path: Path, lines: list[str]) -> None:
         raise
 
 
+def jsonl_lines(ids: np.ndarray, scores: np.ndarray | None = None,
+                label_names: Sequence[str] | None = None, *, path: PathType | None = None,
+                extra: Sequence[dict[str, object]] | None = None) -> list[str]:
+    """The JSONL prediction lines (each ending in ``\\n``) of ``N`` points, best first.
+
+    Args:
+        ids: int ``[N, k]`` label ids, ``-1`` = padding (left out).
+        scores: float ``[N, k]`` or ``None``.
+        label_names: the ``L`` names, written as ``"labels"``.
+        path: the file name for error messages.
+        extra: ``N`` dicts of more fields per line (e.g. ``{"probabilities": [...]}``), each
+            list as long as the row's predictions is cut like ``ids``.
+
+    Raises:
+        DataFormatError: inconsistent shapes, NaN scores, ids without a name.
+    """
+    p = Path(path) if path is not None else Path("<predictions>")
+    ids_a, sc = _check_arrays(p, ids, scores)
+    valid = ids_a >= 0  # [N, k]
+    names = None
+    if label_names is not None:
+        names = list(label_names)
+        if valid.any() and int(ids_a.max()) >= len(names):
+            raise DataFormatError(
+                path, None,
+                f"label id {int(ids_a.max())} has no name: label_names has {len(names)} entries",
+            )
+    lines: list[str] = []
+    for i in range(ids_a.shape[0]):
+        keep = valid[i]
+        row = ids_a[i][keep].tolist()
+        obj: dict[str, object] = {"ids": row}
+        if sc is not None:
+            # str(np.float32) is the shortest text that reads back to the same float32.
+            obj["scores"] = [float(str(v)) for v in sc[i][keep]]
+        if names is not None:
+            obj["labels"] = [names[j] for j in row]
+        if extra is not None:
+            for key, value in extra[i].items():
+                if isinstance(value, (list, np.ndarray)):
+                    obj[key] = [_plain(value[j]) for j in np.flatnonzero(keep)]
+                else:
+                    obj[key] = _plain(value)
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    return lines
+
+
+def _plain(v: object) -> object:
+    """numpy scalars as Python numbers (float32 by its shortest round-trip text)."""
+    if isinstance(v, np.floating):
+        return float(str(np.float32(v)))
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
 def write_predictions(
     path: PathType,
     ids: np.ndarray,
     scores: np.ndarray | None = None,
     label_names: Sequence[str] | None = None,
+    extra: Sequence[dict[str, object]] | None = None,
+    num_labels: int | None = None,
 ) -> None:
     """Write the top-k predictions of ``N`` points, one line per point, best first.
 
-    The format follows the suffix (``.jsonl`` -> JSONL, otherwise text). Entries with id
+    The format follows the suffix (``.jsonl`` -> JSONL, ``.npz`` -> a scipy CSR score matrix
+    ``[N, L]`` as PECOS ``smat_util`` / pyxclib read it, otherwise text). Entries with id
     ``-1`` (padding) are left out. The file is written atomically (temporary file + rename).
 
     Args:
@@ -102,6 +222,9 @@ def write_predictions(
         scores: float ``[N, k]`` scores of ``ids`` or ``None`` to write ids only.
         label_names: the ``L`` label names; written as ``"labels"`` in JSONL files (text
             files carry ids only and ignore them).
+        extra: JSONL only: ``N`` dicts of more fields per line (see :func:`jsonl_lines`).
+        num_labels: ``.npz`` only: the column count ``L`` (default: ``len(label_names)``, else
+            the largest id + 1).
 
     Raises:
         DataFormatError: (line ``None``) on inconsistent shapes, non-integer ids, NaN scores
@@ -109,6 +232,10 @@ def write_predictions(
     """
     path = Path(path)
     ids_a, sc = _check_arrays(path, ids, scores)
+    if is_npz(path):
+        _write_npz(path, ids_a, sc, num_labels if num_labels is not None else (
+            len(label_names) if label_names is not None else None))
+        return
     n, k = ids_a.shape
     valid = ids_a >= 0  # [N, k]
     counts = valid.sum(axis=1)  # [N]
@@ -119,24 +246,7 @@ def write_predictions(
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     lines: list[str] = []
     if is_jsonl(path):
-        names = None
-        if label_names is not None:
-            names = list(label_names)
-            if valid.any() and int(ids_a.max()) >= len(names):
-                raise DataFormatError(
-                    path,
-                    None,
-                    f"label id {int(ids_a.max())} has no name: label_names has {len(names)} "
-                    "entries",
-                )
-        for i in range(n):
-            a, b = bounds[i], bounds[i + 1]
-            obj: dict[str, object] = {"ids": flat_ids[a:b]}
-            if flat_sc is not None:
-                obj["scores"] = [float(v) for v in flat_sc[a:b]]
-            if names is not None:
-                obj["labels"] = [names[j] for j in flat_ids[a:b]]
-            lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+        lines = jsonl_lines(ids_a, sc, label_names, path=path, extra=extra)
     else:
         if label_names is not None:
             logger.debug("text prediction files carry ids only; label_names not written")
@@ -261,7 +371,8 @@ def read_predictions(
     """Read a prediction file written by :func:`write_predictions` (or by hand).
 
     Args:
-        path: a text or ``.jsonl`` prediction file.
+        path: a text, ``.jsonl`` or ``.npz`` (CSR score matrix ``[N, L]``, e.g. from PECOS;
+            rows are ranked by decreasing value) prediction file.
         sort_by_score: reorder each line by decreasing score instead of rejecting lines whose
             scores are not sorted best first.
 
@@ -277,6 +388,8 @@ def read_predictions(
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, None, "prediction file not found (check --predictions)")
+    if is_npz(path):
+        return _read_npz(path)
     ids_rows, score_rows = _parse_jsonl(path) if is_jsonl(path) else _parse_text(path)
     n = len(ids_rows)
     counts = np.fromiter((len(r) for r in ids_rows), dtype=np.int64, count=n)  # [N]

@@ -1,0 +1,170 @@
+"""Data files as a model sees them: raw text (JSONL/TSV/CSV) or feature vectors (XC, svmlight, ...).
+
+* :func:`load_training_data`: a training file -> ``XMCDataset`` (+ the featurizer fitted on its
+  texts when it is a text file; label ids are the sorted label names).
+* :func:`load_for_model`: a file to evaluate or predict -> ``XMCDataset`` in the model's
+  feature and label space (texts through the model's featurizer, labels by name; feature
+  files checked, or fixed with ``ignore_extra``, by :func:`~xmc_toolkit.evaluate.align_dataset`).
+* :func:`featurize_texts`: texts -> the model's feature rows.
+
+Text files are recognised by their name (``.jsonl``, ``.ndjson``, ``.tsv``, ``.csv``, each
+optionally ``.gz``/``.bz2``/``.xz``); everything else goes to :func:`xmc_toolkit.data.load`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .data.dataset import XMCDataset
+from .data.text import label_vocabulary, read_text, text_dataset, text_format
+from .errors import XMCError
+from .featurizer import Featurizer, FeaturizerConfig
+
+__all__ = ["TextFields", "is_text_file", "load_training_data", "load_validation_data",
+           "load_for_model", "featurize_texts"]
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class TextFields:
+    """Where a text file keeps its parts (``--text-field``, ``--label-field``, ``--label-sep``).
+
+    Attributes:
+        text_field: JSON field / column of the text.
+        label_field: JSON field (list of strings) / column of the labels.
+        label_sep: TSV/CSV: separator of the labels inside their column.
+    """
+
+    text_field: str = "text"
+    label_field: str = "labels"
+    label_sep: str = "|"
+
+
+def is_text_file(path: PathLike) -> bool:
+    """Whether ``path`` is read as raw text (by its name)."""
+    return text_format(path) is not None
+
+
+def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = None, *,
+                       fields: TextFields = TextFields(),
+                       label_names_from: PathLike | None = None,
+                       labels_from: PathLike | None = None
+                       ) -> tuple[XMCDataset, Featurizer | None]:
+    """Read a training file; fit the featurizer on it when it is a text file.
+
+    Args:
+        path: the training data (text or any feature-vector format).
+        featurizer: featurizer settings (text files only; default :class:`FeaturizerConfig`).
+        fields: field names of a text file.
+        label_names_from: feature-vector formats only: a file of label names, one a line in
+            label-id order (stored with the model).
+        labels_from: ``.npz`` features only: the label matrix in its own ``.npz`` file.
+
+    Returns:
+        ``(dataset, featurizer)``; ``featurizer`` is ``None`` for feature-vector data.
+    """
+    if is_text_file(path):
+        if label_names_from is not None or labels_from is not None:
+            raise XMCError(f"{path}: a text data set holds and names its labels itself; drop "
+                           "--label-names / --labels")
+        data = read_text(path, text_field=fields.text_field, label_field=fields.label_field,
+                         label_sep=fields.label_sep)
+        feat = Featurizer.fit(data.texts, featurizer)
+        ds = text_dataset(data, feat, label_vocabulary(data.labels or []))
+        ds.feature_names = feat.feature_names
+        return ds, feat
+    if featurizer is not None:
+        raise XMCError(f"{path} holds feature vectors, not text: the featurizer settings apply "
+                       "only to .jsonl/.tsv/.csv data")
+    from .data import load
+
+    return load(path, label_names_from=label_names_from, labels_from=labels_from), None
+
+
+def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featurizer | None, *,
+                         fields: TextFields = TextFields()) -> XMCDataset:
+    """Read validation data in the space of the training data ``train``.
+
+    Text goes through the training featurizer and the training label names; validation labels
+    that no training record has are dropped (their count is logged): the model cannot predict
+    them. Feature-vector files are read as they are (the trainer checks their dimensions).
+    """
+    if featurizer is None:
+        if is_text_file(path):
+            raise XMCError(f"{path} is raw text but the training data holds feature vectors; "
+                           "pass validation data in the training data's format")
+        from .data import load
+
+        return load(path)
+    space = SimpleNamespace(featurizer=featurizer, label_names=train.label_names or [],
+                            num_features=train.num_features, num_labels=train.num_labels)
+    return load_for_model(path, space, ignore_extra=True, fields=fields)
+
+
+def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
+                   labels_required: bool = True, fields: TextFields = TextFields(),
+                   labels_from: PathLike | None = None) -> XMCDataset:
+    """Read ``path`` in the feature and label space of ``model`` (a ``LoadedModel``).
+
+    Text files go through the model's featurizer and their labels are matched by name
+    (unknown ones are an error, or dropped and counted with ``ignore_extra``); feature files
+    must have the model's dimensions (or are cut/padded with ``ignore_extra``). With
+    ``labels_required=False`` (prediction) the labels of the file play no part, and an
+    ``.npz`` holding only a feature matrix is accepted. ``labels_from``: the label ``.npz`` of
+    an ``.npz`` feature matrix.
+
+    Raises:
+        XMCError: a text file for a model trained on feature vectors.
+        DataFormatError: bad records, unknown labels, other dimensions.
+    """
+    from .evaluate import align_dataset
+
+    if is_text_file(path):
+        if model.featurizer is None:
+            raise XMCError(f"{path} is raw text but this model was trained on feature vectors "
+                           "(it has no featurizer); pass data in its feature format, or train "
+                           "on text (xmc train --data train.jsonl)")
+        data = read_text(path, text_field=fields.text_field, label_field=fields.label_field,
+                         label_sep=fields.label_sep, labels_required=labels_required)
+        if not labels_required:  # prediction: the file's labels play no part
+            data.labels = None
+        return text_dataset(data, model.featurizer, model.label_names or [],
+                            ignore_extra=ignore_extra)
+    from .data import load
+    from .data.formats import is_single_matrix_npz
+
+    if not labels_required and labels_from is None and is_single_matrix_npz(path):
+        X = sp.csr_matrix(sp.load_npz(path), dtype=np.float32)
+        ds = XMCDataset(X, sp.csr_matrix((X.shape[0], model.num_labels), dtype=np.float32))
+    else:
+        ds = load(path, labels_from=labels_from)
+    if not labels_required:  # prediction: the file's labels play no part
+        ds.Y = sp.csr_matrix((ds.num_points, model.num_labels), dtype=np.float32)
+    return align_dataset(ds, model.num_features, model.num_labels, ignore_extra=ignore_extra,
+                         path=str(path))
+
+
+def featurize_texts(model: Any, texts: Sequence[str]) -> sp.csr_matrix:
+    """The feature rows ``[len(texts), D]`` of raw texts under ``model``'s featurizer.
+
+    Raises:
+        XMCError: the model was trained on feature vectors (it has no featurizer).
+    """
+    if model.featurizer is None:
+        raise XMCError("this model was trained on feature vectors and has no featurizer; "
+                       "predict from feature rows, or train on text (xmc train --data "
+                       "train.jsonl)")
+    if isinstance(texts, str):
+        raise XMCError("expected a list of texts, got one string: wrap it in [ ]")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise XMCError(f"text {bad[0]} is {type(texts[bad[0]]).__name__}, not a string")
+    return model.featurizer.transform(list(texts))
