@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ._fileio import atomic_write
 from .errors import DataFormatError, XMCError
 
 __all__ = [
@@ -77,18 +77,6 @@ def _check_suffix(path: Path) -> None:
         )
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export_embeddings(
     embeddings: torch.Tensor | np.ndarray,
     path: str | os.PathLike[str],
@@ -129,9 +117,8 @@ def export_embeddings(
         names = [str(n) for n in names]
         if len(names) != E.shape[0]:
             raise XMCError(f"got {len(names)} names for {E.shape[0]} embeddings; pass one per row")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        _atomic(path, lambda p: np.save(p, E, allow_pickle=False))
+        atomic_write(path, lambda p: np.save(p, E, allow_pickle=False), make_parents=True)
     else:
         header = {str(k): str(v) for k, v in (metadata or {}).items()}
         header.update(
@@ -141,11 +128,12 @@ def export_embeddings(
             normalized=str(bool(normalize)).lower(),
             has_names=str(names is not None).lower(),
         )
-        _atomic(path, lambda p: save_file({"embeddings": E}, str(p), metadata=header))
+        atomic_write(path, lambda p: save_file({"embeddings": E}, str(p), metadata=header),
+                     make_parents=True)
     side = names_path(path)
     if names is not None:
         data = json.dumps(names, ensure_ascii=False).encode("utf-8")
-        _atomic(side, lambda p: p.write_bytes(data))
+        atomic_write(side, lambda p: p.write_bytes(data))
     logger.info("exported %d x %d embeddings to %s", E.shape[0], E.shape[1], path)
     return path
 

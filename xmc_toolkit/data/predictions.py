@@ -19,13 +19,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 
+from xmc_toolkit._fileio import atomic_write_text
 from xmc_toolkit.errors import DataFormatError
 
 __all__ = ["write_predictions", "read_predictions", "is_jsonl"]
@@ -67,22 +67,6 @@ def _check_arrays(
     if np.isnan(sc[ids_a >= 0]).any():
         raise bad("scores contain NaN; the model diverged or the scores are corrupt")
     return ids_a, sc
-
-
-def _atomic_write(path: Path, lines: list[str]) -> None:
-    """Write ``lines`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_predictions(
@@ -145,7 +129,7 @@ def write_predictions(
         else:
             tokens = [f"{i}:{v}" for i, v in zip(flat_ids, flat_sc)]
         lines = [" ".join(tokens[bounds[i] : bounds[i + 1]]) + "\n" for i in range(n)]
-    _atomic_write(path, lines)
+    atomic_write_text(path, "".join(lines), make_parents=True)
     logger.info("wrote predictions of %d points (k=%d) to %s", n, k, path)
 
 
