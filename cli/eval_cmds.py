@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cli._format import metrics_json, metrics_lines, metrics_table
-from xmc_toolkit.errors import XMCError
+from cli._options import no_verify_option, zero_based, zero_based_option
 
 __all__ = ["COMMANDS", "eval_"]
 
@@ -30,11 +30,9 @@ _DATA = click.Path(path_type=Path)
 
 def _load_labels(path: Path) -> Any:
     """Labels ``Y`` csr ``[N, L]`` of any file supported by ``xmc_toolkit.data.load``."""
-    try:
-        from xmc_toolkit.data.formats import load
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while formats.py is missing
-        raise XMCError(f"cannot read {path}: the data loader is unavailable ({exc})") from exc
-    return load(path).Y
+    from cli._options import load_data
+
+    return load_data(path).Y
 
 
 def _evaluate_predictions(
@@ -93,6 +91,7 @@ def _evaluate_model(
     chunk_size: int | None,
     ignore_extra: bool,
     show_progress: bool,
+    verify: bool = True,
 ) -> dict[str, Any]:
     from xmc_toolkit.evaluate import evaluate_model_dir  # lazy: imports torch
 
@@ -101,6 +100,8 @@ def _evaluate_model(
         "device": device,
         "ignore_extra": ignore_extra,
         "show_progress": show_progress,
+        "verify": verify,
+        "zero_based": zero_based(),
     }
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
@@ -138,6 +139,8 @@ def _evaluate_model(
 @click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Report metrics at 1..k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fractions).")
+@no_verify_option
+@zero_based_option
 def eval_(
     predictions: Path | None,
     labels: Path | None,
@@ -152,6 +155,7 @@ def eval_(
     ignore_extra: bool,
     k: int,
     as_json: bool,
+    no_verify: bool,
 ) -> None:
     """Evaluate predictions: P@k, nDCG@k, PSP@k, PSnDCG@k, R@k for k = 1..K.
 
@@ -188,7 +192,7 @@ def eval_(
             raise click.UsageError("--model needs --data (the test data set)")
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
-            show_progress=not as_json and sys.stderr.isatty(),
+            show_progress=not as_json and sys.stderr.isatty(), verify=not no_verify,
         )
     ks = range(1, k + 1)
     if as_json:

@@ -16,13 +16,30 @@ from typing import Any
 
 import click
 
+from cli._options import load_data, no_verify_option, zero_based, zero_based_option
 from xmc_toolkit.errors import ConfigError
 
 __all__ = ["COMMANDS", "train", "predict", "export"]
 
 _DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 _MODEL = click.Path(path_type=Path)
-RUN_FILE = "run.json"
+RUN_FILE = "run.json"  # data paths and config of a run in its --out directory (for --resume)
+
+
+def _read_run(resume: Path) -> dict[str, Any]:
+    """``run.json`` of a ``--resume`` directory, checked."""
+    run_file = resume / RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError(f"{str(resume)!r} is not a training run directory ({RUN_FILE} is "
+                          "missing); pass the --out directory of an earlier `xmc train`")
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(run, dict) or not isinstance(run.get("config", {}), dict):
+            raise ValueError("not a JSON object with a 'config' object")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(run_file)!r} is unreadable ({exc}); it is written by `xmc "
+                          "train`: restore it, or start a new run with --out") from exc
+    return run
 
 
 def _config_cls() -> Any:
@@ -76,15 +93,19 @@ def _config_options(func: Any) -> Any:
               help="JSON file of TrainConfig values (flags override it).")
 @click.option("--resume", "resume", type=_MODEL, default=None,
               help="Continue the interrupted run in this directory exactly (same data/config).")
+@click.option("--force", is_flag=True,
+              help="Replace the model in a non-empty --out (its checkpoints and logs are "
+                   "removed first), or --resume on data that changed since the checkpoint.")
 @click.option("--print-config", is_flag=True,
               help="Print the merged config (every default) as JSON and exit.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@zero_based_option
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
-          resume: Path | None, print_config: bool, progress: bool | None, as_json: bool,
-          **flags: Any) -> None:
+          resume: Path | None, force: bool, print_config: bool, progress: bool | None,
+          as_json: bool, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
     \b
@@ -92,16 +113,21 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     xmc train --data train.txt --out runs/big --loss sampled --sampler midx --negatives 32
     xmc train --resume runs/big                         # continue an interrupted run
     xmc train --print-config > cfg.json; xmc train --config cfg.json --data train.txt --out r
+
+    \b
+    --out must be new or empty: a directory holding a model is refused unless --force
+    (replace it) or --resume (continue it). The directory is locked while training; a second
+    `xmc train` into it fails at once, naming the first one's pid. A refused command changes
+    nothing on disk.
     """
     TrainConfig = _config_cls()
     base = TrainConfig()
     run: dict[str, Any] = {}
+    base_choice = zero_based()
     if resume is not None:
-        run_file = resume / RUN_FILE
-        if not run_file.is_file():
-            raise ConfigError(f"{str(resume)!r} is not a training run directory ({RUN_FILE} is "
-                              "missing); pass the --out directory of an earlier `xmc train`")
-        run = json.loads(run_file.read_text())
+        run = _read_run(resume)
+        if base_choice == "auto" and run.get("zero_based") in (True, False):
+            base_choice = run["zero_based"]
         saved = dict(run.get("config", {}))
         saved.pop("max_steps", None)  # a pause point of the earlier call, not of this one
         base = base.merged(saved, validate=False)
@@ -122,34 +148,49 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     if out is None:
         raise click.UsageError("--out is required (the model directory to write)")
 
+    from xmc_toolkit._fileio import OutputLock, atomic_write_text
     from xmc_toolkit.data import load
-    from xmc_toolkit.train import Trainer
+    from xmc_toolkit.train import Trainer, TrainingInterrupted, prepare_output_dir
 
-    train_ds = load(data)
+    train_ds = load(data, zero_based=base_choice)
     # every config problem, data-dependent ones included, at once and before any work
     cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
-    val_ds = load(val) if val is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps({
-        "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
-        "config": cfg.to_dict()}, indent=2))
+    val_ds = load(val, zero_based=base_choice) if val is not None else None
     show = sys.stderr.isatty() if progress is None else progress
-    from xmc_toolkit.train import TrainingInterrupted
+    run_doc = json.dumps({
+        "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
+        "zero_based": None if base_choice == "auto" else base_choice,
+        "config": cfg.to_dict()}, indent=2)
 
-    try:
-        result = Trainer(cfg, out_dir=out).fit(train_ds, val_ds, show_progress=show,
-                                               resume=resume is not None)
-    except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
-        click.echo(str(exc), err=True)
-        sys.exit(130)
+    def write_run(event: str, payload: dict[str, Any]) -> None:
+        # written once training is accepted (a resume's config and data are checked first), so
+        # a refused command leaves run.json as it was
+        if event == "train_begin":
+            atomic_write_text(out / RUN_FILE, run_doc)
+
+    with OutputLock(out, what="`xmc train`"):
+        if resume is None:
+            prepare_output_dir(out, force=force)
+        try:
+            result = Trainer(cfg, out_dir=out, callbacks=[write_run]).fit(
+                train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
+        except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
+            click.echo(str(exc), err=True)
+            sys.exit(130)
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early,
                "final_loss": result.history[-1]["loss"] if result.history else None,
                "val": result.best}
+    summary["paused"] = result.paused
     if as_json:
         click.echo(json.dumps(summary))
+        return
+    if result.paused:
+        click.echo(f"paused at step {result.steps} (--max-steps {cfg.max_steps}) after "
+                   f"{summary['epochs']} complete epoch(s); checkpoint saved: continue with "
+                   f"xmc train --resume {out}")
         return
     click.echo(f"trained {summary['epochs']} epochs ({result.steps} steps, "
                f"{result.seconds:.1f} s), loss={result.loss}"
@@ -188,21 +229,25 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 @click.option("--ignore-extra", is_flag=True,
               help="Drop features/labels the model does not know instead of failing.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
+@no_verify_option
+@zero_based_option
 def predict(model: Path, data: Path, topk: int, out: Path, approx: bool, num_cells: int,
-            device: str, chunk_size: int, ignore_extra: bool, progress: bool | None) -> None:
+            device: str, chunk_size: int, ignore_extra: bool, progress: bool | None,
+            no_verify: bool) -> None:
     """Write the top-k labels of every point of --data.
 
     \b
     xmc predict --model runs/bibtex --data test.txt --topk 5 --out pred.jsonl
     xmc predict --model runs/big --data test.txt --out pred.txt --approx
     """
-    from xmc_toolkit.data.predictions import write_predictions
+    from xmc_toolkit.data.predictions import check_predictions_path, write_predictions
     from xmc_toolkit.evaluate import predict_model_dir
 
+    check_predictions_path(out)  # before the work, not after it
     show = sys.stderr.isatty() if progress is None else progress
     res = predict_model_dir(model, data, topk, approx=approx, num_cells=num_cells, device=device,
                             chunk_size=chunk_size, ignore_extra=ignore_extra,
-                            show_progress=show)
+                            show_progress=show, verify=not no_verify, zero_based=zero_based())
     write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"])
     click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
     if res["recall_vs_exact"] is not None:
@@ -218,12 +263,15 @@ def predict(model: Path, data: Path, topk: int, out: Path, approx: bool, num_cel
               help="Output file, .safetensors or .npy.")
 @click.option("--normalize", is_flag=True, help="L2-normalize rows (cosine search).")
 @click.option("--fold-bias", is_flag=True,
-              help="Labels: append the bias as a last column (pair with queries + a column of 1).")
+              help="Append a last column: labels get their bias, instances a 1, so that the "
+                   "inner product of the two includes the bias.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--ignore-extra", is_flag=True,
               help="Drop features the model does not know instead of failing (instances).")
+@no_verify_option
+@zero_based_option
 def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool,
-           fold_bias: bool, device: str, ignore_extra: bool) -> None:
+           fold_bias: bool, device: str, ignore_extra: bool, no_verify: bool) -> None:
     """Export label or instance embeddings for nearest-neighbour libraries.
 
     \b
@@ -237,7 +285,10 @@ def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool
         raise click.UsageError("--what instances needs --data")
     if what == "labels" and data is not None:
         raise click.UsageError("--data applies only with --what instances")
-    m = XMCModel.load(model, device=device)
+    from xmc_toolkit.export import check_export_path
+
+    check_export_path(out)  # before the work, not after it
+    m = XMCModel.load(model, device=device, verify=not no_verify)
     names = None
     if what == "labels":
         emb = m.label_embeddings()
@@ -247,14 +298,17 @@ def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool
             emb = fold(emb, m.label_bias())
         names = m.label_names
     else:
-        from xmc_toolkit.data import load
         from xmc_toolkit.evaluate import align_dataset
 
         fitted = m.fitted
-        ds = load(data)  # only the feature space matters for instance embeddings
+        ds = load_data(data)  # only the feature space matters for instance embeddings
         ds = align_dataset(ds, fitted.num_features, ds.num_labels, ignore_extra=ignore_extra,
                            path=str(data))
         emb = m.encode(ds.X)
+        if fold_bias:
+            from xmc_toolkit.export import augment_queries
+
+            emb = augment_queries(emb)
     path = export_embeddings(emb, out, normalize=normalize, names=names,
                              metadata={"what": what, "model": str(model)})
     click.echo(f"wrote {emb.shape[0]} x {emb.shape[1]} {what} embeddings to {path}")

@@ -25,7 +25,7 @@ from types import TracebackType
 from .errors import OutputError
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file",
-           "fsync_dir", "output_error", "OutputLock", "LOCK_FILE"]
+           "fsync_dir", "set_default_mode", "output_error", "OutputLock", "LOCK_FILE"]
 
 LOCK_FILE = ".xmc.lock"
 
@@ -52,6 +52,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def set_default_mode(path: str | os.PathLike[str]) -> None:
+    """Give a file written by a library that creates 0600 files (safetensors, ``mkstemp``)
+    the mode of an ordinary new file, ``0666 & ~umask``."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -88,7 +94,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
         if make_parents:
             path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        set_default_mode(tmp)
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())

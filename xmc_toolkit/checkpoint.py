@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._fileio import atomic_write_bytes, fsync_dir, output_error, sha256_file
+from ._fileio import atomic_write_bytes, fsync_dir, output_error, set_default_mode, sha256_file
 from .errors import CheckpointError, ConfigError, OutputError
 
 __all__ = [
@@ -194,6 +194,7 @@ def _save_checkpoint(root: Path, tensors: Mapping[str, Mapping[str, torch.Tensor
             fname = f"{group}.safetensors"
             tmp = stage / f".{fname}.tmp"
             save_file(prepared, str(tmp), metadata={"format": FORMAT, "group": group})
+            set_default_mode(tmp)  # safetensors creates 0600 files
             _fsync_file(tmp)
             os.replace(tmp, stage / fname)
             files[fname] = {

@@ -154,28 +154,33 @@ def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
     return {key: float(v) for key, v in res.items()}
 
 
-def _load_data(data_path: str | os.PathLike[str]) -> XMCDataset:
+def _load_data(data_path: str | os.PathLike[str], zero_based: bool | str = "auto"
+               ) -> XMCDataset:
     from .data import load
 
-    return load(data_path)
+    return load(data_path, zero_based=zero_based)
 
 
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], *,
                        ks: tuple[int, ...] = (1, 3, 5), device: str = "auto",
                        chunk_size: int = 65536, ignore_extra: bool = False,
-                       show_progress: bool = False) -> dict[str, float]:
+                       show_progress: bool = False, verify: bool = True,
+                       zero_based: bool | str = "auto") -> dict[str, float]:
     """Evaluate the model in ``model_dir`` on the data file ``data_path`` (exact top-k).
 
     Returns:
         ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ..., "num_rows_evaluated": ...}``; metric
         values are fractions in ``[0, 1]``.
 
+    ``verify=False`` skips the checksum pass over the model files (``--no-verify``);
+    ``zero_based`` is the svmlight id base of ``data_path`` (:func:`xmc_toolkit.data.load`).
+
     Raises:
-        CheckpointError: ``model_dir`` is not a model directory.
+        CheckpointError: ``model_dir`` is not a model directory (or a file is corrupt).
         DataFormatError: the data does not match the model (see ``ignore_extra``).
     """
-    model = load_model_dir(model_dir, device=device)
-    ds = align_dataset(_load_data(data_path), model.num_features, model.num_labels,
+    model = load_model_dir(model_dir, device=device, verify=verify)
+    ds = align_dataset(_load_data(data_path, zero_based), model.num_features, model.num_labels,
                        ignore_extra=ignore_extra, path=str(data_path))
     return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
                           show_progress=show_progress)
@@ -184,18 +189,20 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
 def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], k: int,
                       *, approx: bool = False, num_cells: int = 16, device: str = "auto",
                       chunk_size: int = 65536, ignore_extra: bool = False,
-                      show_progress: bool = False) -> dict[str, Any]:
+                      show_progress: bool = False, verify: bool = True,
+                      zero_based: bool | str = "auto") -> dict[str, Any]:
     """Top-k predictions of the model in ``model_dir`` for the rows of ``data_path``.
 
     Returns:
         ``{"ids": int64 [N, k], "scores": float32 [N, k], "label_names": list | None,
         "recall_vs_exact": float | None}``; the last is the overlap of the approximate top-k
-        with the exact top-k (only with ``approx``).
+        with the exact top-k (only with ``approx``). ``verify`` / ``zero_based`` as in
+        :func:`evaluate_model_dir`.
     """
     from .output_layer import recall_at_k_vs_exact
 
-    model = load_model_dir(model_dir, device=device)
-    ds = align_dataset(_load_data(data_path), model.num_features, model.num_labels,
+    model = load_model_dir(model_dir, device=device, verify=verify)
+    ds = align_dataset(_load_data(data_path, zero_based), model.num_features, model.num_labels,
                        ignore_extra=ignore_extra, path=str(data_path))
     ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
                                num_cells=num_cells, show_progress=show_progress)

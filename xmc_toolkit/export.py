@@ -35,6 +35,7 @@ from ._fileio import atomic_write
 from .errors import DataFormatError, XMCError
 
 __all__ = [
+    "check_export_path",
     "EXPORT_FORMAT",
     "LoadedEmbeddings",
     "export_embeddings",
@@ -68,6 +69,14 @@ def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
     return np.asarray(x, dtype=np.float32)
+
+
+def check_export_path(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`XMCError` now if ``path`` cannot take an export (suffix, a directory)."""
+    p = Path(path)
+    _check_suffix(p)
+    if p.is_dir():
+        raise XMCError(f"embeddings file {str(p)!r} is a directory; pass a file name (--out)")
 
 
 def _check_suffix(path: Path) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "save_model_dir",
     "load_model_dir",
     "verify_model_dir",
+    "prepare_output_dir",
     "network_bytes",
     "LoadedModel",
     "main",
@@ -776,6 +777,64 @@ def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Pr
     _write_json(out / CHECKSUMS_FILE, {"format": CHECKSUMS_FORMAT, "version": 1,
                                        "files": files})
     return out
+
+
+#: everything a training run writes into its output directory (``run.json``: ``xmc train``)
+OUTPUT_FILES = (MODEL_FILE, CONFIG_FILE, LABELS_FILE, SUMMARY_FILE, CHECKSUMS_FILE, LOG_FILE,
+                "run.json", CKPT_DIR)
+
+
+def prepare_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False) -> list[str]:
+    """Make ``out_dir`` ready for a new training run without losing earlier work silently.
+
+    A missing or empty directory is fine. A directory holding a model or checkpoints, or any
+    other files, is refused unless ``force``; with ``force`` the files of an earlier run
+    (:data:`OUTPUT_FILES`) are removed first, so no old checkpoint or log is mixed with the
+    new ones (other files are left alone).
+
+    Returns:
+        The names removed (with ``force``).
+
+    Raises:
+        OutputError: ``out_dir`` is a file, or is not empty and ``force`` is not set (the
+            message says whether it holds a model, and the flags that proceed).
+    """
+    import shutil
+
+    from ._fileio import LOCK_FILE
+    from .errors import OutputError
+
+    d = Path(out_dir)
+    if not d.exists():
+        return []
+    if not d.is_dir():
+        raise OutputError(f"--out {str(d)!r} is a file, not a directory; pass a directory")
+    entries = sorted(p.name for p in d.iterdir() if p.name != LOCK_FILE)
+    if not entries:
+        return []
+    if not force:
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)"
+                                          if len(entries) > 5 else "")
+        if (d / MODEL_FILE).exists() or (d / CKPT_DIR).exists():
+            raise OutputError(
+                f"--out {str(d)!r} already holds a trained model ({shown}); continue it with "
+                f"--resume {d}, replace it with --force, or choose another --out")
+        raise OutputError(
+            f"--out {str(d)!r} is not empty and holds no model ({shown}); training would "
+            "overwrite files there: choose a new or empty --out, or pass --force")
+    removed = []
+    for name in OUTPUT_FILES:
+        p = d / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        logger.warning("--force: removed %s of the earlier run in %s", ", ".join(removed), d)
+    return removed
 
 
 def verify_model_dir(model_dir: str | os.PathLike[str]) -> bool:

@@ -28,7 +28,23 @@ import numpy as np
 from xmc_toolkit._fileio import atomic_write_text
 from xmc_toolkit.errors import DataFormatError
 
-__all__ = ["write_predictions", "read_predictions", "is_jsonl"]
+__all__ = ["write_predictions", "read_predictions", "is_jsonl", "check_predictions_path"]
+
+#: suffixes of binary formats that a prediction file never has (it is text or JSONL)
+_BINARY_SUFFIXES = (".npz", ".npy", ".safetensors", ".pt", ".pkl", ".gz", ".zip")
+
+
+def check_predictions_path(path: PathType) -> None:
+    """Refuse an output name whose suffix promises a binary format.
+
+    Raises:
+        DataFormatError: e.g. ``preds.npz`` (the file would hold text).
+    """
+    p = Path(path)
+    if p.suffix.lower() in _BINARY_SUFFIXES:
+        raise DataFormatError(p, None, f"predictions are written as text (id:score per line) "
+                              f"or JSONL (.jsonl), not {p.suffix}: use --out "
+                              f"{p.with_suffix('.txt').name} or {p.with_suffix('.jsonl').name}")
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +108,7 @@ def write_predictions(
             or ids outside ``label_names``.
     """
     path = Path(path)
+    check_predictions_path(path)
     ids_a, sc = _check_arrays(path, ids, scores)
     n, k = ids_a.shape
     valid = ids_a >= 0  # [N, k]
