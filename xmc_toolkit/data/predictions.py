@@ -19,7 +19,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from os import PathLike
 from pathlib import Path
 
@@ -155,13 +156,31 @@ def write_predictions(
 # --------------------------------------------------------------------------------------------
 
 
+def _text_lines(path: Path, f: Any) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a binary file handle; a byte-order mark is skipped and a
+    line that is not UTF-8 text (or holds NUL bytes: a binary file) is a DataFormatError."""
+    for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            if b"\x00" in raw:
+                raise ValueError("NUL byte")
+            line = raw.decode("utf-8")
+        except ValueError:
+            raise DataFormatError(
+                path, lineno, "not a UTF-8 text line: a prediction file is text (id:score ...) "
+                "or JSONL, as `xmc predict` writes; is this a binary file (e.g. an .npz)?"
+            ) from None
+        yield lineno, line
+
+
 def _parse_text(path: Path) -> tuple[list[list[int]], list[list[float]] | None]:
     ids_rows: list[list[int]] = []
     score_rows: list[list[float]] = []
     has_scores: bool | None = None
     first_line = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, line in _text_lines(path, f):
             tokens = line.split()
             if not tokens:
                 ids_rows.append([])
@@ -205,8 +224,8 @@ def _parse_jsonl(path: Path) -> tuple[list[list[int]], list[list[float]] | None]
     ids_rows: list[list[int]] = []
     score_rows: list[list[float]] = []
     has_scores: bool | None = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, line in _text_lines(path, f):
             if not line.strip():
                 raise DataFormatError(
                     path, lineno, 'empty line; write {"ids": []} for a point without predictions'
