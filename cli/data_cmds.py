@@ -84,7 +84,9 @@ def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool) -> 
 @click.option("--to", "to_fmt", type=click.Choice(_WRITABLE), default=None,
               help="Output format (default: from OUT's name, else xc).")
 @click.option("--label-xml", type=click.Path(path_type=Path), default=None,
-              help="ARFF input: the Mulan label XML (default: the .xml beside the file).")
+              help="ARFF input: the Mulan label XML (default: the .xml beside the file); "
+                   "other inputs: label names to attach (an XML or one name per line; the "
+                   "count must equal L).")
 @zero_based_option
 def convert(src: Path, dst: Path, from_fmt: str | None, to_fmt: str | None, label_xml: Path | None) -> None:
     """Convert the data set IN to OUT (xc, xc-split, svmlight or npz).
@@ -92,7 +94,12 @@ def convert(src: Path, dst: Path, from_fmt: str | None, to_fmt: str | None, labe
     svmlight output starts with the header line '# xmc-toolkit svmlight zero_based=1
     num_features=D num_labels=L' (a comment to other readers), so it reads back exactly.
     """
-    ds = load_data(src, from_fmt, label_xml=label_xml)
+    from xmc_toolkit.data.formats import infer_format
+
+    if label_xml is not None and (from_fmt or infer_format(src)) != "arff":
+        ds = load_data(src, from_fmt, label_names_from=label_xml)  # count checked
+    else:
+        ds = load_data(src, from_fmt, label_xml=label_xml)
     save(ds, dst, to_fmt)
     click.echo(f"wrote {dst}: {ds.num_points} points, {ds.num_features} features, {ds.num_labels} labels")
 

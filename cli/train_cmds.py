@@ -22,6 +22,8 @@ from xmc_toolkit.errors import ConfigError
 __all__ = ["COMMANDS", "train", "predict", "export"]
 
 _DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
+# data sets may be split prefixes (med/trn) or folders: the loader checks them, as `data info`
+_DATASET = click.Path(path_type=Path)
 _MODEL = click.Path(path_type=Path)
 RUN_FILE = "run.json"  # data paths and config of a run in its --out directory (for --resume)
 
@@ -83,8 +85,8 @@ def _config_options(func: Any) -> Any:
 
 
 @click.command("train")
-@click.option("--data", "data", type=_DATA, help="Training data set (any supported format).")
-@click.option("--val", "val", type=_DATA, default=None,
+@click.option("--data", "data", type=_DATASET, help="Training data set (any supported format).")
+@click.option("--val", "val", type=_DATASET, default=None,
               help="Validation data set (same feature/label space); default: none, or "
                    "--val-fraction of the training rows.")
 @click.option("--out", "out", type=_MODEL, default=None,
@@ -214,7 +216,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 
 @click.command("predict")
 @click.option("--model", "model", type=_MODEL, required=True, help="Model directory.")
-@click.option("--data", "data", type=_DATA, required=True, help="Data set to predict.")
+@click.option("--data", "data", type=_DATASET, required=True, help="Data set to predict.")
 @click.option("--topk", "topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="Labels per point.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -251,14 +253,16 @@ def predict(model: Path, data: Path, topk: int, out: Path, approx: bool, num_cel
     write_predictions(out, res["ids"], res["scores"], label_names=res["label_names"])
     click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
     if res["recall_vs_exact"] is not None:
-        click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}")
+        click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}"
+                   + (f" ({res['approx_note']})" if res.get("approx_note") else ""))
 
 
 @click.command("export")
 @click.option("--model", "model", type=_MODEL, required=True, help="Model directory.")
 @click.option("--what", type=click.Choice(["labels", "instances"]), required=True,
               help="labels: the [L, d] label table; instances: query embeddings of --data.")
-@click.option("--data", "data", type=_DATA, default=None, help="Data set (with --what instances).")
+@click.option("--data", "data", type=_DATASET, default=None,
+              help="Data set (with --what instances).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output file, .safetensors or .npy.")
 @click.option("--normalize", is_flag=True, help="L2-normalize rows (cosine search).")

@@ -1,6 +1,6 @@
 """Atomic, checksummed checkpoints: safetensors per tensor group + JSON meta, strict loading.
 
-Directory layout written by :func:`save_checkpoint` (``root`` is e.g. ``xmc train --output``)::
+Directory layout written by :func:`save_checkpoint` (``root`` is e.g. ``xmc train --out``)::
 
     root/
       latest                      text file holding the name of the newest complete checkpoint
@@ -285,7 +285,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return complete[-1]
     raise CheckpointError(
         f"{str(p)!r} is not a model directory: it has no {MANIFEST}, no '{LATEST}' pointer and "
-        "no complete ckpt-* checkpoint; pass the directory written by training (--output)"
+        "no complete ckpt-* checkpoint; pass the directory written by training (xmc train --out)"
     )
 
 
@@ -311,7 +311,7 @@ def _read_manifest(ckpt: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"{str(ckpt)!r} is not a model directory: it has no {MANIFEST}; pass the directory "
-            "written by training (--output)"
+            "written by training (xmc train --out)"
         ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _corrupt(ckpt, f"{MANIFEST} is not valid JSON ({exc})") from exc

@@ -11,8 +11,10 @@ and pads missing ones with empty columns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,17 @@ def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
     return {key: float(v) for key, v in res.items()}
 
 
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Put ``path`` into a :class:`DataFormatError` raised without one (bad input rows)."""
+    try:
+        yield
+    except DataFormatError as exc:
+        if exc.path is not None:
+            raise
+        raise DataFormatError(path, exc.line, exc.message) from exc
+
+
 def _load_data(data_path: str | os.PathLike[str], zero_based: bool | str = "auto"
                ) -> XMCDataset:
     from .data import load
@@ -182,8 +195,9 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
     model = load_model_dir(model_dir, device=device, verify=verify)
     ds = align_dataset(_load_data(data_path, zero_based), model.num_features, model.num_labels,
                        ignore_extra=ignore_extra, path=str(data_path))
-    return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
-                          show_progress=show_progress)
+    with _naming(data_path):
+        return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
+                              show_progress=show_progress)
 
 
 def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], k: int,
@@ -204,12 +218,24 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
     model = load_model_dir(model_dir, device=device, verify=verify)
     ds = align_dataset(_load_data(data_path, zero_based), model.num_features, model.num_labels,
                        ignore_extra=ignore_extra, path=str(data_path))
-    ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
-                               num_cells=num_cells, show_progress=show_progress)
+    with _naming(data_path):
+        ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
+                                   num_cells=num_cells, show_progress=show_progress)
     recall = None
+    note = None
     if approx:
         exact_ids, _ = predict_topk(model, ds.X, k, chunk_size=chunk_size)
         recall = recall_at_k_vs_exact(torch.from_numpy(ids), torch.from_numpy(exact_ids))
         logger.info("approximate top-%d recall vs exact: %.4f", k, recall)
+        state = model.sampler_state
+        saved = state is not None and "codebook1" in state
+        K = (int(state["num_codewords"]) if saved else  # type: ignore[index]
+             model.config.resolved_codewords(model.num_labels))
+        parts = [] if saved else ["the model has no MIDX index (trained without MIDX): one "
+                                  f"was built now from its label embeddings ({K}x{K} cells)"]
+        if num_cells >= K * K:
+            parts.append(f"--num-cells {num_cells} probes all {K * K} cells, so the search is "
+                         "exhaustive (recall 1 by construction); lower --num-cells")
+        note = "; ".join(parts) or None
     return {"ids": ids, "scores": scores, "label_names": model.label_names,
-            "recall_vs_exact": recall, "path": str(Path(data_path))}
+            "recall_vs_exact": recall, "approx_note": note, "path": str(Path(data_path))}

@@ -504,14 +504,32 @@ class Preprocessor:
         return cls(fit_idf(X) if tfidf else None, l2_normalize)
 
     def transform(self, X: sp.spmatrix) -> sp.csr_matrix:
-        """Return the transformed ``[N, D]`` float32 CSR (the input is not modified)."""
+        """Return the transformed ``[N, D]`` float32 CSR (the input is not modified).
+
+        Raises:
+            DataFormatError: a row's values are not finite after the transform (a value such
+                as 3e38 overflows float32 under TF-IDF or the L2 norm): the input is at fault,
+                not the model, and the message names the row and its largest value.
+        """
         from .batching import l2_normalize_rows, tfidf_transform
 
+        raw = X
         X = sp.csr_matrix(X, dtype=np.float32)
         if self.idf is not None:
             X = tfidf_transform(X, self.idf)
         if self.l2_normalize:
             X = l2_normalize_rows(X)
+        if X.nnz and not np.isfinite(X.data).all():
+            from .errors import DataFormatError
+
+            bad = int(np.flatnonzero(~np.isfinite(X.data))[0])
+            row = int(np.searchsorted(X.indptr, bad, side="right")) - 1
+            vals = sp.csr_matrix(raw)[row].data
+            big = float(np.max(np.abs(vals))) if len(vals) else float("nan")
+            raise DataFormatError(None, None, f"input row {row + 1} (1-based) has feature values "
+                                  f"that are not finite after TF-IDF / L2 normalisation "
+                                  f"(largest |value| {big:g}, float32 overflows above 3.4e38 "
+                                  "and its square above 1.8e19): check or rescale the data")
         return X
 
 
@@ -1124,6 +1142,17 @@ class Trainer:
             OutputError: another process is writing to ``out_dir``.
             CheckpointError: ``resume`` with another config or other data (nothing is written).
         """
+        cfg = self.config
+        # every check that needs no output directory comes first: a refused run writes nothing
+        cfg.validate_for_data(train.num_points, train.num_features, train.num_labels)
+        if val is not None and (val.num_features != train.num_features or
+                                val.num_labels != train.num_labels):
+            raise ConfigError(
+                f"validation data has {val.num_features} features / {val.num_labels} labels but "
+                f"training data has {train.num_features} / {train.num_labels}; use data with the "
+                "same feature and label space (--val)")
+        if resume and self.out_dir is None:
+            raise ConfigError("resume needs an output directory (--out / --resume DIR)")
         if self.out_dir is None:
             return self._fit(train, val, show_progress, resume, force)
         from ._fileio import OutputLock
@@ -1134,15 +1163,6 @@ class Trainer:
     def _fit(self, train: XMCDataset, val: XMCDataset | None, show_progress: bool,
              resume: bool, force: bool) -> TrainResult:
         cfg = self.config
-        cfg.validate_for_data(train.num_points, train.num_features, train.num_labels)
-        if val is not None and (val.num_features != train.num_features or
-                                val.num_labels != train.num_labels):
-            raise ConfigError(
-                f"validation data has {val.num_features} features / {val.num_labels} labels but "
-                f"training data has {train.num_features} / {train.num_labels}; use data with the "
-                "same feature and label space (--val)")
-        if resume and self.out_dir is None:
-            raise ConfigError("resume needs an output directory (--out / --resume DIR)")
         device = resolve_device(cfg.device)
         self._seed_everything(cfg.seed)
         self._best_state, self._sampler_loaded, self._interrupted = None, False, False
@@ -1464,7 +1484,9 @@ class Trainer:
             if scaler is None and not math.isfinite(gnorm):  # a GradScaler skips the step
                 self._track_loss(loss, state["step"] + 1, state["epoch"] + 1)
                 self._read_loss(state)  # a non-finite loss is the cause: report that
-                where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
+                ck = None if self.out_dir is None else self.out_dir / CKPT_DIR
+                where = ("" if ck is None else f" (the last good checkpoint in {ck} is kept)"
+                         if (ck / "latest").exists() else " (no checkpoint had been written yet)")
                 raise XMCError(
                     f"gradient norm became {gnorm} at step {state['step'] + 1} (epoch "
                     f"{state['epoch'] + 1}){where}; lower --lr, set --clip-grad, or check the "
