@@ -582,3 +582,106 @@ def test_sigint_before_training_one_line(data_file: Path, tmp_path: Path,
     line = _one_line(r.output)
     assert line.startswith("interrupted (Ctrl-C)") and "Aborted" not in r.output
     reliability.record(SIGINT_EARLY, f"exit 130: {line}")
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Mulan ARFF without its XML; flags that did nothing, messages that misled
+# ------------------------------------------------------------------------------------------------
+ARFF_NO_XML = case("loaders", "ARFF with MEKA '-C 2' in @relation, no label XML, binary "
+                   "attributes at both ends (a Mulan file without its XML looks so)",
+                   "loads MEKA-style (labels first) with a warning naming --label-xml")
+FLAGS_DO = case("cli", "data convert --label-xml with a names file of the wrong length; "
+                "export --fold-bias for instances; train --data on a split prefix",
+                "wrong count: one line, exit 2; instances get a last column of ones; the "
+                "split prefix trains (as data info reads it)")
+MESSAGES = case("cli", "messages: predict --approx without a saved index, a paused run, "
+                "too large --topk, NaN gradient before any checkpoint, 3e38 in test data, "
+                "file modes", "each names the real cause and flag; every written file is "
+                "0644 (under umask 022)")
+
+
+def test_arff_without_xml_warns(tmp_path: Path, reliability,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    p = tmp_path / "m.arff"
+    p.write_text("@relation 'm: -C 2'\n@attribute a {0,1}\n@attribute b {0,1}\n"
+                 "@attribute c {0,1}\n@attribute d {0,1}\n@data\n1,0,1,1\n0,1,0,1\n")
+    with caplog.at_level(logging.WARNING):
+        ds = load(p)
+    assert ds.num_labels == 2 and ds.num_features == 2
+    msg = next(r.getMessage() for r in caplog.records if "--label-xml" in r.getMessage())
+    assert "FIRST 2" in msg and "m.xml" in msg, msg
+    reliability.record(ARFF_NO_XML, "warning: " + _short(msg, tmp_path)[:150])
+
+
+def test_flags_that_did_nothing(trained: Path, data_file: Path, tmp_path: Path,
+                                reliability) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\n")  # the data has 8 labels
+    code, out = _cli("data", "convert", data_file, tmp_path / "o.npz", "--label-xml", names)
+    assert code == 2 and "2 label names" in _one_line(out), out
+    assert not (tmp_path / "o.npz").exists()
+    emb = tmp_path / "q.npy"
+    code, out = _cli("export", "--model", trained, "--what", "instances", "--data", data_file,
+                     "--out", emb, "--fold-bias")
+    assert code == 0, out
+    q = np.load(emb)
+    assert np.all(q[:, -1] == 1.0)
+    ds = load(data_file)
+    save(ds, tmp_path / "trn_X_Xf.txt", "xc-split")
+    code, out = _cli("train", "--data", tmp_path / "trn", "--out", tmp_path / "split", *FLAGS,
+                     "--max-steps", "1")
+    assert code == 0, out
+    reliability.record(FLAGS_DO, "names: " + _short(_one_line(_cli(
+        "data", "convert", data_file, tmp_path / "o.npz", "--label-xml", names)[1]),
+        tmp_path)[:80] + f"; instances {q.shape} last column 1; split prefix: exit 0")
+
+
+def test_messages_name_the_cause(trained: Path, data_file: Path, tmp_path: Path,
+                                 reliability) -> None:
+    code, out = _cli("predict", "--model", trained, "--data", data_file, "--out",
+                     tmp_path / "p.txt", "--approx")
+    assert code == 0 and "no MIDX index" in out and "exhaustive" in out, out
+    code, out = _cli("predict", "--model", trained, "--data", data_file, "--out",
+                     tmp_path / "p.txt", "--topk", "99")
+    assert code == 2 and "--topk" in _one_line(out), out
+    run = tmp_path / "paused"
+    code, out = _cli("train", "--data", data_file, "--out", run, *FLAGS, "--max-steps", "2")
+    assert code == 0 and "paused at step 2" in out and f"--resume {run}" in out, out
+    old = os.umask(0o022)
+    try:
+        modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777)
+                 for p in run.rglob("*") if p.is_file()}
+    finally:
+        os.umask(old)
+    assert set(modes.values()) == {"0o644"}, modes
+    bad = tmp_path / "bad.txt"
+    ds = load(data_file)
+    ds.X.data[0] = 3e38
+    save(ds, bad, "xc")
+    code, out = _cli("eval", "--model", trained, "--data", bad)
+    line = _one_line(out)
+    assert code == 2 and "bad.txt" in line and "row 1" in line and "lr" not in line, out
+    from xmc_toolkit.errors import XMCError
+
+    ds = _problem(64, 30, 6)
+    cfg = TrainConfig(**dict(SMALL, epochs=1, clip_grad=1.0))
+    tr = Trainer(cfg, out_dir=tmp_path / "nan")
+
+    def inf_grad(grad):  # a finite loss with an infinite gradient (the clip-grad check)
+        return grad.clone().fill_(float("inf"))
+
+    def poison(event: str, payload: dict) -> None:
+        if event == "train_begin":
+            for p in tr.network.encoder_parameters():  # type: ignore[union-attr]
+                if p.requires_grad:
+                    p.register_hook(inf_grad)
+                    break
+
+    tr.callbacks.append(poison)
+    with pytest.raises(XMCError) as ei:
+        tr.fit(ds)
+    assert "gradient norm" in str(ei.value), ei.value
+    assert "no checkpoint had been written yet" in str(ei.value), ei.value
+    reliability.record(MESSAGES, "approx: 'no MIDX index ... exhaustive'; paused: "
+                       "'paused at step 2 ... --resume'; 3e38: " + _short(line, tmp_path)[:70]
+                       + f"; modes {sorted(set(modes.values()))}")
