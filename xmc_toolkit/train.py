@@ -1241,22 +1241,24 @@ class Trainer:
         try:
             self._loop(ctx, X_val, Y_val, inv_prop, loss_name, amp_dtype, total_steps,
                        show_progress)
+            seconds = time.perf_counter() - t_start
+            history = state["history"]
+            best_epoch = state["best_epoch"] or (history[-1]["epoch"] if history else 0)
+            self.result = TrainResult(
+                history=history, best=state["best"], best_epoch=best_epoch,
+                steps=state["step"], seconds=seconds, stopped_early=state["stopped_early"],
+                loss=loss_name, sampler=cfg.sampler if sampled else None,
+                paused=batches.epoch < cfg.epochs and not state["stopped_early"])
+            if self._best_state is not None and cfg.keep_best:
+                network.load_state_dict(self._best_state)
+            elif self._ema is not None:
+                network.load_state_dict(self._ema, strict=False)
+            if self.out_dir is not None:
+                # still under the SIGINT handler: a Ctrl-C now cannot leave the model
+                # directory half old, half new (the run is complete; the interrupt is moot)
+                self._save_model(summary=self.result.to_dict())
         finally:
             self._restore_sigint(old_handler)
-        seconds = time.perf_counter() - t_start
-        history = state["history"]
-        best_epoch = state["best_epoch"] or (history[-1]["epoch"] if history else 0)
-        self.result = TrainResult(
-            history=history, best=state["best"], best_epoch=best_epoch, steps=state["step"],
-            seconds=seconds, stopped_early=state["stopped_early"], loss=loss_name,
-            sampler=cfg.sampler if sampled else None,
-            paused=batches.epoch < cfg.epochs and not state["stopped_early"])
-        if self._best_state is not None and cfg.keep_best:
-            network.load_state_dict(self._best_state)
-        elif self._ema is not None:
-            network.load_state_dict(self._ema, strict=False)
-        if self.out_dir is not None:
-            self._save_model(summary=self.result.to_dict())
         self._emit("train_end", self.result.to_dict())
         return self.result
 
