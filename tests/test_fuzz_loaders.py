@@ -431,7 +431,12 @@ def test_fuzz_svmlight(kind: str, tmp_path: Path, reliability) -> None:
             ds = data.draw(st.composite(_valid_ds)())
             save(ds, path, "svmlight")
             raw = path.read_bytes()
-            _fuzz_svmlight(data.draw(corruption(raw, kind, False)), path, tally)
+            if data.draw(st.booleans()):  # the rows only, the xmc-toolkit header line intact
+                head, _, body = raw.partition(b"\n")
+                bad = head + b"\n" + data.draw(corruption(body, kind, False))
+            else:  # the whole file, header line included
+                bad = data.draw(corruption(raw, kind, False))
+            _fuzz_svmlight(bad, path, tally)
 
         run()
 
