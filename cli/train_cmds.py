@@ -152,7 +152,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 
     from xmc_toolkit._fileio import OutputLock, atomic_write_text
     from xmc_toolkit.data import load
-    from xmc_toolkit.train import Trainer, TrainingInterrupted, prepare_output_dir
+    from xmc_toolkit.train import Trainer, TrainingInterrupted
 
     train_ds = load(data, zero_based=base_choice)
     # every config problem, data-dependent ones included, at once and before any work
@@ -170,9 +170,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         if event == "train_begin":
             atomic_write_text(out / RUN_FILE, run_doc)
 
-    with OutputLock(out, what="`xmc train`"):
-        if resume is None:
-            prepare_output_dir(out, force=force)
+    with OutputLock(out, what="`xmc train`"):  # the trainer checks --out (--force) inside
         try:
             result = Trainer(cfg, out_dir=out, callbacks=[write_run]).fit(
                 train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)

@@ -687,3 +687,20 @@ def test_messages_name_the_cause(trained: Path, data_file: Path, tmp_path: Path,
     reliability.record(MESSAGES, "approx: 'no MIDX index ... exhaustive'; paused: "
                        "'paused at step 2 ... --resume'; 3e38: " + _short(line, tmp_path)[:70]
                        + f"; modes {sorted(set(modes.values()))}")
+
+
+def test_library_trainer_refuses_earlier_work_unless_force(tmp_path: Path) -> None:
+    """The rule lives in the library: Trainer / XMCModel.fit(out_dir=...) apply it too."""
+    ds = _problem(64, 30, 6)
+    cfg = TrainConfig(**dict(SMALL, epochs=1))
+    run = tmp_path / "r"
+    Trainer(cfg, out_dir=run).fit(ds)
+    before = _snapshot(run)
+    with pytest.raises(OutputError, match="--force"):
+        Trainer(cfg, out_dir=run).fit(ds)
+    assert _snapshot(run) == before
+    Trainer(cfg, out_dir=run).fit(ds, force=True)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "run.json").write_text("{}")
+    with pytest.raises(OutputError, match="earlier run"):
+        Trainer(cfg, out_dir=tmp_path / "killed").fit(ds)

@@ -837,6 +837,10 @@ def prepare_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False) 
             raise OutputError(
                 f"--out {str(d)!r} already holds a trained model ({shown}); continue it with "
                 f"--resume {d}, replace it with --force, or choose another --out")
+        if (d / "run.json").exists():
+            raise OutputError(
+                f"--out {str(d)!r} holds an earlier run that saved no model or checkpoint "
+                f"({shown}); start it over with --force, or choose another --out")
         raise OutputError(
             f"--out {str(d)!r} is not empty and holds no model ({shown}); training would "
             "overwrite files there: choose a new or empty --out, or pass --force")
@@ -1127,7 +1131,9 @@ class Trainer:
             resume: continue the run saved in ``out_dir/checkpoint`` (same config and data:
                 a fingerprint of the training and validation data is kept in every checkpoint
                 and compared).
-            force: resume even when the data's fingerprint differs from the checkpoint's.
+            force: without ``resume``, replace the earlier run in a non-empty ``out_dir``
+                (:func:`prepare_output_dir`: refused otherwise); with ``resume``, continue even
+                when the data's fingerprint differs from the checkpoint's.
 
         ``out_dir`` is locked for the whole call (:class:`~xmc_toolkit._fileio.OutputLock`):
         a second trainer writing there fails at once, naming the first one's pid.
@@ -1141,6 +1147,7 @@ class Trainer:
             TrainingInterrupted: SIGINT arrived; a checkpoint was saved first.
             OutputError: another process is writing to ``out_dir``.
             CheckpointError: ``resume`` with another config or other data (nothing is written).
+            OutputError: ``out_dir`` is not empty and neither ``resume`` nor ``force`` is set.
         """
         cfg = self.config
         # every check that needs no output directory comes first: a refused run writes nothing
@@ -1158,6 +1165,8 @@ class Trainer:
         from ._fileio import OutputLock
 
         with OutputLock(self.out_dir, what="training run"):
+            if not resume:
+                prepare_output_dir(self.out_dir, force=force)
             return self._fit(train, val, show_progress, resume, force)
 
     def _fit(self, train: XMCDataset, val: XMCDataset | None, show_progress: bool,
