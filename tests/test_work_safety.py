@@ -483,7 +483,8 @@ ENOSPC = case("cli", "disk full (ENOSPC) while writing a checkpoint",
 BAD_OUT = case("cli", "--out that is a file, /dev/null or /proc/x (train, predict, export, "
                "data convert into a missing folder)", "one line 'error: ...', exit 2")
 MISC_ONE_LINE = case("cli", "--device mps, config \"ks\": [1, \"3\"], \"lr\": null, truncated "
-                     "run.json, eval --predictions on a binary file, string label_counts",
+                     "run.json, eval --predictions on a binary file, string label_counts, "
+                     "a binary --config or label-names file",
                      "one line 'error: ...' each, exit 2")
 SIGINT_EARLY = case("cli", "SIGINT before training starts (while loading data)",
                     "one line 'interrupted (Ctrl-C) ...', exit 130 (not 'Aborted!')")
@@ -558,6 +559,8 @@ def test_misc_errors_one_line(trained: Path, data_file: Path, tmp_path: Path,
         ("train", "--resume", run),
         ("eval", "--predictions", binary, "--labels", data_file),
         ("eval", "--model", model, "--data", data_file, "--no-verify"),
+        ("train", "--data", data_file, "--out", tmp_path / "r4", "--config", binary),
+        ("data", "convert", data_file, tmp_path / "o.npz", "--label-xml", binary),
     ]
     lines = []
     for args in cases:

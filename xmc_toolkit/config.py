@@ -99,6 +99,10 @@ class ConfigBase:
             raise ConfigError(f"config file {str(path)!r} does not exist (--config)") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                              f"{exc.start}); pass a JSON file such as `xmc train "
+                              "--print-config` writes") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
         return cls.from_dict(data, validate=validate)

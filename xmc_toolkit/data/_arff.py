@@ -103,8 +103,15 @@ def read_label_names(path: Path) -> list[str]:
         raise DataFormatError(path, None, "label names file not found")
     if path.suffix.lower() == ".xml":
         return read_label_xml(path)
-    with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is skipped
-        names = [line.rstrip("\r\n") for line in fh]
+    names = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:  # a byte-order mark is skipped
+                names.append(raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                             .rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise DataFormatError(path, lineno, "label names must be UTF-8 text, one name "
+                                      "per line (or a Mulan label XML)") from None
     while names and names[-1] == "":
         names.pop()
     return names
