@@ -174,9 +174,9 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         try:
             result = Trainer(cfg, out_dir=out, callbacks=[write_run]).fit(
                 train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
-        except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
+        except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
             click.echo(str(exc), err=True)
-            sys.exit(130)
+            sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,

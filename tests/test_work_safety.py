@@ -707,3 +707,41 @@ def test_library_trainer_refuses_earlier_work_unless_force(tmp_path: Path) -> No
     (tmp_path / "killed" / "run.json").write_text("{}")
     with pytest.raises(OutputError, match="earlier run"):
         Trainer(cfg, out_dir=tmp_path / "killed").fit(ds)
+
+
+SIGTERM = case("interrupted runs", "SIGTERM (kill, a job scheduler) during `xmc train`",
+               "like SIGINT: checkpoint of the current step, one 'SIGTERM: interrupted at step "
+               "N' line, exit status 143; --resume finishes the run")
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reliability) -> None:
+    ds = _problem(1200, 60, 12, seed=1)
+    trn = tmp_path / "trn.txt"
+    save(ds, trn, "xc")
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "cli.main", "train", "--data", str(trn),
+                          "--out", str(run), "--loss", "full", "--dim", "16", "--hidden", "32",
+                          "--epochs", "5", "--batch-size", "8", "--checkpoint-every", "20",
+                          "--device", "cpu", "--no-progress", "--ensemble", "1"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    latest = run / "checkpoint" / "latest"
+    t0 = time.time()
+    while not latest.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 120, "no checkpoint in time"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.fail("training finished before SIGTERM arrived; make the run longer")
+    assert p.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if "interrupted at step" in ln]
+    assert len(lines) == 1 and lines[0].startswith("SIGTERM: ") and "Traceback" not in err, err
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert latest.read_text().strip() == f"ckpt-{step:08d}"
+    code, output = _cli("train", "--resume", run, "--no-progress", "--json")
+    assert code == 0, output
+    reliability.record(SIGTERM, "exit 143, one line 'SIGTERM: interrupted at step N; checkpoint "
+                       "saved ...', latest checkpoint is step N; --resume exits 0")

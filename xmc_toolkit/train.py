@@ -1040,7 +1040,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TrainingInterrupted(XMCError):
-    """Training was interrupted (SIGINT); a checkpoint was saved. ``resume`` continues it."""
+    """Training was interrupted (SIGINT or SIGTERM); a checkpoint of the current step was saved.
+    ``resume`` continues it. ``signum`` is the signal (the CLI exits with ``128 + signum``)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -1106,6 +1111,7 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self._ema: dict[str, torch.Tensor] | None = None
         self._sampler_loaded = False
+        self._signum: int = signal.SIGINT
         self._fingerprint: dict[str, str | None] = {}
         self._force = False
         self._reset_loss_tracking()
@@ -1348,9 +1354,10 @@ class Trainer:
 
     def _raise_interrupted(self, state: dict[str, Any]) -> None:
         """Raise :class:`TrainingInterrupted` (the checkpoint of this step is written)."""
+        by = "" if self._signum == signal.SIGINT else f"{signal.Signals(self._signum).name}: "
         raise TrainingInterrupted(
-            f"interrupted at step {state['step']}; checkpoint saved in {self.out_dir}; "
-            f"continue with --resume {self.out_dir}")
+            f"{by}interrupted at step {state['step']}; checkpoint saved in {self.out_dir}; "
+            f"continue with --resume {self.out_dir}", self._signum)
 
     def _track_loss(self, loss: torch.Tensor, step: int, epoch: int) -> None:
         """Accumulate the step's loss on its device and remember the first non-finite one.
@@ -1534,21 +1541,32 @@ class Trainer:
         for cb in self.callbacks:
             cb(event, payload)
 
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def _install_sigint(self) -> Any:
+        """SIGINT (Ctrl-C) and SIGTERM (``kill``, job schedulers) set a flag; the loop saves a
+        checkpoint of the current step and raises :class:`TrainingInterrupted`."""
         if self.out_dir is None:
             return None
+
+        def handler(signum: int, frame: Any) -> None:
+            self._interrupted = True
+            self._signum = signum
+
+        old = {}
         try:
-            def handler(signum: int, frame: Any) -> None:
-                self._interrupted = True
-            return signal.signal(signal.SIGINT, handler)
+            for s in self._SIGNALS:
+                old[s] = signal.signal(s, handler)
         except ValueError:  # not the main thread
+            self._restore_sigint(old)
             return None
+        return old
 
     @staticmethod
     def _restore_sigint(old: Any) -> None:
-        if old is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGINT, old)
+        for s, h in (old or {}).items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(s, h)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
