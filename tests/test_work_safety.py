@@ -745,3 +745,14 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, reliability) -> None:
     assert code == 0, output
     reliability.record(SIGTERM, "exit 143, one line 'SIGTERM: interrupted at step N; checkpoint "
                        "saved ...', latest checkpoint is step N; --resume exits 0")
+
+
+def test_export_leaves_no_stale_names_sidecar(tmp_path: Path) -> None:
+    """Exporting rows without names over an earlier export with names removes its sidecar."""
+    from xmc_toolkit.export import export_embeddings, load_embeddings, names_path
+
+    out = tmp_path / "e.safetensors"
+    export_embeddings(np.ones((3, 2), np.float32), out, names=["a", "b", "c"])
+    assert load_embeddings(out).names == ["a", "b", "c"]
+    export_embeddings(np.zeros((3, 2), np.float32), out)
+    assert not names_path(out).exists() and load_embeddings(out).names is None

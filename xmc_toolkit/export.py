@@ -143,6 +143,8 @@ def export_embeddings(
     if names is not None:
         data = json.dumps(names, ensure_ascii=False).encode("utf-8")
         atomic_write(side, lambda p: p.write_bytes(data))
+    elif side.is_file():  # names of an earlier export to this path would be read with these rows
+        side.unlink()
     logger.info("exported %d x %d embeddings to %s", E.shape[0], E.shape[1], path)
     return path
 
@@ -178,7 +180,10 @@ def load_embeddings(path: str | os.PathLike[str]) -> LoadedEmbeddings:
     E = np.ascontiguousarray(E, dtype=np.float32)
     names = None
     side = names_path(path)
-    if side.is_file():
+    if side.is_file() and metadata.get("has_names") == "false":
+        logger.warning("%s: ignoring %s, which the file says it has no names for (left by an "
+                       "earlier export?)", path, side.name)
+    elif side.is_file():
         try:
             names = json.loads(side.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
