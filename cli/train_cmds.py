@@ -38,6 +38,8 @@ def _read_run(resume: Path) -> dict[str, Any]:
         run = json.loads(run_file.read_text(encoding="utf-8"))
         if not isinstance(run, dict) or not isinstance(run.get("config", {}), dict):
             raise ValueError("not a JSON object with a 'config' object")
+        if not all(isinstance(run.get(k), (str, type(None))) for k in ("data", "val")):
+            raise ValueError("'data' and 'val' must be file paths")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{str(run_file)!r} is unreadable ({exc}); it is written by `xmc "
                           "train`: restore it, or start a new run with --out") from exc
@@ -150,7 +152,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     if out is None:
         raise click.UsageError("--out is required (the model directory to write)")
 
-    from xmc_toolkit._fileio import OutputLock, atomic_write_text
+    from xmc_toolkit._fileio import atomic_write_text
     from xmc_toolkit.data import load
     from xmc_toolkit.train import Trainer, TrainingInterrupted
 
@@ -170,13 +172,14 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         if event == "train_begin":
             atomic_write_text(out / RUN_FILE, run_doc)
 
-    with OutputLock(out, what="`xmc train`"):  # the trainer checks --out (--force) inside
-        try:
-            result = Trainer(cfg, out_dir=out, callbacks=[write_run]).fit(
-                train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
-        except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
-            click.echo(str(exc), err=True)
-            sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
+    # the trainer locks --out, checks it (refused over earlier work unless --force) and the
+    # resumed checkpoint's config and data, all before writing anything
+    try:
+        result = Trainer(cfg, out_dir=out, callbacks=[write_run]).fit(
+            train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
+    except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
+        click.echo(str(exc), err=True)
+        sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,

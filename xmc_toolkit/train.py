@@ -1170,7 +1170,7 @@ class Trainer:
             return self._fit(train, val, show_progress, resume, force)
         from ._fileio import OutputLock
 
-        with OutputLock(self.out_dir, what="training run"):
+        with OutputLock(self.out_dir, what="`xmc train` / training run"):
             if not resume:
                 prepare_output_dir(self.out_dir, force=force)
             return self._fit(train, val, show_progress, resume, force)
