@@ -210,8 +210,11 @@ def test_second_run_into_same_out_fails_naming_pid(data_file: Path, tmp_path: Pa
         holder.wait()
     code, output = _cli("train", "--data", data_file, "--out", out, *FLAGS, "--max-steps", "1")
     assert code == 0, output  # the kernel released the dead holder's lock
-    reliability.record(LOCK, "exit 2: " + _short(line, tmp_path).replace(str(holder.pid), "<pid>")
-                       [:150])
+    import socket
+
+    shown = _short(line, tmp_path).replace(str(holder.pid), "<pid>")
+    shown = shown.replace(f" on {socket.gethostname()}", " on <host>")
+    reliability.record(LOCK, "exit 2: " + shown[:150])
 
 
 # ------------------------------------------------------------------------------------------------
