@@ -35,6 +35,32 @@ def _load_labels(path: Path) -> Any:
     return load_data(path).Y
 
 
+def _compact_labels(Y: Any, Y_train: Any, ids: Any) -> tuple[Any, Any, Any]:
+    """Renumber labels to those that occur when ``L`` dwarfs the stored entries.
+
+    Every metric (PSP included: a label's propensity depends only on its own count and ``N``)
+    is unchanged by renaming labels, so the per-label arrays of the metrics follow the data,
+    not ``L``, which one huge label id in a headerless file can make 2^31 (a 16 GiB count
+    array). Predicted ids beyond ``L`` are left for the metrics' own range check.
+    """
+    import numpy as np
+    import scipy.sparse as sp
+
+    L = Y.shape[1]
+    parts = [Y.indices, ids[ids >= 0]] + ([Y_train.indices] if Y_train is not None else [])
+    if L <= 4 * sum(len(p) for p in parts) + 65536 or (ids >= L).any():
+        return Y, Y_train, ids
+    used = np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+
+    def remap(M: Any) -> Any:
+        return sp.csr_matrix((M.data, np.searchsorted(used, M.indices), M.indptr),
+                             shape=(M.shape[0], len(used)))
+
+    new_ids = np.where(ids >= 0, np.searchsorted(used, np.maximum(ids, 0)), ids)
+    logger.info("evaluating over the %d labels that occur (of L=%d)", len(used), L)
+    return remap(Y), None if Y_train is None else remap(Y_train), new_ids
+
+
 def _evaluate_predictions(
     predictions: Path,
     labels: Path,
@@ -70,6 +96,7 @@ def _evaluate_predictions(
         logger.info(
             "propensities from the training labels %s (A=%g, B=%g)", train_labels, prop_a, prop_b
         )
+        Y, Y_train, ids = _compact_labels(Y, Y_train, ids)
         inv_prop = inverse_propensity(Y_train, prop_a, prop_b)
     else:
         logger.warning(
@@ -79,6 +106,7 @@ def _evaluate_predictions(
             prop_a,
             prop_b,
         )
+        Y, _, ids = _compact_labels(Y, None, ids)
         inv_prop = inverse_propensity(Y, prop_a, prop_b)
     return evaluate(Y, ids, ks=range(1, k + 1), inv_prop=inv_prop)
 

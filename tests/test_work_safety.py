@@ -759,3 +759,32 @@ def test_export_leaves_no_stale_names_sidecar(tmp_path: Path) -> None:
     assert load_embeddings(out).names == ["a", "b", "c"]
     export_embeddings(np.zeros((3, 2), np.float32), out)
     assert not names_path(out).exists() and load_embeddings(out).names is None
+
+
+def test_eval_predictions_with_a_huge_label_id(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A label id of 2^31+5 in a headerless file: the metrics follow the data, not L
+    (no 16 GiB per-label array), and equal those of the compactly numbered labels."""
+    import xmc_toolkit.metrics as metrics
+
+    real = metrics.inverse_propensity
+
+    def bounded(Y, *a, **k):  # the per-label arrays are [L]: L must follow the data
+        assert Y.shape[1] < 1000, f"per-label arrays of L={Y.shape[1]}"
+        return real(Y, *a, **k)
+
+    monkeypatch.setattr(metrics, "inverse_propensity", bounded)
+    ids = [[0, 1], [1, 2], [2, 0], [0, 2]]
+    labels = [[0], [1, 2147483653], [2], [0, 2147483653]]
+    compact = [[0], [1, 3], [2], [0, 3]]
+    pred = tmp_path / "p.txt"
+    pred.write_text("".join(" ".join(f"{i}:{1 - 0.1 * j}" for j, i in enumerate(r)) + "\n"
+                            for r in ids))
+    results = []
+    for name, labs in (("big.svm", labels), ("small.svm", compact)):
+        f = tmp_path / name
+        f.write_text("".join(",".join(map(str, r)) + " 0:1\n" for r in labs))
+        code, out = _cli("eval", "--predictions", pred, "--labels", f, "--k", "2", "--json")
+        assert code == 0, out
+        results.append(json.loads(out[out.index("{"):]))
+    assert results[0] == pytest.approx(results[1])
