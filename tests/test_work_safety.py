@@ -174,11 +174,12 @@ def test_refused_resume_changes_nothing(data_file: Path, tmp_path: Path, reliabi
     before = _snapshot(run)
     code, out = _cli("train", "--resume", run, "--lr", "0.1", "--no-progress")
     assert code == 2 and "lr" in out, out
+    refused = _one_line(out)
     assert _snapshot(run) == before, "a refused resume changed files"
     code, out = _cli("train", "--resume", run, "--epochs", "1", "--no-progress")
     assert code == 0, out
-    reliability.record(RESUME_REFUSED, f"exit 2: {_one_line(_cli('train', '--resume', run, '--lr', '0.1', '--no-progress')[1])[:110]}...; "
-                       "every file byte-identical; a plain --resume then exits 0")
+    reliability.record(RESUME_REFUSED, f"exit 2: {refused[:110]}...; every file "
+                       "byte-identical; a plain --resume then exits 0")
 
 
 _HOLD = r"""
