@@ -544,6 +544,17 @@ def _finish(X: sp.spmatrix, Y: sp.spmatrix, path: Path, what: str) -> tuple[sp.c
     return X, Y
 
 
+def _check_zip(path: Path) -> None:
+    """An npz file is a zip archive: say so plainly when it is not (numpy would talk of
+    pickled data for a text file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] != b"PK":
+        kind = "is empty" if not head else f"starts with {head!r}"
+        raise DataFormatError(path, None, f"not an npz (zip) file: it {kind}; a text data "
+                              "file needs --fmt xc / svmlight (or no --fmt)")
+
+
 def _load_npz(path: Path) -> XMCDataset:
     pair = _npz_pair(path)
     try:
@@ -552,10 +563,12 @@ def _load_npz(path: Path) -> XMCDataset:
             for p in pair:
                 if not p.exists():
                     raise DataFormatError(p, None, "missing file of the npz pair <prefix>_X.npz / _Y.npz")
+                _check_zip(p)
             X, Y = _finish(_load_scipy_npz(xp, "X"), _load_scipy_npz(yp, "Y"), path, "npz pair")
             return XMCDataset(X, Y)
         if not path.exists():
             raise DataFormatError(path, None, "no such file")
+        _check_zip(path)
         with np.load(path, allow_pickle=False) as z:
             X, Y = _finish(_csr_from_npz(z, "X", path), _csr_from_npz(z, "Y", path), path, "npz")
             names = [str(s) for s in z["label_names"]] if "label_names" in z else None
