@@ -10,7 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from xmc_toolkit.data.formats import FORMATS, dataset_stats, load, save
+from cli._options import load_data, zero_based_option
+from xmc_toolkit.data.formats import FORMATS, dataset_stats, save
 
 __all__ = ["DATA_COMMANDS", "info", "convert", "render_stats"]
 
@@ -64,9 +65,10 @@ def render_stats(stats: dict[str, Any], title: str) -> Table:
 @click.option("--label-xml", type=click.Path(path_type=Path), default=None,
               help="ARFF: the Mulan label XML (default: the .xml beside the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@zero_based_option
 def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool) -> None:
     """Print size and label statistics of the data set at PATH."""
-    ds = load(path, fmt, label_xml=label_xml)
+    ds = load_data(path, fmt, label_xml=label_xml)
     stats = dataset_stats(ds)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
@@ -82,10 +84,22 @@ def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool) -> 
 @click.option("--to", "to_fmt", type=click.Choice(_WRITABLE), default=None,
               help="Output format (default: from OUT's name, else xc).")
 @click.option("--label-xml", type=click.Path(path_type=Path), default=None,
-              help="ARFF input: the Mulan label XML (default: the .xml beside the file).")
+              help="ARFF input: the Mulan label XML (default: the .xml beside the file); "
+                   "other inputs: label names to attach (an XML or one name per line; the "
+                   "count must equal L).")
+@zero_based_option
 def convert(src: Path, dst: Path, from_fmt: str | None, to_fmt: str | None, label_xml: Path | None) -> None:
-    """Convert the data set IN to OUT (xc, xc-split, svmlight or npz)."""
-    ds = load(src, from_fmt, label_xml=label_xml)
+    """Convert the data set IN to OUT (xc, xc-split, svmlight or npz).
+
+    svmlight output starts with the header line '# xmc-toolkit svmlight zero_based=1
+    num_features=D num_labels=L' (a comment to other readers), so it reads back exactly.
+    """
+    from xmc_toolkit.data.formats import infer_format
+
+    if label_xml is not None and (from_fmt or infer_format(src)) != "arff":
+        ds = load_data(src, from_fmt, label_names_from=label_xml)  # count checked
+    else:
+        ds = load_data(src, from_fmt, label_xml=label_xml)
     save(ds, dst, to_fmt)
     click.echo(f"wrote {dst}: {ds.num_points} points, {ds.num_features} features, {ds.num_labels} labels")
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cli._format import metrics_json, metrics_lines, metrics_table
-from xmc_toolkit.errors import XMCError
+from cli._options import no_verify_option, zero_based, zero_based_option
 
 __all__ = ["COMMANDS", "eval_"]
 
@@ -30,11 +30,35 @@ _DATA = click.Path(path_type=Path)
 
 def _load_labels(path: Path) -> Any:
     """Labels ``Y`` csr ``[N, L]`` of any file supported by ``xmc_toolkit.data.load``."""
-    try:
-        from xmc_toolkit.data.formats import load
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while formats.py is missing
-        raise XMCError(f"cannot read {path}: the data loader is unavailable ({exc})") from exc
-    return load(path).Y
+    from cli._options import load_data
+
+    return load_data(path).Y
+
+
+def _compact_labels(Y: Any, Y_train: Any, ids: Any) -> tuple[Any, Any, Any]:
+    """Renumber labels to those that occur when ``L`` dwarfs the stored entries.
+
+    Every metric (PSP included: a label's propensity depends only on its own count and ``N``)
+    is unchanged by renaming labels, so the per-label arrays of the metrics follow the data,
+    not ``L``, which one huge label id in a headerless file can make 2^31 (a 16 GiB count
+    array). Predicted ids beyond ``L`` are left for the metrics' own range check.
+    """
+    import numpy as np
+    import scipy.sparse as sp
+
+    L = Y.shape[1]
+    parts = [Y.indices, ids[ids >= 0]] + ([Y_train.indices] if Y_train is not None else [])
+    if L <= 4 * sum(len(p) for p in parts) + 65536 or (ids >= L).any():
+        return Y, Y_train, ids
+    used = np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+
+    def remap(M: Any) -> Any:
+        return sp.csr_matrix((M.data, np.searchsorted(used, M.indices), M.indptr),
+                             shape=(M.shape[0], len(used)))
+
+    new_ids = np.where(ids >= 0, np.searchsorted(used, np.maximum(ids, 0)), ids)
+    logger.info("evaluating over the %d labels that occur (of L=%d)", len(used), L)
+    return remap(Y), None if Y_train is None else remap(Y_train), new_ids
 
 
 def _evaluate_predictions(
@@ -72,6 +96,7 @@ def _evaluate_predictions(
         logger.info(
             "propensities from the training labels %s (A=%g, B=%g)", train_labels, prop_a, prop_b
         )
+        Y, Y_train, ids = _compact_labels(Y, Y_train, ids)
         inv_prop = inverse_propensity(Y_train, prop_a, prop_b)
     else:
         logger.warning(
@@ -81,6 +106,7 @@ def _evaluate_predictions(
             prop_a,
             prop_b,
         )
+        Y, _, ids = _compact_labels(Y, None, ids)
         inv_prop = inverse_propensity(Y, prop_a, prop_b)
     return evaluate(Y, ids, ks=range(1, k + 1), inv_prop=inv_prop)
 
@@ -95,6 +121,7 @@ def _evaluate_model(
     show_progress: bool,
     fields: Any = None,
     labels: Path | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     from xmc_toolkit.evaluate import evaluate_model_dir  # lazy: imports torch
 
@@ -103,6 +130,8 @@ def _evaluate_model(
         "device": device,
         "ignore_extra": ignore_extra,
         "show_progress": show_progress,
+        "verify": verify,
+        "zero_based": zero_based(),
     }
     if fields is not None:  # only field names other than the defaults
         kwargs["fields"] = fields
@@ -156,6 +185,8 @@ def _evaluate_model(
 @click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Report metrics at 1..k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fractions).")
+@no_verify_option
+@zero_based_option
 def eval_(
     predictions: Path | None,
     labels: Path | None,
@@ -174,6 +205,7 @@ def eval_(
     threads: int,
     k: int,
     as_json: bool,
+    no_verify: bool,
 ) -> None:
     """Evaluate predictions: P@k, nDCG@k, PSP@k, PSnDCG@k, R@k for k = 1..K.
 
@@ -214,7 +246,7 @@ def eval_(
         set_threads(threads)
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
-            show_progress=not as_json and sys.stderr.isatty(),
+            show_progress=not as_json and sys.stderr.isatty(), verify=not no_verify,
             fields=None if (text_field, label_field, label_sep) == ("text", "labels", "|")
             else TextFields(text_field, label_field, label_sep), labels=labels,
         )

@@ -24,22 +24,38 @@ _COMMAND_MODULES = ("cli.data_cmds", "cli.synth_cmds", "cli.eval_cmds", "cli.tra
 
 
 class XMCGroup(click.Group):
-    """A click group that reports :class:`XMCError` as one line and exit status 2."""
+    """A click group that reports errors as one line: exit status 2 for :class:`XMCError`,
+    out of memory and file-system errors (``OSError``: disk full, permissions, a missing
+    folder, ...), 130 for Ctrl-C outside training (training handles its own, see
+    ``xmc train``)."""
 
     def invoke(self, ctx: click.Context) -> object:
+        debug = bool(ctx.find_root().params.get("debug"))
         try:
             return super().invoke(ctx)
         except XMCError as exc:
-            root = ctx.find_root()
-            if root.params.get("debug"):
+            if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except MemoryError:
-            if ctx.find_root().params.get("debug"):
+            if debug:
                 raise
             click.echo("error: out of memory; lower --batch-size or --chunk-size", err=True)
             ctx.exit(2)
+        except OSError as exc:
+            if debug:
+                raise
+            from xmc_toolkit._fileio import output_error
+
+            where = exc.filename if exc.filename is not None else "a file"
+            click.echo(f"error: {output_error(where, exc, 'access')}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted (Ctrl-C); nothing more was written", err=True)
+            ctx.exit(130)
         return None  # pragma: no cover
 
 

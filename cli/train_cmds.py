@@ -16,13 +16,34 @@ from typing import Any
 
 import click
 
+from cli._options import load_data, no_verify_option, zero_based, zero_based_option
 from xmc_toolkit.errors import ConfigError
 
 __all__ = ["COMMANDS", "train", "predict", "export"]
 
 _DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
+# data sets may be split prefixes (med/trn) or folders: the loader checks them, as `data info`
+_DATASET = click.Path(path_type=Path)
 _MODEL = click.Path(path_type=Path)
-RUN_FILE = "run.json"
+RUN_FILE = "run.json"  # data paths and config of a run in its --out directory (for --resume)
+
+
+def _read_run(resume: Path) -> dict[str, Any]:
+    """``run.json`` of a ``--resume`` directory, checked."""
+    run_file = resume / RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError(f"{str(resume)!r} is not a training run directory ({RUN_FILE} is "
+                          "missing); pass the --out directory of an earlier `xmc train`")
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(run, dict) or not isinstance(run.get("config", {}), dict):
+            raise ValueError("not a JSON object with a 'config' object")
+        if not all(isinstance(run.get(k), (str, type(None))) for k in ("data", "val")):
+            raise ValueError("'data' and 'val' must be file paths")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(run_file)!r} is unreadable ({exc}); it is written by `xmc "
+                          "train`: restore it, or start a new run with --out") from exc
+    return run
 
 
 def _config_cls() -> Any:
@@ -104,9 +125,9 @@ def text_field_options(func: Any) -> Any:
 
 
 @click.command("train")
-@click.option("--data", "data", type=_DATA,
+@click.option("--data", "data", type=_DATASET,
               help="Training data set: raw text (.jsonl/.tsv/.csv) or any feature-vector format.")
-@click.option("--val", "val", type=_DATA, default=None,
+@click.option("--val", "val", type=_DATASET, default=None,
               help="Validation data set (same feature/label space; text for text data); "
                    "default: none, or --val-fraction of the training rows.")
 @click.option("--out", "out", type=_MODEL, default=None,
@@ -115,6 +136,9 @@ def text_field_options(func: Any) -> Any:
               help="JSON file of TrainConfig values (flags override it).")
 @click.option("--resume", "resume", type=_MODEL, default=None,
               help="Continue the interrupted run in this directory exactly (same data/config).")
+@click.option("--force", is_flag=True,
+              help="Replace the model in a non-empty --out (its checkpoints and logs are "
+                   "removed first), or --resume on data that changed since the checkpoint.")
 @click.option("--print-config", is_flag=True,
               help="Print the merged config (every default) as JSON and exit.")
 @click.option("--progress/--no-progress", default=None,
@@ -128,11 +152,12 @@ def text_field_options(func: Any) -> Any:
                    "XML), stored in the model so that predictions carry names.")
 @threads_option
 @text_field_options
+@zero_based_option
 @_featurizer_options
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
-          resume: Path | None, print_config: bool, progress: bool | None, as_json: bool,
-          labels_file: Path | None, label_names: Path | None, text_field: str,
+          resume: Path | None, force: bool, print_config: bool, progress: bool | None,
+          as_json: bool, labels_file: Path | None, label_names: Path | None, text_field: str,
           label_field: str, label_sep: str, threads: int, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
@@ -142,6 +167,12 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     xmc train --data train.txt --out runs/big --loss sampled --sampler midx --negatives 32
     xmc train --resume runs/big                         # continue an interrupted run
     xmc train --print-config > cfg.json; xmc train --config cfg.json --data train.txt --out r
+
+    \b
+    --out must be new or empty: a directory holding a model is refused unless --force
+    (replace it) or --resume (continue it). The directory is locked while training; a second
+    `xmc train` into it fails at once, naming the first one's pid. A refused command changes
+    nothing on disk.
     """
     from xmc_toolkit.featurizer import FeaturizerConfig
 
@@ -152,12 +183,11 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     base = TrainConfig()
     feat_base = FeaturizerConfig()
     run: dict[str, Any] = {}
+    base_choice = zero_based()
     if resume is not None:
-        run_file = resume / RUN_FILE
-        if not run_file.is_file():
-            raise ConfigError(f"{str(resume)!r} is not a training run directory ({RUN_FILE} is "
-                              "missing); pass the --out directory of an earlier `xmc train`")
-        run = json.loads(run_file.read_text())
+        run = _read_run(resume)
+        if base_choice == "auto" and run.get("zero_based") in (True, False):
+            base_choice = run["zero_based"]
         saved = dict(run.get("config", {}))
         saved.pop("max_steps", None)  # a pause point of the earlier call, not of this one
         base = base.merged(saved, validate=False)
@@ -189,9 +219,10 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     if out is None:
         raise click.UsageError("--out is required (the model directory to write)")
 
+    from xmc_toolkit._fileio import atomic_write_text
     from xmc_toolkit.inputs import (TextFields, is_text_file, load_training_data,
                                     load_validation_data)
-    from xmc_toolkit.train import Trainer
+    from xmc_toolkit.train import Trainer, TrainingInterrupted
 
     apply_threads(threads)
 
@@ -203,14 +234,15 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     fields = TextFields(text_field, label_field, label_sep)
     train_ds, featurizer = load_training_data(
         data, feat_cfg if text_data else None, fields=fields, label_names_from=label_names,
-        labels_from=labels_file)
+        labels_from=labels_file, zero_based=base_choice)
     # every config problem, data-dependent ones included, at once and before any work
     cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
     val_ds = None if val is None else load_validation_data(val, train_ds, featurizer,
-                                                           fields=fields)
-    out.mkdir(parents=True, exist_ok=True)
+                                                           fields=fields,
+                                                           zero_based=base_choice)
     record: dict[str, Any] = {
         "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
+        "zero_based": None if base_choice == "auto" else base_choice,
         "config": cfg.to_dict()}
     if featurizer is not None:
         record["text"] = {"featurizer": feat_cfg.to_dict(), "text_field": text_field,
@@ -219,16 +251,23 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         record["label_names"] = str(Path(label_names).resolve())
     if labels_file is not None:
         record["labels"] = str(Path(labels_file).resolve())
-    (out / RUN_FILE).write_text(json.dumps(record, indent=2))
     show = sys.stderr.isatty() if progress is None else progress
-    from xmc_toolkit.train import TrainingInterrupted
+    run_doc = json.dumps(record, indent=2)
 
+    def write_run(event: str, payload: dict[str, Any]) -> None:
+        # written once training is accepted (a resume's config and data are checked first), so
+        # a refused command leaves run.json as it was
+        if event == "train_begin":
+            atomic_write_text(out / RUN_FILE, run_doc)
+
+    # the trainer locks --out, checks it (refused over earlier work unless --force) and the
+    # resumed checkpoint's config and data, all before writing anything
     try:
-        result = Trainer(cfg, out_dir=out, featurizer=featurizer).fit(
-            train_ds, val_ds, show_progress=show, resume=resume is not None)
-    except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
+        result = Trainer(cfg, out_dir=out, callbacks=[write_run], featurizer=featurizer).fit(
+            train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
+    except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
         click.echo(str(exc), err=True)
-        sys.exit(130)
+        sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
@@ -238,12 +277,18 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     if featurizer is not None:
         summary["featurizer"] = {"num_features": featurizer.num_features,
                                  "num_labels": train_ds.num_labels}
+    summary["paused"] = result.paused
     if as_json:
         click.echo(json.dumps(summary))
         return
     if featurizer is not None:
         click.echo(f"featurized {train_ds.num_points} texts: {featurizer.num_features} features, "
                    f"{train_ds.num_labels} labels")
+    if result.paused:
+        click.echo(f"paused at step {result.steps} (--max-steps {cfg.max_steps}) after "
+                   f"{summary['epochs']} complete epoch(s); checkpoint saved: continue with "
+                   f"xmc train --resume {out}")
+        return
     click.echo(f"trained {summary['epochs']} epochs ({result.steps} steps, "
                f"{result.seconds:.1f} s), loss={result.loss}"
                + (f" sampler={result.sampler}" if result.sampler else "")
@@ -266,7 +311,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
 
 @click.command("predict")
 @click.option("--model", "model", type=_MODEL, required=True, help="Model directory.")
-@click.option("--data", "data", type=_DATA, default=None,
+@click.option("--data", "data", type=_DATASET, default=None,
               help="Data set to predict: raw text (.jsonl/.tsv/.csv, labels optional) for a "
                    "model trained on text, else the model's feature format.")
 @click.option("--text", "texts", multiple=True,
@@ -296,10 +341,13 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                    "softmax) is at least this value.")
 @threads_option
 @text_field_options
+@no_verify_option
+@zero_based_option
 def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, out: Path | None,
             approx: bool, num_cells: int, device: str, chunk_size: int, ignore_extra: bool,
             progress: bool | None, probability: str | None, threshold: float | None,
-            threads: int, text_field: str, label_field: str, label_sep: str) -> None:
+            threads: int, text_field: str, label_field: str, label_sep: str,
+            no_verify: bool) -> None:
     """Write the top-k labels of every point of --data, or of --text documents.
 
     \b
@@ -309,15 +357,18 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
     xmc predict --model runs/bibtex --data test.txt --topk 5 --out pred.txt
     xmc predict --model runs/big --data test.txt --out pred.txt --approx
     """
-    from xmc_toolkit.data.predictions import jsonl_lines, write_predictions
+    from xmc_toolkit.data.predictions import (check_predictions_path, jsonl_lines,
+                                              write_predictions)
 
     if (data is None) == (not texts):
         raise click.UsageError("give exactly one of --data FILE or --text TEXT (--text - reads "
                                "standard input)")
+    if out is not None and str(out) != "-":
+        check_predictions_path(out)  # before the work, not after it
     apply_threads(threads)
     if texts:
         _predict_texts(model, texts, topk, out, approx, num_cells, device, chunk_size,
-                       probability, threshold)
+                       probability, threshold, verify=not no_verify)
         return
     from xmc_toolkit.evaluate import predict_model_dir
     from xmc_toolkit.inputs import TextFields
@@ -327,7 +378,8 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
                             chunk_size=chunk_size, ignore_extra=ignore_extra,
                             show_progress=show,
                             fields=TextFields(text_field, label_field, label_sep),
-                            probability=probability, threshold=threshold)
+                            probability=probability, threshold=threshold,
+                            verify=not no_verify, zero_based=zero_based())
     extra = _probability_fields(res["probabilities"])
     if out is None or str(out) == "-":
         for line in jsonl_lines(res["ids"], res["scores"], res["label_names"], extra=extra):
@@ -337,7 +389,8 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
                           extra=extra, num_labels=res["num_labels"])
         click.echo(f"wrote top-{topk} predictions of {res['ids'].shape[0]} points to {out}")
     if res["recall_vs_exact"] is not None:
-        click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}",
+        click.echo(f"approximate top-{topk} recall vs exact: {res['recall_vs_exact']:.4f}"
+                   + (f" ({res['approx_note']})" if res.get("approx_note") else ""),
                    err=out is None)
 
 
@@ -350,7 +403,8 @@ def _probability_fields(probs: Any) -> list[dict[str, Any]] | None:
 
 def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | None,
                    approx: bool, num_cells: int, device: str, chunk_size: int,
-                   probability: str | None, threshold: float | None) -> None:
+                   probability: str | None, threshold: float | None, *,
+                   verify: bool = True) -> None:
     """``--text``: documents from the command line, or streamed from standard input."""
     from xmc_toolkit.data.predictions import jsonl_lines, write_predictions
     from xmc_toolkit.errors import DataFormatError
@@ -360,7 +414,7 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
 
     if "-" in texts and len(texts) > 1:
         raise click.UsageError("--text - (standard input) cannot be combined with other --text")
-    m = load_model_dir(model_dir, device=device)  # loaded once, also for a whole stream
+    m = load_model_dir(model_dir, device=device, verify=verify)  # once, also for a stream
     k = min(k, m.num_labels)
 
     def run(batch: list[str]) -> tuple[Any, Any, Any]:
@@ -403,17 +457,21 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
 @click.option("--model", "model", type=_MODEL, required=True, help="Model directory.")
 @click.option("--what", type=click.Choice(["labels", "instances"]), required=True,
               help="labels: the [L, d] label table; instances: query embeddings of --data.")
-@click.option("--data", "data", type=_DATA, default=None, help="Data set (with --what instances).")
+@click.option("--data", "data", type=_DATASET, default=None,
+              help="Data set (with --what instances).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output file, .safetensors or .npy.")
 @click.option("--normalize", is_flag=True, help="L2-normalize rows (cosine search).")
 @click.option("--fold-bias", is_flag=True,
-              help="Labels: append the bias as a last column (pair with queries + a column of 1).")
+              help="Append a last column: labels get their bias, instances a 1, so that the "
+                   "inner product of the two includes the bias.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--ignore-extra", is_flag=True,
               help="Drop features the model does not know instead of failing (instances).")
+@no_verify_option
+@zero_based_option
 def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool,
-           fold_bias: bool, device: str, ignore_extra: bool) -> None:
+           fold_bias: bool, device: str, ignore_extra: bool, no_verify: bool) -> None:
     """Export label or instance embeddings for nearest-neighbour libraries.
 
     \b
@@ -427,7 +485,10 @@ def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool
         raise click.UsageError("--what instances needs --data")
     if what == "labels" and data is not None:
         raise click.UsageError("--data applies only with --what instances")
-    m = XMCModel.load(model, device=device)
+    from xmc_toolkit.export import check_export_path
+
+    check_export_path(out)  # before the work, not after it
+    m = XMCModel.load(model, device=device, verify=not no_verify)
     names = None
     if what == "labels":
         emb = m.label_embeddings()
@@ -443,13 +504,16 @@ def export(model: Path, what: str, data: Path | None, out: Path, normalize: bool
         if is_text_file(data):  # texts through the model's featurizer; labels play no part
             ds = load_for_model(data, fitted, labels_required=False)
         else:
-            from xmc_toolkit.data import load
             from xmc_toolkit.evaluate import align_dataset
 
-            ds = load(data)  # only the feature space matters for instance embeddings
+            ds = load_data(data)  # only the feature space matters for instance embeddings
             ds = align_dataset(ds, fitted.num_features, ds.num_labels,
                                ignore_extra=ignore_extra, path=str(data))
         emb = m.encode(ds.X)
+        if fold_bias:
+            from xmc_toolkit.export import augment_queries
+
+            emb = augment_queries(emb)
     path = export_embeddings(emb, out, normalize=normalize, names=names,
                              metadata={"what": what, "model": str(model)})
     click.echo(f"wrote {emb.shape[0]} x {emb.shape[1]} {what} embeddings to {path}")

@@ -1,7 +1,7 @@
 """Generate ``docs/reliability.md`` from the reliability test suite.
 
 Runs the reliability test files (``tests/test_fuzz_loaders.py``, ``tests/test_faults.py``,
-``tests/test_reliability.py``) in one pytest process with ``$XMC_RELIABILITY_LOG`` set, so that
+``tests/test_work_safety.py``, ``tests/test_reliability.py``) in one pytest process with ``$XMC_RELIABILITY_LOG`` set, so that
 every case records (category, case, expected outcome, observed outcome) through the
 ``reliability`` fixture of ``tests/reliability.py``, then renders the log as Markdown.
 
@@ -28,7 +28,8 @@ __all__ = ["render", "previous_observations", "declared", "TEST_FILES", "DOC", "
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
-TEST_FILES = ("tests/test_faults.py", "tests/test_fuzz_loaders.py", "tests/test_reliability.py")
+TEST_FILES = ("tests/test_faults.py", "tests/test_fuzz_loaders.py", "tests/test_work_safety.py",
+              "tests/test_reliability.py")
 
 _INTRO = """\
 # Reliability: bad inputs, faults and what happens
@@ -108,7 +109,7 @@ def declared() -> list[dict[str, str]]:
     sys.path.insert(0, str(REPO))
     import importlib
 
-    for name in ("test_faults", "test_fuzz_loaders", "test_reliability"):
+    for name in ("test_faults", "test_fuzz_loaders", "test_work_safety", "test_reliability"):
         importlib.import_module(name)
     from reliability import declared_cases
 

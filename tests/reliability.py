@@ -42,6 +42,7 @@ CATEGORIES = (
     "cli",
     "config",
     "interrupted runs",
+    "output directories",
     "checkpoints",
     "numerical safety",
     "data mismatches",

@@ -182,10 +182,11 @@ def fake_evaluate(monkeypatch: pytest.MonkeyPatch) -> list:
     calls: list = []
 
     def evaluate_model_dir(model_dir, data_path, *, ks, device, chunk_size=None,
-                           ignore_extra=False, show_progress=False):
+                           ignore_extra=False, show_progress=False, verify=True,
+                           zero_based="auto"):
         calls.append(dict(model_dir=model_dir, data_path=data_path, ks=ks, device=device,
                           chunk_size=chunk_size, ignore_extra=ignore_extra,
-                          show_progress=show_progress))
+                          show_progress=show_progress, verify=verify, zero_based=zero_based))
         out = {key: 0.5 for key in metric_keys(max(ks))}
         out.update(num_rows_evaluated=10, num_rows_without_labels=0)
         return out
@@ -204,7 +205,7 @@ def test_model_mode_passes_options(files, fake_evaluate: list) -> None:
     assert r.exit_code == 0, r.output
     assert fake_evaluate == [dict(model_dir=model, data_path=files["labels"], ks=(1, 2),
                                   device="cpu", chunk_size=128, ignore_extra=True,
-                                  show_progress=False)]
+                                  show_progress=False, verify=True, zero_based="auto")]
     got = json.loads(r.output)
     assert got["P@2"] == 0.5 and got["num_rows_evaluated"] == 10
     r = run("eval", "--model", model, "--data", files["labels"], "--k", "2")

@@ -161,18 +161,45 @@ def ref_split(data: bytes, binary: bool = False) -> sp.csr_matrix:
     return _dense(rows, n, d, 1)[0]
 
 
+_SVM_MARK = b"# xmc-toolkit svmlight"
+
+
 def ref_svmlight(data: bytes) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     lines = _lines(data)
+    marker: dict[bytes, int] = {}
+    first = 1
+    if lines and lines[0].startswith(_SVM_MARK):  # the header written by save()
+        for tok in lines[0][len(_SVM_MARK):].split():
+            key, _, value = tok.partition(b"=")
+            if (key not in (b"zero_based", b"num_features", b"num_labels")
+                    or not re.fullmatch(rb"[0-9]{1,18}", value)
+                    or (key == b"zero_based" and value not in (b"0", b"1"))):
+                raise RefError(1, f"bad header entry {tok!r}")
+            marker[key] = int(value)
+        lines, first = lines[1:], 2
     if not lines:
         raise RefError(None, "empty file")
-    rows = [_ref_row(line, k + 1, True) for k, line in enumerate(lines)]
+    rows = [_ref_row(line, k + first, True) for k, line in enumerate(lines)]
     fids = [j for _, f in rows for j in f]
     labs = [j for lab, _ in rows for j in lab]
-    one_based = bool(fids) and min(fids) > 0
+    if b"zero_based" in marker:
+        one_based = not marker[b"zero_based"]
+        if one_based and fids and min(fids) == 0:
+            raise RefError(None, "feature id 0 in a 1-based file")
+    else:
+        one_based = bool(fids) and min(fids) > 0
     if one_based:
         rows = [(lab, {j - 1: v for j, v in f.items()}) for lab, f in rows]
     d = max((j for _, f in rows for j in f), default=-1) + 1
     l = max(labs, default=-1) + 1
+    if b"num_features" in marker:
+        if d > marker[b"num_features"]:
+            raise RefError(None, "feature id >= num_features")
+        d = marker[b"num_features"]
+    if b"num_labels" in marker:
+        if l > marker[b"num_labels"]:
+            raise RefError(None, "label id >= num_labels")
+        l = marker[b"num_labels"]
     return _dense(rows, len(rows), d, l)
 
 
@@ -404,7 +431,12 @@ def test_fuzz_svmlight(kind: str, tmp_path: Path, reliability) -> None:
             ds = data.draw(st.composite(_valid_ds)())
             save(ds, path, "svmlight")
             raw = path.read_bytes()
-            _fuzz_svmlight(data.draw(corruption(raw, kind, False)), path, tally)
+            if data.draw(st.booleans()):  # the rows only, the xmc-toolkit header line intact
+                head, _, body = raw.partition(b"\n")
+                bad = head + b"\n" + data.draw(corruption(body, kind, False))
+            else:  # the whole file, header line included
+                bad = data.draw(corruption(raw, kind, False))
+            _fuzz_svmlight(bad, path, tally)
 
         run()
 

@@ -103,6 +103,7 @@ def test_reliability_doc_is_current() -> None:
         pytest.skip("scripts/gen_reliability_doc.py is regenerating the document")
     import test_faults  # noqa: F401  (declares its cases)
     import test_fuzz_loaders  # noqa: F401
+    import test_work_safety  # noqa: F401
 
     gen = _generator()
     cases = [{"category": c.category, "case": c.name, "expected": c.expected}

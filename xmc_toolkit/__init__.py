@@ -18,6 +18,7 @@ _LAZY = {
     "ConfigError": "xmc_toolkit.errors",
     "CheckpointError": "xmc_toolkit.errors",
     "SamplerError": "xmc_toolkit.errors",
+    "OutputError": "xmc_toolkit.errors",
     # data
     "XMCDataset": "xmc_toolkit.data",
     "load": "xmc_toolkit.data",

@@ -1,6 +1,6 @@
 """Atomic, checksummed checkpoints: safetensors per tensor group + JSON meta, strict loading.
 
-Directory layout written by :func:`save_checkpoint` (``root`` is e.g. ``xmc train --output``)::
+Directory layout written by :func:`save_checkpoint` (``root`` is e.g. ``xmc train --out``)::
 
     root/
       latest                      text file holding the name of the newest complete checkpoint
@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from ._fileio import atomic_write_bytes, fsync_dir, output_error, set_default_mode, sha256_file
+from .errors import CheckpointError, ConfigError, OutputError
 
 __all__ = [
     "FORMAT",
@@ -64,6 +65,7 @@ __all__ = [
     "resolve_checkpoint",
     "list_checkpoints",
     "verify_checkpoint",
+    "verify_files",
     "load_into_module",
     "flatten_state",
     "unflatten_state",
@@ -85,39 +87,21 @@ _GROUP_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 # -- low-level atomic file helpers -------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _safe_name(directory: Path, name: object, what: str) -> Path:
+    """``directory / name`` for a plain file name; anything that could leave ``directory``
+    (``..``, a separator, an absolute path) is refused."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or os.sep in name or "\0" in name or Path(name).is_absolute()):
+        raise CheckpointError(
+            f"{what} in {str(directory)!r} names the file {name!r}, which is not a plain file "
+            "name inside that directory; the directory is corrupt or was crafted: retrain or "
+            "restore it from a backup")
+    return directory / name
 
 
 def _prepare_tensors(group: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,9 +169,20 @@ def save_checkpoint(
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
 
+    root = Path(root)
+    try:
+        return _save_checkpoint(root, tensors, meta_bytes, step, keep)
+    except OSError as exc:  # disk full, permissions, ...: the previous checkpoint survives
+        prev = list_checkpoints(root)
+        kept = (f"; the previous checkpoint {str(prev[-1])!r} is kept" if prev
+                else "; no earlier checkpoint exists")
+        raise OutputError(f"{output_error(root, exc, 'write a checkpoint in')}{kept}") from exc
+
+
+def _save_checkpoint(root: Path, tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                     meta_bytes: bytes, step: int, keep: int) -> Path:
     from safetensors.torch import save_file
 
-    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:08d}"
     stage = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -199,15 +194,16 @@ def save_checkpoint(
             fname = f"{group}.safetensors"
             tmp = stage / f".{fname}.tmp"
             save_file(prepared, str(tmp), metadata={"format": FORMAT, "group": group})
+            set_default_mode(tmp)  # safetensors creates 0600 files
             _fsync_file(tmp)
             os.replace(tmp, stage / fname)
             files[fname] = {
                 "group": group,
                 "tensors": len(prepared),
                 "bytes": (stage / fname).stat().st_size,
-                "sha256": _sha256(stage / fname),
+                "sha256": sha256_file(stage / fname),
             }
-        _atomic_write_bytes(stage / META, meta_bytes)
+        atomic_write_bytes(stage / META, meta_bytes)
         files[META] = {"bytes": len(meta_bytes), "sha256": hashlib.sha256(meta_bytes).hexdigest()}
         manifest = {
             "format": FORMAT,
@@ -216,22 +212,22 @@ def save_checkpoint(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
         }
-        _atomic_write_bytes(stage / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
-        _fsync_dir(stage)
+        atomic_write_bytes(stage / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+        fsync_dir(stage)
         final = root / name
         trash = None
         if final.exists():  # re-saving the same step: move the old one aside first
             trash = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
         os.replace(stage, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _atomic_write_bytes(root / LATEST, (name + "\n").encode("utf-8"))
-    _fsync_dir(root)
+    atomic_write_bytes(root / LATEST, (name + "\n").encode("utf-8"))
+    fsync_dir(root)
     _prune(root, keep, current=final)
     logger.info("saved checkpoint %s", final)
     return final
@@ -276,16 +272,20 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"model directory {str(p)!r} does not exist; check the path")
     latest = p / LATEST
     if latest.is_file():
-        target = p / latest.read_text().strip()
-        if (target / MANIFEST).is_file():
-            return target
-        logger.warning("%s points to %s, which is missing or incomplete", latest, target)
+        try:
+            name = latest.read_bytes()[:256].decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if _CKPT_RE.match(name) and (p / name / MANIFEST).is_file():
+            return p / name
+        logger.warning("%s does not name a complete ckpt-* checkpoint (%r); using the newest "
+                       "complete one", latest, name[:40])
     complete = list_checkpoints(p)
     if complete:
         return complete[-1]
     raise CheckpointError(
         f"{str(p)!r} is not a model directory: it has no {MANIFEST}, no '{LATEST}' pointer and "
-        "no complete ckpt-* checkpoint; pass the directory written by training (--output)"
+        "no complete ckpt-* checkpoint; pass the directory written by training (xmc train --out)"
     )
 
 
@@ -311,21 +311,57 @@ def _read_manifest(ckpt: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"{str(ckpt)!r} is not a model directory: it has no {MANIFEST}; pass the directory "
-            "written by training (--output)"
+            "written by training (xmc train --out)"
         ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _corrupt(ckpt, f"{MANIFEST} is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise _corrupt(ckpt, f"{MANIFEST} cannot be read ({exc.strerror})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(ckpt / MANIFEST)!r} is not an xmc-toolkit checkpoint manifest "
             f"(format={manifest.get('format') if isinstance(manifest, dict) else None!r})"
         )
-    if int(manifest.get("version", 0)) > VERSION:
+    version = manifest.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _corrupt(ckpt, f"{MANIFEST} has version {version!r}, not an integer")
+    if version > VERSION:
         raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} has format version {manifest['version']}, newer than this "
+            f"checkpoint {str(ckpt)!r} has format version {version}, newer than this "
             f"xmc-toolkit understands ({VERSION}); upgrade xmc-toolkit"
         )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(v, dict) for v in files.values()):
+        raise _corrupt(ckpt, f"{MANIFEST} lists no files (files={str(files)[:60]})")
+    for fname in files:
+        _safe_name(ckpt, fname, MANIFEST)
     return manifest
+
+
+def verify_files(directory: Path, files: Mapping[str, Any],
+                 corrupt: Any = None) -> None:
+    """Check size and sha256 of every ``{name: {"bytes": n, "sha256": hex}}`` in ``directory``.
+
+    ``corrupt(what)`` builds the error (default: a :class:`CheckpointError` naming the
+    directory). Names that would leave ``directory`` are refused.
+    """
+    def fail(what: str) -> CheckpointError:
+        if corrupt is not None:
+            return corrupt(what)
+        return CheckpointError(f"{str(directory)!r} is corrupt: {what}")
+
+    for fname, info in files.items():
+        f = _safe_name(directory, fname, "the checksum list")
+        if not f.is_file():
+            raise fail(f"{fname} is missing")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise fail(f"{fname} has {size} bytes, the checksums record {info.get('bytes')}")
+        digest = sha256_file(f)
+        if digest != info.get("sha256"):
+            raise fail(f"{fname} has sha256 {digest[:12]}..., the checksums record "
+                       f"{str(info.get('sha256'))[:12]}...")
 
 
 def verify_checkpoint(ckpt: str | os.PathLike[str]) -> None:
@@ -336,17 +372,7 @@ def verify_checkpoint(ckpt: str | os.PathLike[str]) -> None:
     """
     ckpt = Path(ckpt)
     manifest = _read_manifest(ckpt)
-    for fname, info in manifest.get("files", {}).items():
-        f = ckpt / fname
-        if not f.is_file():
-            raise _corrupt(ckpt, f"{fname} is missing")
-        size = f.stat().st_size
-        if size != info.get("bytes"):
-            raise _corrupt(ckpt, f"{fname} has {size} bytes, the manifest records {info.get('bytes')}")
-        digest = _sha256(f)
-        if digest != info.get("sha256"):
-            raise _corrupt(ckpt, f"{fname} has sha256 {digest[:12]}..., the manifest records "
-                           f"{str(info.get('sha256'))[:12]}...")
+    verify_files(ckpt, manifest["files"], corrupt=lambda what: _corrupt(ckpt, what))
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -383,7 +409,8 @@ def load_checkpoint(
             verify_checkpoint(ckpt)
         manifest = _read_manifest(ckpt)
         files = manifest.get("files", {})
-        available = {info["group"]: f for f, info in files.items() if "group" in info}
+        available = {info["group"]: f for f, info in files.items()
+                     if isinstance(info.get("group"), str)}
         wanted = list(available) if groups is None else list(groups)
         unknown = [g for g in wanted if g not in available]
         if unknown:
@@ -401,6 +428,8 @@ def load_checkpoint(
             meta = json.loads((ckpt / META).read_text()) if META in files else {}
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _corrupt(ckpt, f"{META} cannot be read ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise _corrupt(ckpt, f"{META} holds a {type(meta).__name__}, not a JSON object")
     except CheckpointError as exc:
         prev = _previous(ckpt) if fallback and "is corrupt" in str(exc) else None
         if prev is None:

@@ -70,6 +70,10 @@ class ConfigBase:
                 problems.append(f"unknown key {key!r}{hint}")
                 continue
             typ = hints.get(key)
+            if value is None and typ is not None and type(None) not in typing.get_args(typ):
+                problems.append(f"{key}=null is not allowed: give a value or leave {key!r} out "
+                                "(its default applies then)")
+                continue
             if isinstance(typ, type) and issubclass(typ, ConfigBase) and isinstance(value, Mapping):
                 try:
                     value = typ.from_dict(value, validate=False)
@@ -95,6 +99,10 @@ class ConfigBase:
             raise ConfigError(f"config file {str(path)!r} does not exist (--config)") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                              f"{exc.start}); pass a JSON file such as `xmc train "
+                              "--print-config` writes") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
         return cls.from_dict(data, validate=validate)
@@ -133,6 +141,15 @@ def _coerce(key: str, value: Any, typ: Any) -> tuple[Any, str | None]:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             return value, f"{key}={value!r} must be a list"
+        elem = args[0] if args else None
+        if elem in (int, float, str, bool):
+            for v in value:
+                _, err = _coerce(key, v, elem)
+                if err is not None:
+                    return value, (f"{key}={list(value)!r}: every entry must be "
+                                   f"{'an integer' if elem is int else 'a ' + elem.__name__}, "
+                                   f"found {v!r}")
+            value = [_coerce(key, v, elem)[0] for v in value]
         return (tuple(value) if origin is tuple else list(value)), None
     if typ is bool:
         if isinstance(value, bool):

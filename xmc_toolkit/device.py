@@ -23,9 +23,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available; use --device cpu or auto")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):  # e.g. mps: torch knows the name, this build may not
+        raise ConfigError(f"device={device!r} is not supported by xmc-toolkit; use --device "
+                          "auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s); use --device cuda:0 "
+                          "or auto")
+    return dev
 
 
 def set_threads(num_threads: int) -> None:

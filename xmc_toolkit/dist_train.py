@@ -246,9 +246,10 @@ def _shard_file(rank: int, world: int) -> str:
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    from ._fileio import atomic_write
+
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(cpu, str(p)))
 
 
 def save_sharded(out_dir: str | os.PathLike[str], network: ShardedXMCNetwork, ctx: DistContext,
@@ -291,9 +292,9 @@ def save_sharded(out_dir: str | os.PathLike[str], network: ShardedXMCNetwork, ct
             "num_train": int(num_train),
             "summary": summary,
         }
-        tmp = out / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out / MANIFEST_FILE)
+        from ._fileio import atomic_write_text
+
+        atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2))
     ctx.barrier()
     return out
 

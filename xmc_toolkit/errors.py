@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from os import PathLike
 
-__all__ = ["XMCError", "DataFormatError", "ConfigError", "CheckpointError", "SamplerError"]
+__all__ = ["XMCError", "DataFormatError", "ConfigError", "CheckpointError", "SamplerError",
+           "OutputError"]
 
 
 class XMCError(Exception):
@@ -56,3 +57,9 @@ class CheckpointError(XMCError):
 
 class SamplerError(XMCError, ValueError):
     """A sampler was misused (bad shapes, ids out of range, sample before update, ...)."""
+
+
+class OutputError(XMCError):
+    """An output file or directory cannot be written (disk full, permissions, a missing folder,
+    a path that is a file or a special file), is in use by another run, or would overwrite
+    earlier work without ``--force``."""

@@ -11,8 +11,10 @@ and pads missing ones with empty columns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +230,23 @@ def evaluate_model(model: LoadedModel, X: sp.spmatrix, Y: sp.spmatrix, *,
     return {key: float(v) for key, v in res.items()}
 
 
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Put ``path`` into a :class:`DataFormatError` raised without one (bad input rows)."""
+    try:
+        yield
+    except DataFormatError as exc:
+        if exc.path is not None:
+            raise
+        raise DataFormatError(path, exc.line, exc.message) from exc
+
+
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], *,
                        ks: tuple[int, ...] = (1, 3, 5), device: str = "auto",
                        chunk_size: int = 65536, ignore_extra: bool = False,
                        show_progress: bool = False, fields: Any = None,
-                       labels_path: str | os.PathLike[str] | None = None) -> dict[str, float]:
+                       labels_path: str | os.PathLike[str] | None = None, verify: bool = True,
+                       zero_based: bool | str = "auto") -> dict[str, float]:
     """Evaluate the model in ``model_dir`` on the data file ``data_path`` (exact top-k).
 
     ``data_path`` may be raw text (``.jsonl``/``.tsv``/``.csv``, field names in ``fields``, a
@@ -243,25 +257,30 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
         ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ..., "num_rows_evaluated": ...}``; metric
         values are fractions in ``[0, 1]``.
 
+    ``verify=False`` skips the checksum pass over the model files (``--no-verify``);
+    ``zero_based`` is the svmlight id base of ``data_path`` (:func:`xmc_toolkit.data.load`).
+
     Raises:
-        CheckpointError: ``model_dir`` is not a model directory.
+        CheckpointError: ``model_dir`` is not a model directory (or a file is corrupt).
         DataFormatError: the data does not match the model (see ``ignore_extra``).
     """
     from .inputs import TextFields, load_for_model
 
-    model = load_model_dir(model_dir, device=device)
+    model = load_model_dir(model_dir, device=device, verify=verify)
     ds = load_for_model(data_path, model, ignore_extra=ignore_extra,
-                        fields=fields or TextFields(), labels_from=labels_path)
-    return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
-                          show_progress=show_progress)
+                        fields=fields or TextFields(), labels_from=labels_path,
+                        zero_based=zero_based)
+    with _naming(data_path):
+        return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
+                              show_progress=show_progress)
 
 
 def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], k: int,
                       *, approx: bool = False, num_cells: int = 16, device: str = "auto",
                       chunk_size: int = 65536, ignore_extra: bool = False,
                       show_progress: bool = False, fields: Any = None,
-                      probability: str | None = None, threshold: float | None = None
-                      ) -> dict[str, Any]:
+                      probability: str | None = None, threshold: float | None = None,
+                      verify: bool = True, zero_based: bool | str = "auto") -> dict[str, Any]:
     """Top-k predictions of the model in ``model_dir`` for the rows of ``data_path``.
 
     ``data_path`` may be raw text for a model trained on text (labels optional there).
@@ -272,23 +291,36 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
 
     Returns:
         ``{"ids": int64 [N, k], "scores": float32 [N, k], "probabilities": float32 [N, k] |
-        None, "label_names": list | None, "recall_vs_exact": float | None}``; the last is the
-        overlap of the approximate top-k with the exact top-k (only with ``approx``).
+        None, "label_names": list | None, "recall_vs_exact": float | None, "approx_note": str
+        | None}``; ``recall_vs_exact`` is the overlap of the approximate top-k with the exact
+        top-k (only with ``approx``). ``verify`` / ``zero_based`` as in
+        :func:`evaluate_model_dir`.
     """
+    from .inputs import TextFields, load_for_model
     from .output_layer import recall_at_k_vs_exact
 
-    from .inputs import TextFields, load_for_model
-
-    model = load_model_dir(model_dir, device=device)
+    model = load_model_dir(model_dir, device=device, verify=verify)
     ds = load_for_model(data_path, model, ignore_extra=ignore_extra, labels_required=False,
-                        fields=fields or TextFields())
-    ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
-                               num_cells=num_cells, show_progress=show_progress)
+                        fields=fields or TextFields(), zero_based=zero_based)
+    with _naming(data_path):
+        ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
+                                   num_cells=num_cells, show_progress=show_progress)
     recall = None
+    note = None
     if approx:
         exact_ids, _ = predict_topk(model, ds.X, k, chunk_size=chunk_size)
         recall = recall_at_k_vs_exact(torch.from_numpy(ids), torch.from_numpy(exact_ids))
         logger.info("approximate top-%d recall vs exact: %.4f", k, recall)
+        state = model.sampler_state
+        saved = state is not None and "codebook1" in state
+        K = (int(state["num_codewords"]) if saved else  # type: ignore[index]
+             model.config.resolved_codewords(model.num_labels))
+        parts = [] if saved else ["the model has no MIDX index (trained without MIDX): one "
+                                  f"was built now from its label embeddings ({K}x{K} cells)"]
+        if num_cells >= K * K:
+            parts.append(f"--num-cells {num_cells} probes all {K * K} cells, so the search is "
+                         "exhaustive (recall 1 by construction); lower --num-cells")
+        note = "; ".join(parts) or None
     probs = None
     if probability is not None or threshold is not None:
         probs = probabilities(model, ds.X, scores, probability or "softmax",
@@ -296,5 +328,5 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
         if threshold is not None:
             ids = apply_threshold(ids, probs, threshold)
     return {"ids": ids, "scores": scores, "probabilities": probs,
-            "label_names": model.label_names, "num_labels": model.num_labels, "recall_vs_exact": recall,
-            "path": str(Path(data_path))}
+            "label_names": model.label_names, "num_labels": model.num_labels,
+            "recall_vs_exact": recall, "approx_note": note, "path": str(Path(data_path))}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,9 +31,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ._fileio import atomic_write
 from .errors import DataFormatError, XMCError
 
 __all__ = [
+    "check_export_path",
     "EXPORT_FORMAT",
     "LoadedEmbeddings",
     "export_embeddings",
@@ -70,23 +71,19 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def check_export_path(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`XMCError` now if ``path`` cannot take an export (suffix, a directory)."""
+    p = Path(path)
+    _check_suffix(p)
+    if p.is_dir():
+        raise XMCError(f"embeddings file {str(p)!r} is a directory; pass a file name (--out)")
+
+
 def _check_suffix(path: Path) -> None:
     if path.suffix not in _SUFFIXES:
         raise XMCError(
             f"embeddings file {str(path)!r} has suffix {path.suffix!r}; use .safetensors or .npy"
         )
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def export_embeddings(
@@ -129,9 +126,8 @@ def export_embeddings(
         names = [str(n) for n in names]
         if len(names) != E.shape[0]:
             raise XMCError(f"got {len(names)} names for {E.shape[0]} embeddings; pass one per row")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        _atomic(path, lambda p: np.save(p, E, allow_pickle=False))
+        atomic_write(path, lambda p: np.save(p, E, allow_pickle=False), make_parents=True)
     else:
         header = {str(k): str(v) for k, v in (metadata or {}).items()}
         header.update(
@@ -141,11 +137,14 @@ def export_embeddings(
             normalized=str(bool(normalize)).lower(),
             has_names=str(names is not None).lower(),
         )
-        _atomic(path, lambda p: save_file({"embeddings": E}, str(p), metadata=header))
+        atomic_write(path, lambda p: save_file({"embeddings": E}, str(p), metadata=header),
+                     make_parents=True)
     side = names_path(path)
     if names is not None:
         data = json.dumps(names, ensure_ascii=False).encode("utf-8")
-        _atomic(side, lambda p: p.write_bytes(data))
+        atomic_write(side, lambda p: p.write_bytes(data))
+    elif side.is_file():  # names of an earlier export to this path would be read with these rows
+        side.unlink()
     logger.info("exported %d x %d embeddings to %s", E.shape[0], E.shape[1], path)
     return path
 
@@ -181,7 +180,10 @@ def load_embeddings(path: str | os.PathLike[str]) -> LoadedEmbeddings:
     E = np.ascontiguousarray(E, dtype=np.float32)
     names = None
     side = names_path(path)
-    if side.is_file():
+    if side.is_file() and metadata.get("has_names") == "false":
+        logger.warning("%s: ignoring %s, which the file says it has no names for (left by an "
+                       "earlier export?)", path, side.name)
+    elif side.is_file():
         try:
             names = json.loads(side.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -243,22 +243,27 @@ class Featurizer:
         return self.vocabulary
 
     # -- persistence ------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``featurizer.json`` (+ ``featurizer.safetensors`` with the idf) into a folder."""
+    def save(self, directory: str | os.PathLike[str]) -> list[str]:
+        """Write ``featurizer.json`` (+ ``featurizer.safetensors`` with the idf) into a folder,
+        each file atomically; returns the names written."""
         from safetensors.numpy import save_file
+
+        from ._fileio import atomic_write, atomic_write_text
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"format": _FORMAT, "version": 1, "config": self.config.to_dict(),
                 "num_features": self.num_features, "has_idf": self.idf is not None,
                 "vocabulary": self.vocabulary}
+        written = []
         if self.idf is not None:
-            tmp = d / (FEATURIZER_TENSORS + ".tmp")
-            save_file({"idf": np.ascontiguousarray(self.idf)}, str(tmp))
-            os.replace(tmp, d / FEATURIZER_TENSORS)
-        tmp = d / (FEATURIZER_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, ensure_ascii=False))
-        os.replace(tmp, d / FEATURIZER_FILE)
+            idf = np.ascontiguousarray(self.idf)
+            atomic_write(d / FEATURIZER_TENSORS, lambda p: save_file({"idf": idf}, str(p)))
+            written.append(FEATURIZER_TENSORS)
+        else:  # no stale idf of an earlier featurizer
+            (d / FEATURIZER_TENSORS).unlink(missing_ok=True)
+        atomic_write_text(d / FEATURIZER_FILE, json.dumps(meta, ensure_ascii=False))
+        return [FEATURIZER_FILE, *written]
 
     @classmethod
     def exists(cls, directory: str | os.PathLike[str]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -56,7 +57,8 @@ def is_text_file(path: PathLike) -> bool:
 def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = None, *,
                        fields: TextFields = TextFields(),
                        label_names_from: PathLike | None = None,
-                       labels_from: PathLike | None = None
+                       labels_from: PathLike | None = None,
+                       zero_based: bool | str = "auto"
                        ) -> tuple[XMCDataset, Featurizer | None]:
     """Read a training file; fit the featurizer on it when it is a text file.
 
@@ -67,6 +69,7 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
         label_names_from: feature-vector formats only: a file of label names, one a line in
             label-id order (stored with the model).
         labels_from: ``.npz`` features only: the label matrix in its own ``.npz`` file.
+        zero_based: svmlight only: the id base (:func:`xmc_toolkit.data.load`).
 
     Returns:
         ``(dataset, featurizer)``; ``featurizer`` is ``None`` for feature-vector data.
@@ -86,11 +89,13 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
                        "only to .jsonl/.tsv/.csv data")
     from .data import load
 
-    return load(path, label_names_from=label_names_from, labels_from=labels_from), None
+    return load(path, label_names_from=label_names_from, labels_from=labels_from,
+                zero_based=zero_based), None
 
 
 def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featurizer | None, *,
-                         fields: TextFields = TextFields()) -> XMCDataset:
+                         fields: TextFields = TextFields(),
+                         zero_based: bool | str = "auto") -> XMCDataset:
     """Read validation data in the space of the training data ``train``.
 
     Text goes through the training featurizer and the training label names; validation labels
@@ -103,7 +108,7 @@ def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featuriz
                            "pass validation data in the training data's format")
         from .data import load
 
-        return load(path)
+        return load(path, zero_based=zero_based)
     space = SimpleNamespace(featurizer=featurizer, label_names=train.label_names or [],
                             num_features=train.num_features, num_labels=train.num_labels)
     return load_for_model(path, space, ignore_extra=True, fields=fields)
@@ -111,7 +116,8 @@ def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featuriz
 
 def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
                    labels_required: bool = True, fields: TextFields = TextFields(),
-                   labels_from: PathLike | None = None) -> XMCDataset:
+                   labels_from: PathLike | None = None,
+                   zero_based: bool | str = "auto") -> XMCDataset:
     """Read ``path`` in the feature and label space of ``model`` (a ``LoadedModel``).
 
     Text files go through the model's featurizer and their labels are matched by name
@@ -119,7 +125,8 @@ def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
     must have the model's dimensions (or are cut/padded with ``ignore_extra``). With
     ``labels_required=False`` (prediction) the labels of the file play no part, and an
     ``.npz`` holding only a feature matrix is accepted. ``labels_from``: the label ``.npz`` of
-    an ``.npz`` feature matrix.
+    an ``.npz`` feature matrix; ``zero_based``: the id base of an svmlight file
+    (:func:`xmc_toolkit.data.load`).
 
     Raises:
         XMCError: a text file for a model trained on feature vectors.
@@ -139,13 +146,13 @@ def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
         return text_dataset(data, model.featurizer, model.label_names or [],
                             ignore_extra=ignore_extra)
     from .data import load
-    from .data.formats import is_single_matrix_npz
+    from .data.formats import is_single_matrix_npz, load_scipy_npz
 
     if not labels_required and labels_from is None and is_single_matrix_npz(path):
-        X = sp.csr_matrix(sp.load_npz(path), dtype=np.float32)
+        X = sp.csr_matrix(load_scipy_npz(Path(path), "X"), dtype=np.float32)
         ds = XMCDataset(X, sp.csr_matrix((X.shape[0], model.num_labels), dtype=np.float32))
     else:
-        ds = load(path, labels_from=labels_from)
+        ds = load(path, labels_from=labels_from, zero_based=zero_based)
     if not labels_required:  # prediction: the file's labels play no part
         ds.Y = sp.csr_matrix((ds.num_points, model.num_labels), dtype=np.float32)
     return align_dataset(ds, model.num_features, model.num_labels, ignore_extra=ignore_extra,

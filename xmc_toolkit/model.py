@@ -292,9 +292,13 @@ class XMCModel:
                               summary=m.summary, featurizer=m.featurizer)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "auto") -> "XMCModel":
-        """Load a model directory written by :meth:`save` or ``xmc train``."""
-        loaded = load_model_dir(path, device=device)
+    def load(cls, path: str | os.PathLike[str], device: str = "auto", *,
+             verify: bool = True) -> "XMCModel":
+        """Load a model directory written by :meth:`save` or ``xmc train``.
+
+        ``verify=False`` skips checking the files against ``checksums.json``.
+        """
+        loaded = load_model_dir(path, device=device, verify=verify)
         from .featurizer import FeaturizerConfig
 
         obj = cls.__new__(cls)

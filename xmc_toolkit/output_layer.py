@@ -52,9 +52,10 @@ class CellIndex(Protocol):
 
 def _check_k(k: int, num_labels: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ConfigError(f"k={k!r} must be a positive integer (--k)")
+        raise ConfigError(f"k={k!r} must be a positive integer (--topk / --k)")
     if k > num_labels:
-        raise ConfigError(f"k={k} exceeds the number of labels ({num_labels}); lower --k")
+        raise ConfigError(f"k={k} exceeds the number of labels ({num_labels}); lower --topk "
+                          "(xmc predict) or --k (xmc eval)")
 
 
 def _topk_fast(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,8 +104,8 @@ def _select_topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     cols = take.nonzero()[:, 1]  # [B * k] row-major, increasing within a row
     if cols.numel() != B * k:
         raise XMCError(
-            "top-k scores contain NaN; check the queries and label embeddings "
-            "(a diverged model: lower --lr)"
+            "top-k scores contain NaN; check the input rows for huge or non-finite values "
+            "and the label embeddings for NaN (a diverged model: retrain with a lower --lr)"
         )
     cols = cols.view(B, k)  # [B, k]
     return scores.gather(1, cols), cols

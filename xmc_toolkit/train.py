@@ -60,6 +60,9 @@ __all__ = [
     "predict_topk_network",
     "save_model_dir",
     "load_model_dir",
+    "verify_model_dir",
+    "prepare_output_dir",
+    "network_bytes",
     "LoadedModel",
     "main",
 ]
@@ -88,6 +91,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.json"
 SUMMARY_FILE = "summary.json"
+CHECKSUMS_FILE = "checksums.json"  # sha256 + size of every file above, written last
+CHECKSUMS_FORMAT = "xmc-toolkit-model-checksums"
 LOG_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoint"
 
@@ -391,7 +396,23 @@ class TrainConfig(ConfigBase):
         if isinstance(self.ks, (tuple, list)) and self.ks and max(self.ks) > num_labels >= 1:
             p.append(f"ks={list(self.ks)} asks for top-{max(self.ks)} of only {num_labels} labels"
                      "; lower --ks")
+        if not p and num_points >= 1 and not self.problems():
+            p += self.memory_problems(num_points, num_features, num_labels)
         return p
+
+    def memory_problems(self, num_points: int, num_features: int, num_labels: int) -> list[str]:
+        """The network for this data must fit in memory: its weights and two optimizer moments
+        (``3 * network_bytes``) are compared with the machine's physical memory before anything
+        is built, so a stray id (svmlight feature ``134217728`` makes ``D`` 1.3e8) fails at once
+        with the value named instead of allocating for minutes and being killed."""
+        need = 3 * network_bytes(num_features, num_labels, self.resolved_for_data(num_points))
+        have = host_memory_bytes()
+        if have is None or need <= have:
+            return []
+        return [f"the model for num_features={num_features}, num_labels={num_labels} needs about"
+                f" {need / 2**30:.1f} GiB (weights and optimizer state) but this machine has"
+                f" {have / 2**30:.1f} GiB; check the data (one feature or label id far above the"
+                " others sets D or L) or lower --dim / --hidden"]
 
     def validate_for_data(self, num_points: int, num_features: int, num_labels: int) -> None:
         """Raise :class:`ConfigError` listing every config and data-size problem at once."""
@@ -514,14 +535,32 @@ class Preprocessor:
         return cls(fit_idf(X) if tfidf else None, l2_normalize)
 
     def transform(self, X: sp.spmatrix) -> sp.csr_matrix:
-        """Return the transformed ``[N, D]`` float32 CSR (the input is not modified)."""
+        """Return the transformed ``[N, D]`` float32 CSR (the input is not modified).
+
+        Raises:
+            DataFormatError: a row's values are not finite after the transform (a value such
+                as 3e38 overflows float32 under TF-IDF or the L2 norm): the input is at fault,
+                not the model, and the message names the row and its largest value.
+        """
         from .batching import l2_normalize_rows, tfidf_transform
 
+        raw = X
         X = sp.csr_matrix(X, dtype=np.float32)
         if self.idf is not None:
             X = tfidf_transform(X, self.idf)
         if self.l2_normalize:
             X = l2_normalize_rows(X)
+        if X.nnz and not np.isfinite(X.data).all():
+            from .errors import DataFormatError
+
+            bad = int(np.flatnonzero(~np.isfinite(X.data))[0])
+            row = int(np.searchsorted(X.indptr, bad, side="right")) - 1
+            vals = sp.csr_matrix(raw)[row].data
+            big = float(np.max(np.abs(vals))) if len(vals) else float("nan")
+            raise DataFormatError(None, None, f"input row {row + 1} (1-based) has feature values "
+                                  f"that are not finite after TF-IDF / L2 normalisation "
+                                  f"(largest |value| {big:g}, float32 overflows above 3.4e38 "
+                                  "and its square above 1.8e19): check or rescale the data")
         return X
 
 
@@ -767,13 +806,14 @@ def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Pr
     ``featurizer`` (a :class:`~xmc_toolkit.featurizer.Featurizer`, models trained on raw text)
     is written beside the weights as ``featurizer.json`` / ``featurizer.safetensors``.
     """
+    from .featurizer import FEATURIZER_FILE, FEATURIZER_TENSORS
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written = [MODEL_FILE, CONFIG_FILE, LABELS_FILE]
     if featurizer is not None:
-        featurizer.save(out)
+        written += featurizer.save(out)  # covered by checksums.json too
     else:  # never leave the featurizer of an earlier text model in a reused directory
-        from .featurizer import FEATURIZER_FILE, FEATURIZER_TENSORS
-
         for name in (FEATURIZER_FILE, FEATURIZER_TENSORS):
             (out / name).unlink(missing_ok=True)
     tensors = _model_tensors(network, pre)
@@ -790,15 +830,126 @@ def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Pr
                                     "num_train": int(num_train)})
     if summary is not None:
         _write_json(out / SUMMARY_FILE, summary)
+        written.append(SUMMARY_FILE)
+    elif (out / SUMMARY_FILE).is_file():  # a summary of other weights would mislead
+        (out / SUMMARY_FILE).unlink()
+    from ._fileio import sha256_file
+
+    files = {f: {"bytes": (out / f).stat().st_size, "sha256": sha256_file(out / f)}
+             for f in written}
+    _write_json(out / CHECKSUMS_FILE, {"format": CHECKSUMS_FORMAT, "version": 1,
+                                       "files": files})
     return out
 
 
-def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device = "auto"
-                   ) -> LoadedModel:
-    """Load a model directory written by :func:`save_model_dir` / ``xmc train``.
+#: everything a training run writes into its output directory (``run.json``: ``xmc train``)
+OUTPUT_FILES = (MODEL_FILE, CONFIG_FILE, LABELS_FILE, SUMMARY_FILE, CHECKSUMS_FILE, LOG_FILE,
+                "run.json", CKPT_DIR, "featurizer.json", "featurizer.safetensors")
+
+
+def prepare_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False) -> list[str]:
+    """Make ``out_dir`` ready for a new training run without losing earlier work silently.
+
+    A missing or empty directory is fine. A directory holding a model or checkpoints, or any
+    other files, is refused unless ``force``; with ``force`` the files of an earlier run
+    (:data:`OUTPUT_FILES`) are removed first, so no old checkpoint or log is mixed with the
+    new ones (other files are left alone).
+
+    Returns:
+        The names removed (with ``force``).
 
     Raises:
-        CheckpointError: the directory is not a model directory or its files are corrupt.
+        OutputError: ``out_dir`` is a file, or is not empty and ``force`` is not set (the
+            message says whether it holds a model, and the flags that proceed).
+    """
+    import shutil
+
+    from ._fileio import LOCK_FILE
+    from .errors import OutputError
+
+    d = Path(out_dir)
+    if not d.exists():
+        return []
+    if not d.is_dir():
+        raise OutputError(f"--out {str(d)!r} is a file, not a directory; pass a directory")
+    entries = sorted(p.name for p in d.iterdir() if p.name != LOCK_FILE)
+    if not entries:
+        return []
+    if not force:
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)"
+                                          if len(entries) > 5 else "")
+        if (d / MODEL_FILE).exists() or (d / CKPT_DIR).exists():
+            raise OutputError(
+                f"--out {str(d)!r} already holds a trained model ({shown}); continue it with "
+                f"--resume {d}, replace it with --force, or choose another --out")
+        if (d / "run.json").exists():
+            raise OutputError(
+                f"--out {str(d)!r} holds an earlier run that saved no model or checkpoint "
+                f"({shown}); start it over with --force, or choose another --out")
+        raise OutputError(
+            f"--out {str(d)!r} is not empty and holds no model ({shown}); training would "
+            "overwrite files there: choose a new or empty --out, or pass --force")
+    removed = []
+    for name in OUTPUT_FILES:
+        p = d / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        logger.warning("--force: removed %s of the earlier run in %s", ", ".join(removed), d)
+    return removed
+
+
+def verify_model_dir(model_dir: str | os.PathLike[str]) -> bool:
+    """Check the size and sha256 of every file that ``checksums.json`` lists.
+
+    Returns:
+        ``True`` when verified, ``False`` when the directory has no ``checksums.json`` (written
+        by an older xmc-toolkit; a warning is logged).
+
+    Raises:
+        CheckpointError: a file is missing, has another size or another sha256 (naming it),
+            or ``checksums.json`` itself is unreadable.
+    """
+    from .checkpoint import verify_files
+
+    d = Path(model_dir)
+    fix = ("retrain, restore the directory from a backup, or load it unchecked with "
+           "--no-verify (verify=False)")
+    if not (d / CHECKSUMS_FILE).is_file():
+        logger.warning("%s has no %s (written by an older xmc-toolkit): its files cannot be "
+                       "verified", d, CHECKSUMS_FILE)
+        return False
+    try:
+        doc = json.loads((d / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+        files = doc["files"]
+        if doc.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict) or not all(
+                isinstance(v, dict) for v in files.values()):
+            raise ValueError("not an xmc-toolkit checksum list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{str(d / CHECKSUMS_FILE)!r} is corrupt ({exc}); {fix}") from exc
+    verify_files(d, files, corrupt=lambda what: CheckpointError(
+        f"model directory {str(d)!r} is corrupt: {what}; {fix}"))
+    return True
+
+
+def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device = "auto",
+                   *, verify: bool = True) -> LoadedModel:
+    """Load a model directory written by :func:`save_model_dir` / ``xmc train``.
+
+    Args:
+        model_dir: the directory.
+        device: where to put the network (``auto``: CUDA when available).
+        verify: check every file against ``checksums.json`` first (:func:`verify_model_dir`;
+            one sha256 pass over the directory). ``False`` (``--no-verify``) skips it.
+
+    Raises:
+        CheckpointError: the directory is not a model directory, its files are corrupt, or its
+            config does not match its weights (checked before anything is built).
     """
     d = Path(model_dir)
     missing = [f for f in (MODEL_FILE, CONFIG_FILE, LABELS_FILE) if not (d / f).is_file()]
@@ -807,14 +958,31 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device
             "is not a directory" if not d.is_dir() else f"lacks {', '.join(missing)}")
         raise CheckpointError(f"{str(d)!r} is not a model directory ({what}); pass the --out "
                               "directory of `xmc train` as --model")
+    if verify:
+        verify_model_dir(d)
     try:
         meta = json.loads((d / CONFIG_FILE).read_text())
         labels = json.loads((d / LABELS_FILE).read_text())
         config = TrainConfig.from_dict(meta["train_config"])
-        D, L = int(meta["num_features"]), int(meta["num_labels"])
-    except (ValueError, KeyError, TypeError) as exc:
+        D, L = meta["num_features"], meta["num_labels"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (D, L)):
+            raise ValueError(f"num_features={D!r}, num_labels={L!r} must be positive integers")
+        if not isinstance(labels, dict):
+            raise ValueError(f"{LABELS_FILE} holds a {type(labels).__name__}, not an object")
+        counts = np.asarray(labels.get("label_counts", [0] * L))
+        if counts.shape != (L,) or counts.dtype.kind not in "iu":
+            raise ValueError(f"label_counts must be {L} integers, found "
+                             f"{str(labels.get('label_counts'))[:40]}")
+        num_train = labels.get("num_train", 1)
+        if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1:
+            raise ValueError(f"num_train={num_train!r} must be a positive integer")
+        names = labels.get("label_names")
+        if names is not None and (not isinstance(names, list) or len(names) != L):
+            raise ValueError(f"label_names must be a list of {L} names")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, XMCError) as exc:
         raise CheckpointError(f"{str(d)!r}: {CONFIG_FILE} or {LABELS_FILE} is corrupt ({exc}); "
                               "retrain or restore the directory") from exc
+    _check_model_shapes(d / MODEL_FILE, D, L, config)  # before anything of size D or L exists
     tensors = _load_tensors(d / MODEL_FILE)
     dev = resolve_device(device)
     network = XMCNetwork(D, L, config)
@@ -832,31 +1000,79 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device
     if (d / SUMMARY_FILE).is_file():
         with contextlib.suppress(ValueError):
             summary = json.loads((d / SUMMARY_FILE).read_text())
-    names = labels.get("label_names")
     from .featurizer import Featurizer
 
     featurizer = Featurizer.load(d) if Featurizer.exists(d) else None
     if featurizer is not None and featurizer.num_features != D:
         raise CheckpointError(f"{str(d)!r}: the featurizer makes {featurizer.num_features} "
                               f"features but the model takes {D}; retrain the model")
-    return LoadedModel(network, pre, config, names,
-                       np.asarray(labels.get("label_counts", [0] * L), dtype=np.int64),
-                       int(labels.get("num_train", 1)), sampler_state, summary, featurizer)
+    return LoadedModel(network, pre, config, names, counts.astype(np.int64), num_train,
+                       sampler_state, summary, featurizer)
+
+
+def _meta_network(num_features: int, num_labels: int, config: TrainConfig) -> XMCNetwork:
+    """The network ``config`` describes, on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return XMCNetwork(num_features, num_labels, config)
+
+
+def _check_model_shapes(path: Path, num_features: int, num_labels: int,
+                        config: TrainConfig) -> None:
+    """Compare the tensor shapes stored in ``path`` with those ``config`` gives, reading only
+    the safetensors header, so that a crafted ``config.json`` (``num_features`` 1e12) fails
+    before anything of that size is allocated."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            stored = {k[len("network."):]: tuple(fh.get_slice(k).get_shape())
+                      for k in fh.keys() if k.startswith("network.")}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc}); "
+                              "retrain or restore the file") from exc
+    try:
+        expected = {k: tuple(v.shape) for k, v in
+                    _meta_network(num_features, num_labels, config).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(f"{str(path.parent)!r}: {CONFIG_FILE} describes no valid network "
+                              f"({exc}); retrain or restore the directory") from exc
+    bad = [f"{k}: config gives {expected.get(k)}, file holds {stored.get(k)}"
+           for k in sorted(set(expected) | set(stored)) if expected.get(k) != stored.get(k)]
+    if bad:
+        raise CheckpointError(
+            f"{str(path)!r} does not match {CONFIG_FILE} (num_features={num_features}, "
+            f"num_labels={num_labels}): {'; '.join(bad[:3])}"
+            + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+            + "; the directory is corrupt: retrain or restore it")
+
+
+def network_bytes(num_features: int, num_labels: int, config: TrainConfig) -> int:
+    """Bytes of the parameters of the network ``config`` describes (no allocation)."""
+    net = _meta_network(num_features, num_labels, config)
+    return sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this machine, or ``None`` when unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    from ._fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomic safetensors save (temporary file + ``os.replace``)."""
+    """Atomic safetensors save (:func:`xmc_toolkit._fileio.atomic_write`)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    from ._fileio import atomic_write
+
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -875,7 +1091,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TrainingInterrupted(XMCError):
-    """Training was interrupted (SIGINT); a checkpoint was saved. ``resume`` continues it."""
+    """Training was interrupted (SIGINT or SIGTERM); a checkpoint of the current step was saved.
+    ``resume`` continues it. ``signum`` is the signal (the CLI exits with ``128 + signum``)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @dataclass
@@ -891,6 +1112,7 @@ class TrainResult:
         seconds: training wall time of this call.
         stopped_early: early stopping triggered.
         loss: resolved loss name; sampler: sampler name or ``None``.
+        paused: ``max_steps`` stopped the run before its last epoch (``resume`` continues).
     """
 
     history: list[dict[str, Any]]
@@ -901,6 +1123,7 @@ class TrainResult:
     stopped_early: bool
     loss: str
     sampler: str | None
+    paused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -942,6 +1165,9 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self._ema: dict[str, torch.Tensor] | None = None
         self._sampler_loaded = False
+        self._signum: int = signal.SIGINT
+        self._fingerprint: dict[str, str | None] = {}
+        self._force = False
         self._reset_loss_tracking()
 
     def _reset_loss_tracking(self) -> None:
@@ -953,7 +1179,8 @@ class Trainer:
 
     # -- public -----------------------------------------------------------------------------
     def fit(self, train: XMCDataset, val: XMCDataset | None = None, *,
-            show_progress: bool = False, resume: bool = False) -> TrainResult:
+            show_progress: bool = False, resume: bool = False,
+            force: bool = False) -> TrainResult:
         """Train (or continue training from ``out_dir/checkpoint`` when ``resume``).
 
         Args:
@@ -961,7 +1188,15 @@ class Trainer:
             val: validation data in the same feature/label space, or ``None`` (then
                 ``val_fraction`` of ``train`` is held out when > 0).
             show_progress: rich progress bar with loss, examples/s and ETA.
-            resume: continue the run saved in ``out_dir/checkpoint`` (same config and data).
+            resume: continue the run saved in ``out_dir/checkpoint`` (same config and data:
+                a fingerprint of the training and validation data is kept in every checkpoint
+                and compared).
+            force: without ``resume``, replace the earlier run in a non-empty ``out_dir``
+                (:func:`prepare_output_dir`: refused otherwise); with ``resume``, continue even
+                when the data's fingerprint differs from the checkpoint's.
+
+        ``out_dir`` is locked for the whole call (:class:`~xmc_toolkit._fileio.OutputLock`):
+        a second trainer writing there fails at once, naming the first one's pid.
 
         Returns:
             A :class:`TrainResult` (also in ``self.result``).
@@ -970,8 +1205,12 @@ class Trainer:
             ConfigError: every config problem (including data-dependent ones) at once.
             XMCError: the loss became NaN/inf (names the step); checkpoints are kept.
             TrainingInterrupted: SIGINT arrived; a checkpoint was saved first.
+            OutputError: another process is writing to ``out_dir``.
+            CheckpointError: ``resume`` with another config or other data (nothing is written).
+            OutputError: ``out_dir`` is not empty and neither ``resume`` nor ``force`` is set.
         """
         cfg = self.config
+        # every check that needs no output directory comes first: a refused run writes nothing
         cfg.validate_for_data(train.num_points, train.num_features, train.num_labels)
         if val is not None and (val.num_features != train.num_features or
                                 val.num_labels != train.num_labels):
@@ -981,12 +1220,27 @@ class Trainer:
                 "same feature and label space (--val)")
         if resume and self.out_dir is None:
             raise ConfigError("resume needs an output directory (--out / --resume DIR)")
+        if self.out_dir is None:
+            return self._fit(train, val, show_progress, resume, force)
+        from ._fileio import OutputLock
+
+        with OutputLock(self.out_dir, what="`xmc train` / training run"):
+            if not resume:
+                prepare_output_dir(self.out_dir, force=force)
+            return self._fit(train, val, show_progress, resume, force)
+
+    def _fit(self, train: XMCDataset, val: XMCDataset | None, show_progress: bool,
+             resume: bool, force: bool) -> TrainResult:
+        cfg = self.config
         device = resolve_device(cfg.device)
         self._seed_everything(cfg.seed)
         self._best_state, self._sampler_loaded, self._interrupted = None, False, False
         self._ema = None
         self._reset_loss_tracking()
 
+        self._fingerprint = {"train": train.fingerprint(),
+                             "val": None if val is None else val.fingerprint()}
+        self._force = force
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
         # resolve the auto values now: the saved config records what was built. Rows from the
@@ -1059,21 +1313,24 @@ class Trainer:
         try:
             self._loop(ctx, X_val, Y_val, inv_prop, loss_name, amp_dtype, total_steps,
                        show_progress)
+            seconds = time.perf_counter() - t_start
+            history = state["history"]
+            best_epoch = state["best_epoch"] or (history[-1]["epoch"] if history else 0)
+            self.result = TrainResult(
+                history=history, best=state["best"], best_epoch=best_epoch,
+                steps=state["step"], seconds=seconds, stopped_early=state["stopped_early"],
+                loss=loss_name, sampler=cfg.sampler if sampled else None,
+                paused=batches.epoch < cfg.epochs and not state["stopped_early"])
+            if self._best_state is not None and cfg.keep_best:
+                network.load_state_dict(self._best_state)
+            elif self._ema is not None:
+                network.load_state_dict(self._ema, strict=False)
+            if self.out_dir is not None:
+                # still under the SIGINT handler: a Ctrl-C now cannot leave the model
+                # directory half old, half new (the run is complete; the interrupt is moot)
+                self._save_model(summary=self.result.to_dict())
         finally:
             self._restore_sigint(old_handler)
-        seconds = time.perf_counter() - t_start
-        history = state["history"]
-        best_epoch = state["best_epoch"] or (history[-1]["epoch"] if history else 0)
-        self.result = TrainResult(
-            history=history, best=state["best"], best_epoch=best_epoch, steps=state["step"],
-            seconds=seconds, stopped_early=state["stopped_early"], loss=loss_name,
-            sampler=cfg.sampler if sampled else None)
-        if self._best_state is not None and cfg.keep_best:
-            network.load_state_dict(self._best_state)
-        elif self._ema is not None:
-            network.load_state_dict(self._ema, strict=False)
-        if self.out_dir is not None:
-            self._save_model(summary=self.result.to_dict())
         self._emit("train_end", self.result.to_dict())
         return self.result
 
@@ -1137,18 +1394,27 @@ class Trainer:
                         if batches.batch_index < steps_per_epoch:  # mid-epoch
                             state["epoch_seconds"] = el
                             self._save_checkpoint(ctx)
-                    if self._interrupted:
-                        raise TrainingInterrupted(
-                            f"interrupted at step {state['step']}; checkpoint saved in "
-                            f"{self.out_dir}; continue with --resume {self.out_dir}")
+                    if self._interrupted and batches.batch_index < steps_per_epoch:
+                        self._raise_interrupted(state)
                     if stop_now and batches.batch_index < steps_per_epoch:
                         return
+                    # at the epoch's last batch an interrupt or a pause falls through to the
+                    # epoch end, whose checkpoint is the one of this step
                 state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + \
                     time.perf_counter() - t0
                 self._read_loss(state)
                 self._end_epoch(ctx, epoch, X_val, Y_val, inv_prop)
+                if self._interrupted:
+                    self._raise_interrupted(state)
         self._read_loss(state)
         return
+
+    def _raise_interrupted(self, state: dict[str, Any]) -> None:
+        """Raise :class:`TrainingInterrupted` (the checkpoint of this step is written)."""
+        by = "" if self._signum == signal.SIGINT else f"{signal.Signals(self._signum).name}: "
+        raise TrainingInterrupted(
+            f"{by}interrupted at step {state['step']}; checkpoint saved in {self.out_dir}; "
+            f"continue with --resume {self.out_dir}", self._signum)
 
     def _track_loss(self, loss: torch.Tensor, step: int, epoch: int) -> None:
         """Accumulate the step's loss on its device and remember the first non-finite one.
@@ -1293,7 +1559,9 @@ class Trainer:
             if scaler is None and not math.isfinite(gnorm):  # a GradScaler skips the step
                 self._track_loss(loss, state["step"] + 1, state["epoch"] + 1)
                 self._read_loss(state)  # a non-finite loss is the cause: report that
-                where = f" (last good checkpoint kept in {self.out_dir})" if self.out_dir else ""
+                ck = None if self.out_dir is None else self.out_dir / CKPT_DIR
+                where = ("" if ck is None else f" (the last good checkpoint in {ck} is kept)"
+                         if (ck / "latest").exists() else " (no checkpoint had been written yet)")
                 raise XMCError(
                     f"gradient norm became {gnorm} at step {state['step'] + 1} (epoch "
                     f"{state['epoch'] + 1}){where}; lower --lr, set --clip-grad, or check the "
@@ -1330,21 +1598,32 @@ class Trainer:
         for cb in self.callbacks:
             cb(event, payload)
 
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def _install_sigint(self) -> Any:
+        """SIGINT (Ctrl-C) and SIGTERM (``kill``, job schedulers) set a flag; the loop saves a
+        checkpoint of the current step and raises :class:`TrainingInterrupted`."""
         if self.out_dir is None:
             return None
+
+        def handler(signum: int, frame: Any) -> None:
+            self._interrupted = True
+            self._signum = signum
+
+        old = {}
         try:
-            def handler(signum: int, frame: Any) -> None:
-                self._interrupted = True
-            return signal.signal(signal.SIGINT, handler)
+            for s in self._SIGNALS:
+                old[s] = signal.signal(s, handler)
         except ValueError:  # not the main thread
+            self._restore_sigint(old)
             return None
+        return old
 
     @staticmethod
     def _restore_sigint(old: Any) -> None:
-        if old is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGINT, old)
+        for s, h in (old or {}).items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(s, h)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -1392,11 +1671,31 @@ class Trainer:
                     sampler_loaded=bool(getattr(self, "_sampler_loaded", False)),
                     config=self.config.to_dict(), label_names=self.label_names,
                     label_counts=[int(c) for c in self.label_counts],  # type: ignore[union-attr]
-                    num_train=self.num_train)
+                    num_train=self.num_train, data_fingerprint=self._fingerprint)
         if ctx["scaler"] is not None:
             meta["scaler"] = ctx["scaler"].state_dict()
         path = save_checkpoint(self.out_dir / CKPT_DIR, groups, meta=meta, step=state["step"])
         self._emit("checkpoint", {"step": state["step"], "path": str(path)})
+
+    def _check_fingerprint(self, saved: Any, ck: Path) -> None:
+        """Refuse a resume on data other than the checkpoint's (unless ``force``)."""
+        if not isinstance(saved, dict):
+            logger.warning("%s records no data fingerprint (written by an older xmc-toolkit): "
+                           "cannot check that --resume uses the same data", ck)
+            return
+        changed = [k for k in ("train", "val") if saved.get(k) != self._fingerprint.get(k)]
+        if not changed:
+            return
+        what = " and ".join({"train": "training", "val": "validation"}[k] for k in changed)
+        if self._force:
+            logger.warning("resuming on different %s data than the checkpoint in %s (forced)",
+                           what, ck)
+            return
+        raise CheckpointError(
+            f"the {what} data differ from those the checkpoint in {str(ck)!r} was trained on "
+            f"(fingerprint {str(self._fingerprint.get(changed[0]))[:16]} vs "
+            f"{str(saved.get(changed[0]))[:16]}; the file changed since, or another file was "
+            "passed); resume with the original data, or pass --force to continue on these")
 
     def _load_checkpoint(self, network: XMCNetwork, bundle: Any, batches: Any,
                          gen: torch.Generator, scaler: Any, state: dict[str, Any]) -> None:
@@ -1418,6 +1717,7 @@ class Trainer:
                     f"{k}: {saved[k]!r} vs {mine[k]!r}" for k in diff)
                 + "); resume with the same settings (only --epochs, --patience, "
                 "--checkpoint-every, --max-steps, --device, --log-every may change)")
+        self._check_fingerprint(meta.get("data_fingerprint"), ck)
         dev = next(network.parameters()).device
         try:
             network.load_state_dict(groups["model"], strict=True)

@@ -103,8 +103,15 @@ def read_label_names(path: Path) -> list[str]:
         raise DataFormatError(path, None, "label names file not found")
     if path.suffix.lower() == ".xml":
         return read_label_xml(path)
-    with open(path, encoding="utf-8") as fh:
-        names = [line.rstrip("\r\n") for line in fh]
+    names = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:  # a byte-order mark is skipped
+                names.append(raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                             .rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise DataFormatError(path, lineno, "label names must be UTF-8 text, one name "
+                                      "per line (or a Mulan label XML)") from None
     while names and names[-1] == "":
         names.pop()
     return names
@@ -204,6 +211,14 @@ def _label_columns(
     if c == 0 or abs(c) > len(attrs):
         raise DataFormatError(path, 1, f"MEKA -C {c} does not fit {len(attrs)} attributes")
     cols = list(range(c)) if c > 0 else list(range(len(attrs) + c, len(attrs)))
+    tail = attrs[len(attrs) - abs(c):] if c > 0 else []
+    if tail and all(a.kind == "nominal" and set(a.values) == {"0", "1"} for a in tail):
+        # labels first (MEKA) or last (Mulan)? the file cannot tell: say which was chosen
+        logger.warning(
+            "%s: no Mulan label XML found; using MEKA '-C %d' from @relation, so the FIRST %d "
+            "attributes (%s, ...) are read as labels. A Mulan file puts its labels LAST: pass "
+            "its XML with --label-xml FILE.xml (label_xml=...) or put it beside the ARFF file "
+            "as %s", path, c, c, attrs[0].name, path.with_suffix(".xml").name)
     return cols, [attrs[j].raw for j in cols]
 
 
@@ -220,7 +235,7 @@ def read_arff(
     Returns:
         ``(X [N, D] csr float32, Y [N, L] csr float32, label_names, feature_names)``.
     """
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         lines = fh.read().split("\n")  # only \n ends a line (keeps line numbers exact)
     relation, attrs, data_start = _parse_header(path, lines)
     label_cols, label_names = _label_columns(path, relation, attrs, label_xml)

@@ -23,6 +23,7 @@ from typing import IO, Any
 import numpy as np
 import scipy.sparse as sp
 
+from .._fileio import atomic_write
 from ..errors import DataFormatError
 from ._arff import read_arff, read_label_names
 from ._textparse import BlockError, ParsedBlock, parse_block
@@ -128,6 +129,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _BZ2_MAGIC = b"BZh"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark (written by some Windows editors)
 
 
 def _decompression_errors() -> tuple[type[BaseException], ...]:
@@ -152,23 +154,31 @@ def open_text_bytes(path: PathLike) -> IO[bytes]:
     The compression is told by the file's first bytes (gzip ``1f 8b``, bzip2 ``BZh``, xz
     ``fd 37 7a 58 5a 00``), whatever its name, so ``train.txt.gz`` / ``.bz2`` / ``.xz`` load
     like ``train.txt``, streamed; line numbers in errors are lines of the decompressed text.
+    A leading UTF-8 byte-order mark (of the decompressed text) is skipped.
     """
-    fh = open(path, "rb")
+    fh: IO[bytes] = open(path, "rb")
     magic = fh.read(6)
     fh.seek(0)
     if magic.startswith(_GZIP_MAGIC):
         fh.close()
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if magic.startswith(_BZ2_MAGIC) and len(magic) >= 4 and magic[3:4].isdigit():
+        fh = gzip.open(path, "rb")  # type: ignore[assignment]
+    elif magic.startswith(_BZ2_MAGIC) and len(magic) >= 4 and magic[3:4].isdigit():
         import bz2
 
         fh.close()
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    if magic == _XZ_MAGIC:
+        fh = bz2.open(path, "rb")  # type: ignore[assignment]
+    elif magic == _XZ_MAGIC:
         import lzma
 
         fh.close()
-        return lzma.open(path, "rb")  # type: ignore[return-value]
+        fh = lzma.open(path, "rb")  # type: ignore[assignment]
+    try:
+        bom = fh.read(3) == _BOM
+    except DECOMPRESSION_ERRORS as exc:
+        fh.close()
+        raise damaged_file_error(path, exc) from None
+    if not bom:
+        fh.seek(0)
     return fh
 
 
@@ -276,19 +286,52 @@ class _Rows:
         return X, Y
 
 
+#: first line of an svmlight file written by :func:`save`: ids are 0-based, and the exact
+#: dimensions (columns never used would otherwise be lost); other readers skip it as a comment
+SVM_MARKER = b"# xmc-toolkit svmlight"
+_SVM_KEYS = ("zero_based", "num_features", "num_labels")
+
+
+def _svm_marker(path: Path, line: bytes) -> dict[str, int]:
+    """Parse ``# xmc-toolkit svmlight zero_based=1 num_features=D num_labels=L`` (entries
+    separated by ASCII blanks; ``zero_based`` 0 or 1, dimensions of up to 18 digits)."""
+    out: dict[str, int] = {}
+    for tok in line[len(SVM_MARKER):].split():
+        key, _, value = tok.decode("ascii", "replace").partition("=")
+        ok = key in _SVM_KEYS and re.fullmatch(r"[0-9]{1,18}", value) is not None
+        if ok and key == "zero_based" and value not in ("0", "1"):
+            ok = False
+        if not ok:
+            raise DataFormatError(path, 1, f"bad xmc-toolkit svmlight header entry "
+                                  f"{tok[:40]!r}: expected zero_based=0|1, num_features=N, "
+                                  "num_labels=N")
+        out[key] = int(value)
+    return out
+
+
 def _parse_file(
     path: Path,
     header: tuple[str, ...] | None,
     has_labels: bool,
     dims_from_header: Callable[[tuple[int, ...]], tuple[int | None, int | None]],
     block_bytes: int,
+    marker: dict[str, int] | None = None,
 ) -> tuple[tuple[int, ...], _Rows]:
+    """Parse a text file; ``marker`` (svmlight): filled from an xmc-toolkit header line."""
     rows = _Rows()
     with open_text_bytes(path) as fh:
         try:
             head = _read_header(fh, path, header) if header else ()
             num_features, num_labels = dims_from_header(head)
             line0 = 2 if header else 1  # 1-based file line of the first data line
+            if marker is not None:
+                pos = fh.tell()
+                first = fh.readline(4096)
+                if first.startswith(SVM_MARKER):
+                    marker.update(_svm_marker(path, first))
+                    line0 = 2
+                else:
+                    fh.seek(pos)
             for data in _iter_blocks(fh, block_bytes):
                 try:
                     block = parse_block(data, has_labels, num_features, num_labels)
@@ -372,18 +415,35 @@ def _load_svmlight(
 ) -> XMCDataset:
     if zero_based not in (True, False, "auto"):
         raise DataFormatError(path, None, f"zero_based={zero_based!r}: use True, False or 'auto'")
-    _, rows = _parse_file(path, None, True, lambda h: (None, None), block_bytes)
+    marker: dict[str, int] = {}
+    _, rows = _parse_file(path, None, True, lambda h: (None, None), block_bytes, marker)
     n = rows.num_lines  # every line is a row (a row with no labels starts with a space)
     if n == 0:
         raise DataFormatError(path, None, "empty file: no rows (expected 'labels id:value ...' lines)")
     max_f = max((int(b.feature_ids.max()) for b in rows.blocks if len(b.feature_ids)), default=-1)
     min_f = min((int(b.feature_ids.min()) for b in rows.blocks if len(b.feature_ids)), default=0)
     max_l = max((int(b.label_ids.max()) for b in rows.blocks if len(b.label_ids)), default=-1)
+    if zero_based == "auto" and "zero_based" in marker:
+        zero_based = bool(marker["zero_based"])
+        logger.info("%s: xmc-toolkit header: %s-based feature ids", path,
+                    "0" if zero_based else "1")
+    elif zero_based == "auto" and max_f >= 0:
+        if min_f == 0:
+            logger.info("%s: feature id 0 occurs: read as 0-based", path)
+        else:
+            logger.warning("%s: no feature id 0 and no xmc-toolkit header: read as 1-based "
+                           "(every id minus 1); pass --zero-based (zero_based=True) if the ids "
+                           "are 0-based", path)
+    if num_features is None and "num_features" in marker:
+        num_features = marker["num_features"]
+    if num_labels is None and "num_labels" in marker:
+        num_labels = marker["num_labels"]
     one_based = zero_based is False or (zero_based == "auto" and min_f > 0)
     if one_based:
         if min_f == 0 and max_f >= 0:
             raise DataFormatError(
-                path, None, "feature id 0 found with zero_based=False; pass zero_based=True"
+                path, None, "feature id 0 found with 1-based ids (zero_based=False, "
+                "--one-based); read the file as 0-based (--zero-based)"
             )
         for b in rows.blocks:
             b.feature_ids -= 1
@@ -410,28 +470,104 @@ def _npz_pair(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def _csr_from_arrays(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+                     shape_arr: np.ndarray, path: Path, key: str, prefix: str = "") -> sp.csr_matrix:
+    """The one validator of stored CSR (or, transposed, CSC) arrays, whatever the file.
+
+    Checks before anything is built (scipy would silently drop entries past ``indptr[-1]``):
+    integer ids and shape, real (not complex) values, ``indptr`` of ``rows + 1`` entries from 0
+    to ``nnz`` non-decreasing, as many ids as values, every id in ``[0, columns)``.
+    """
+    def bad(msg: str) -> DataFormatError:
+        return DataFormatError(path, None, f"array {key!r} is not a valid CSR matrix: {msg}")
+
+    if shape_arr.shape != (2,) or shape_arr.dtype.kind not in "iu":
+        raise DataFormatError(
+            path, None, f"array {prefix}shape must hold 2 integers, found {shape_arr.tolist()!r}"
+        )
+    for part, arr in (("indices", indices), ("indptr", indptr)):
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            raise DataFormatError(
+                path, None, f"array {prefix}{part} has dtype {arr.dtype} (ndim {arr.ndim}); it "
+                "must be a 1-D array of integers"
+            )
+    if data.dtype.kind == "c":
+        raise DataFormatError(path, None, f"{key} holds complex values ({data.dtype}); the "
+                              "imaginary part would be lost: store real values")
+    if data.dtype.kind not in "biuf" or data.ndim != 1:
+        raise DataFormatError(path, None, f"{key} values have dtype {data.dtype} (ndim "
+                              f"{data.ndim}); store a 1-D array of real numbers")
+    rows, cols = (int(s) for s in shape_arr)
+    if rows < 0 or cols < 0:
+        raise bad(f"'shape' elements cannot be negative, found {[rows, cols]}")
+    if len(indptr) != rows + 1:
+        raise bad(f"index pointer size {len(indptr)} should be {rows + 1}")
+    if len(indices) != len(data):
+        raise bad(f"{len(indices)} ids but {len(data)} values")
+    if len(indptr) and (int(indptr[0]) != 0 or int(indptr[-1]) != len(indices)):
+        raise bad(f"indptr runs from {int(indptr[0])} to {int(indptr[-1])} but must run from 0 "
+                  f"to the {len(indices)} stored entries")
+    if len(indptr) > 1 and np.any(np.diff(indptr) < 0):
+        raise bad("indptr must be a non-decreasing sequence")
+    if len(indices):
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0:
+            raise bad(f"indices must be >= 0, found {lo}")
+        if hi >= cols:
+            raise bad(f"indices must be < {cols}, found {hi}")
+    try:
+        m = sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
+        m.check_format(full_check=True)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    return m
+
+
 def _csr_from_npz(z: Any, key: str, path: Path) -> sp.csr_matrix:
     names = [f"{key}_data", f"{key}_indices", f"{key}_indptr", f"{key}_shape"]
     missing = [k for k in names if k not in z]
     if missing:
         raise DataFormatError(path, None, f"npz lacks arrays {missing}; write it with xmc save")
-    shape_arr = z[f"{key}_shape"]
-    if shape_arr.shape != (2,) or shape_arr.dtype.kind not in "iu":
-        raise DataFormatError(
-            path, None, f"array {key}_shape must hold 2 integers, found {shape_arr.tolist()!r}"
-        )
-    for part in ("indices", "indptr"):
-        if z[f"{key}_{part}"].dtype.kind not in "iu":
-            raise DataFormatError(
-                path, None, f"array {key}_{part} has dtype {z[f'{key}_{part}'].dtype}; it must hold integers"
-            )
-    shape = tuple(int(s) for s in shape_arr)
-    try:
-        m = sp.csr_matrix((z[f"{key}_data"], z[f"{key}_indices"], z[f"{key}_indptr"]), shape=shape)
-        m.check_format(full_check=True)
-    except ValueError as exc:
-        raise DataFormatError(path, None, f"array {key!r} is not a valid CSR matrix: {exc}") from None
-    return m
+    return _csr_from_arrays(z[f"{key}_data"], z[f"{key}_indices"], z[f"{key}_indptr"],
+                            z[f"{key}_shape"], path, key, prefix=f"{key}_")
+
+
+def load_scipy_npz(path: Path, key: str) -> sp.csr_matrix:
+    """A ``scipy.sparse.save_npz`` file (csr, csc or coo), through :func:`_csr_from_arrays`."""
+    with np.load(path, allow_pickle=False) as z:
+        fmt = z["format"].item() if "format" in z else None
+        fmt = fmt.decode("ascii", "replace") if isinstance(fmt, bytes) else str(fmt)
+        if "shape" not in z:
+            raise DataFormatError(path, None, "not a scipy.sparse npz file (no 'shape' array); "
+                                  "write it with scipy.sparse.save_npz or xmc data convert")
+        shape = z["shape"]
+        if fmt in ("csr", "csc"):
+            missing = [k for k in ("data", "indices", "indptr") if k not in z]
+            if missing:
+                raise DataFormatError(path, None, f"scipy npz lacks arrays {missing}")
+            if fmt == "csr":
+                return _csr_from_arrays(z["data"], z["indices"], z["indptr"], shape, path, key)
+            t = _csr_from_arrays(z["data"], z["indices"], z["indptr"], shape[::-1], path, key)
+            return sp.csr_matrix(t.T)
+        if fmt == "coo":
+            row, col, data = z["row"], z["col"], z["data"]
+            if row.dtype.kind not in "iu" or col.dtype.kind not in "iu":
+                raise DataFormatError(path, None, f"{key}: coo row/col ids must be integers")
+            if shape.shape != (2,) or shape.dtype.kind not in "iu":
+                raise DataFormatError(path, None, f"{key}: shape must hold 2 integers")
+            r, c = (int(s) for s in shape)
+            if not (len(row) == len(col) == len(data)):
+                raise DataFormatError(path, None, f"{key}: coo arrays differ in length")
+            for what, ids, n in (("row", row, r), ("col", col, c)):
+                if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                    raise DataFormatError(path, None, f"{key}: coo {what} ids must lie in "
+                                          f"[0, {n}), found {int(ids.min())}..{int(ids.max())}")
+            order = np.lexsort((col, row))
+            indptr = np.zeros(r + 1, dtype=np.int64)
+            np.cumsum(np.bincount(row, minlength=r)[:r], out=indptr[1:]) if r else None
+            return _csr_from_arrays(data[order], col[order], indptr, shape, path, key)
+        raise DataFormatError(path, None, f"scipy npz of format {fmt!r}: only csr, csc and coo "
+                              "are supported")
 
 
 def _finish(X: sp.spmatrix, Y: sp.spmatrix, path: Path, what: str) -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -471,6 +607,17 @@ def is_single_matrix_npz(path: PathLike) -> bool:
         return False
 
 
+def _check_zip(path: Path) -> None:
+    """An npz file is a zip archive: say so plainly when it is not (numpy would talk of
+    pickled data for a text file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] != b"PK":
+        kind = "is empty" if not head else f"starts with {head!r}"
+        raise DataFormatError(path, None, f"not an npz (zip) file: it {kind}; a text data "
+                              "file needs --fmt xc / svmlight (or no --fmt)")
+
+
 def _load_npz(path: Path, labels_from: Path | None = None) -> XMCDataset:
     pair = _npz_pair(path)
     try:
@@ -478,22 +625,25 @@ def _load_npz(path: Path, labels_from: Path | None = None) -> XMCDataset:
             for p in (path, labels_from):
                 if not p.exists():
                     raise DataFormatError(p, None, "no such file")
+                _check_zip(p)
             with np.load(path, allow_pickle=False) as z:
                 scipy_x = _is_scipy_npz(z)
                 X = None if scipy_x else _csr_from_npz(z, "X", path)
             if X is None:
-                X = sp.load_npz(path)
-            X, Y = _finish(X, sp.load_npz(labels_from), path, "npz pair (--labels)")
+                X = load_scipy_npz(path, "X")
+            X, Y = _finish(X, load_scipy_npz(labels_from, "Y"), path, "npz pair (--labels)")
             return XMCDataset(X, Y)
         if pair is not None:
             xp, yp = pair
             for p in pair:
                 if not p.exists():
                     raise DataFormatError(p, None, "missing file of the npz pair <prefix>_X.npz / _Y.npz")
-            X, Y = _finish(sp.load_npz(xp), sp.load_npz(yp), path, "npz pair")
+                _check_zip(p)
+            X, Y = _finish(load_scipy_npz(xp, "X"), load_scipy_npz(yp, "Y"), path, "npz pair")
             return XMCDataset(X, Y)
         if not path.exists():
             raise DataFormatError(path, None, "no such file")
+        _check_zip(path)
         with np.load(path, allow_pickle=False) as z:
             if _is_scipy_npz(z):
                 raise DataFormatError(
@@ -518,8 +668,8 @@ def _save_npz(ds: XMCDataset, path: Path) -> None:
     Y = sp.csr_matrix(ds.Y, dtype=np.float32)
     pair = _npz_pair(path)
     if pair is not None:
-        sp.save_npz(pair[0], X)
-        sp.save_npz(pair[1], Y)
+        atomic_write(pair[0], lambda p: sp.save_npz(p, X))
+        atomic_write(pair[1], lambda p: sp.save_npz(p, Y))
         return
     arrays: dict[str, np.ndarray] = {}
     for key, m in (("X", X), ("Y", Y)):
@@ -531,8 +681,11 @@ def _save_npz(ds: XMCDataset, path: Path) -> None:
         arrays["label_names"] = np.array(ds.label_names, dtype=str)
     if ds.feature_names is not None:
         arrays["feature_names"] = np.array(ds.feature_names, dtype=str)
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,12 +726,15 @@ def _check_savable(ds: XMCDataset, path: Path) -> tuple[sp.csr_matrix, sp.csr_ma
 
 
 def _write_text(path: Path, header: str | None, X: sp.csr_matrix, Y: sp.csr_matrix | None, one_based: bool = False) -> None:
-    with open(path, "wb") as fh:
-        if header is not None:
-            fh.write(header.encode("ascii"))
-        for a in range(0, X.shape[0], _WRITE_ROWS):
-            b = min(a + _WRITE_ROWS, X.shape[0])
-            fh.write(format_rows(X[a:b], None if Y is None else Y[a:b], one_based=one_based))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            if header is not None:
+                fh.write(header.encode("ascii"))
+            for a in range(0, X.shape[0], _WRITE_ROWS):
+                b = min(a + _WRITE_ROWS, X.shape[0])
+                fh.write(format_rows(X[a:b], None if Y is None else Y[a:b], one_based=one_based))
+
+    atomic_write(path, write)
 
 
 def save(ds: XMCDataset, path: PathLike, fmt: str | None = None) -> None:
@@ -617,7 +773,8 @@ def save(ds: XMCDataset, path: PathLike, fmt: str | None = None) -> None:
                 p, None, "svmlight cannot store a data set with no rows (it has no header); "
                 "write xc or npz instead (--to)"
             )
-        _write_text(p, None, X, Y)
+        _write_text(p, f"{SVM_MARKER.decode()} zero_based=1 num_features={X.shape[1]} "
+                    f"num_labels={Y.shape[1]}\n", X, Y)
     elif fmt == "xc-split":
         prefix = p
         for suffix in (_SPLIT_X, _SPLIT_Y):
@@ -657,8 +814,12 @@ def load(
             ``.xml`` beside the ARFF file, e.g. ``medical.xml`` for ``medical-train.arff``;
             MEKA ``-C n`` in ``@relation`` is used when there is none).
         zero_based: svmlight only: feature ids are 0-based (``True``), 1-based (``False``) or
-            ``"auto"`` (1-based unless some feature id is 0), as in scikit-learn.
-        num_features, num_labels: svmlight only: dimensions (default: largest id + 1).
+            ``"auto"``: the base the first-line header ``# xmc-toolkit svmlight zero_based=1
+            ...`` (written by :func:`save`) states, else 0-based when some feature id is 0 and
+            1-based otherwise (as in scikit-learn; logged as a warning, since a 0-based file
+            that never uses feature 0 would be shifted).
+        num_features, num_labels: svmlight only: dimensions (default: the header's, else the
+            largest id + 1).
         labels_from: npz only: the label matrix ``Y`` of ``path`` in its own file (a pair
             written by ``scipy.sparse.save_npz`` / PECOS ``smat_util`` under any names,
             ``--data X.npz --labels Y.npz``); ``path`` holds ``X``.
@@ -729,10 +890,22 @@ def dataset_stats(ds: XMCDataset) -> dict[str, Any]:
     n, d, l = ds.num_points, ds.num_features, ds.num_labels
     Y = sp.csr_matrix(ds.Y)
     X = sp.csr_matrix(ds.X)
-    per_label = np.bincount(Y.indices, minlength=l)[:l] if l else np.zeros(0, dtype=np.int64)
+    # counts of the labels that occur, sorted; the other labels count 0 (never materialised:
+    # memory follows the stored entries, not L, which a single large label id can inflate)
+    _, used = np.unique(Y.indices, return_counts=True)
+    used = np.sort(used)
+    zeros = l - len(used)
     per_row = np.diff(Y.indptr)
+
+    def nth(i: np.ndarray) -> np.ndarray:  # i-th smallest of the L label counts
+        return np.where(i < zeros, 0, used[np.clip(i - zeros, 0, max(len(used) - 1, 0))]
+                        if len(used) else 0)
+
     if l:
-        qs = np.quantile(per_label, [q for _, q in _QUANTILES])
+        pos = np.array([q for _, q in _QUANTILES]) * (l - 1)  # numpy's "linear" quantiles
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, l - 1)
+        qs = nth(lo) + (pos - lo) * (nth(hi) - nth(lo))
         quant = {k: float(v) for (k, _), v in zip(_QUANTILES, qs)}
     else:
         quant = {k: 0.0 for k, _ in _QUANTILES}
@@ -747,6 +920,6 @@ def dataset_stats(ds: XMCDataset) -> dict[str, Any]:
         "avg_points_per_label": float(Y.nnz / l) if l else 0.0,
         "label_frequency_quantiles": quant,
         "empty_rows": int(np.sum(per_row == 0)),
-        "empty_labels": int(np.sum(per_label == 0)),
+        "empty_labels": int(zeros),
         "rows_without_features": int(np.sum(np.diff(X.indptr) == 0)),
     }

@@ -18,21 +18,39 @@ In memory, ``ids`` is int64 ``[N, kmax]`` padded with ``-1`` and ``scores`` floa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 
+from xmc_toolkit._fileio import atomic_write, atomic_write_text
 from xmc_toolkit.errors import DataFormatError
 
-__all__ = ["write_predictions", "read_predictions", "is_jsonl", "is_npz", "jsonl_lines"]
+__all__ = ["write_predictions", "read_predictions", "is_jsonl", "is_npz", "jsonl_lines",
+           "check_predictions_path"]
+
+#: suffixes of binary formats that a prediction file never has (it is text, JSONL or .npz)
+_BINARY_SUFFIXES = (".npy", ".safetensors", ".pt", ".pkl", ".gz", ".zip")
+
+
+def check_predictions_path(path: PathType) -> None:
+    """Refuse an output name whose suffix promises a binary format other than ``.npz``.
+
+    Raises:
+        DataFormatError: e.g. ``preds.npy`` (the file would hold text).
+    """
+    p = Path(path)
+    if p.suffix.lower() in _BINARY_SUFFIXES:
+        raise DataFormatError(p, None, f"predictions are written as text (id:score per line), "
+                              f"JSONL (.jsonl) or a CSR score matrix (.npz), not {p.suffix}: "
+                              f"use --out {p.with_suffix('.txt').name}, "
+                              f"{p.with_suffix('.jsonl').name} or {p.with_suffix('.npz').name}")
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +82,7 @@ def _write_npz(path: Path, ids: np.ndarray, scores: np.ndarray | None,
     data = (np.ones(int(valid.sum()), np.float32) if scores is None
             else scores[valid].astype(np.float32))
     M = sp.csr_matrix((data, ids[valid].astype(np.int32), indptr), shape=(ids.shape[0], L))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        sp.save_npz(tmp, M, compressed=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda p: sp.save_npz(p, M, compressed=True), make_parents=True)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -128,22 +137,6 @@ def _check_arrays(
     if np.isnan(sc[ids_a >= 0]).any():
         raise bad("scores contain NaN; the model diverged or the scores are corrupt")
     return ids_a, sc
-
-
-def _atomic_write(path: Path, lines: list[str]) -> None:
-    """Write ``lines`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def jsonl_lines(ids: np.ndarray, scores: np.ndarray | None = None,
@@ -231,6 +224,7 @@ def write_predictions(
             or ids outside ``label_names``.
     """
     path = Path(path)
+    check_predictions_path(path)
     ids_a, sc = _check_arrays(path, ids, scores)
     if is_npz(path):
         _write_npz(path, ids_a, sc, num_labels if num_labels is not None else (
@@ -255,7 +249,7 @@ def write_predictions(
         else:
             tokens = [f"{i}:{v}" for i, v in zip(flat_ids, flat_sc)]
         lines = [" ".join(tokens[bounds[i] : bounds[i + 1]]) + "\n" for i in range(n)]
-    _atomic_write(path, lines)
+    atomic_write_text(path, "".join(lines), make_parents=True)
     logger.info("wrote predictions of %d points (k=%d) to %s", n, k, path)
 
 
@@ -264,13 +258,31 @@ def write_predictions(
 # --------------------------------------------------------------------------------------------
 
 
+def _text_lines(path: Path, f: Any) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a binary file handle; a byte-order mark is skipped and a
+    line that is not UTF-8 text (or holds NUL bytes: a binary file) is a DataFormatError."""
+    for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            if b"\x00" in raw:
+                raise ValueError("NUL byte")
+            line = raw.decode("utf-8")
+        except ValueError:
+            raise DataFormatError(
+                path, lineno, "not a UTF-8 text line: a prediction file is text (id:score ...) "
+                "or JSONL, as `xmc predict` writes; is this a binary file (e.g. an .npz)?"
+            ) from None
+        yield lineno, line
+
+
 def _parse_text(path: Path) -> tuple[list[list[int]], list[list[float]] | None]:
     ids_rows: list[list[int]] = []
     score_rows: list[list[float]] = []
     has_scores: bool | None = None
     first_line = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, line in _text_lines(path, f):
             tokens = line.split()
             if not tokens:
                 ids_rows.append([])
@@ -314,8 +326,8 @@ def _parse_jsonl(path: Path) -> tuple[list[list[int]], list[list[float]] | None]
     ids_rows: list[list[int]] = []
     score_rows: list[list[float]] = []
     has_scores: bool | None = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, line in _text_lines(path, f):
             if not line.strip():
                 raise DataFormatError(
                     path, lineno, 'empty line; write {"ids": []} for a point without predictions'

@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import ConfigBase
+from .._fileio import atomic_write
 from ..errors import ConfigError
 from .dataset import XMCDataset
 
@@ -463,8 +464,8 @@ def write_synthetic(
 ) -> dict[str, dict[str, Any]]:
     """Stream a synthetic data set to XC text file(s) in chunks, with bounded memory.
 
-    The file is written to ``<path>.tmp`` and renamed when complete. The output is identical to
-    ``make_synthetic(...)`` with the same arguments, whatever ``chunk_size`` is.
+    The file is written to a temporary name beside it and renamed when complete. The output is
+    identical to ``make_synthetic(...)`` with the same arguments, whatever ``chunk_size`` is.
 
     Args:
         path: training file (Extreme Classification Repository text format).
@@ -530,22 +531,24 @@ def write_synthetic(
         for split, target, n in jobs:
             t0 = time.perf_counter()
             task = progress.add_task(f"synth {split}", total=n) if progress is not None else None
-            tmp = target.with_name(target.name + ".tmp")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            x_nnz = y_nnz = 0
-            with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-                write_xc_header(fh, n, cfg.num_features, cfg.num_labels)
-                for start in range(0, n, chunk):
-                    stop = min(n, start + chunk)
-                    X, Y = generate_rows(model, start, stop, split)
-                    append_xc_rows(fh, X, Y)
-                    x_nnz += X.nnz
-                    y_nnz += Y.nnz
-                    if progress is not None and task is not None:
-                        progress.update(task, completed=stop)
-                    if callback is not None:
-                        callback(split, stop, n)
-            os.replace(tmp, target)
+            nnz = [0, 0]
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+                    write_xc_header(fh, n, cfg.num_features, cfg.num_labels)
+                    for start in range(0, n, chunk):
+                        stop = min(n, start + chunk)
+                        X, Y = generate_rows(model, start, stop, split)
+                        append_xc_rows(fh, X, Y)
+                        nnz[0] += X.nnz
+                        nnz[1] += Y.nnz
+                        if progress is not None and task is not None:
+                            progress.update(task, completed=stop)
+                        if callback is not None:
+                            callback(split, stop, n)
+
+            atomic_write(target, write, make_parents=True)  # complete file or none
+            x_nnz, y_nnz = nnz
             secs = time.perf_counter() - t0
             logger.info("wrote %s: %d points, %d feature and %d label non-zeros in %.1f s",
                         target, n, x_nnz, y_nnz, secs)

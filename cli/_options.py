@@ -1,0 +1,53 @@
+"""Options shared by several commands.
+
+``--zero-based/--one-based`` (:func:`zero_based_option`) forces the id base of svmlight inputs
+for every data file a command reads; without it the loader's rule applies (the base stated
+by an xmc-toolkit header line, else 0-based when some feature id is 0, else 1-based, with a
+warning saying so). :func:`load_data` reads a data set with that choice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+__all__ = ["zero_based_option", "zero_based", "load_data", "no_verify_option"]
+
+_KEY = "xmc.zero_based"
+
+
+def _store(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
+    if value is not None:
+        ctx.meta[_KEY] = value
+
+
+def zero_based_option(func: Any) -> Any:
+    """Add ``--zero-based/--one-based`` (svmlight inputs only; default: auto)."""
+    return click.option(
+        "--zero-based/--one-based", "zero_based", default=None, expose_value=False,
+        callback=_store, is_eager=True,
+        help="svmlight inputs: feature ids are 0-based / 1-based (default: the file's "
+             "xmc-toolkit header, else 0-based when feature 0 occurs, else 1-based).")(func)
+
+
+def zero_based() -> bool | str:
+    """The choice of ``--zero-based/--one-based`` for the running command (``"auto"``)."""
+    ctx = click.get_current_context(silent=True)
+    return "auto" if ctx is None else ctx.meta.get(_KEY, "auto")
+
+
+def load_data(path: str | os.PathLike[str], fmt: str | None = None, **kwargs: Any) -> Any:
+    """:func:`xmc_toolkit.data.load` with the command's ``--zero-based/--one-based``."""
+    from xmc_toolkit.data import load
+
+    return load(path, fmt, zero_based=zero_based(), **kwargs)
+
+
+def no_verify_option(func: Any) -> Any:
+    """Add ``--no-verify``: skip the sha256 check of the model directory's files."""
+    return click.option(
+        "--no-verify", "no_verify", is_flag=True,
+        help="Skip checking the model files against checksums.json (faster for big models; "
+             "a corrupt file then goes unnoticed).")(func)
