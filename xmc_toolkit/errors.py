@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from os import PathLike
 
-__all__ = ["XMCError", "DataFormatError", "ConfigError", "CheckpointError", "SamplerError"]
+__all__ = ["XMCError", "DataFormatError", "ConfigError", "CheckpointError", "SamplerError",
+           "LabelSetError"]
 
 
 class XMCError(Exception):
@@ -56,3 +57,7 @@ class CheckpointError(XMCError):
 
 class SamplerError(XMCError, ValueError):
     """A sampler was misused (bad shapes, ids out of range, sample before update, ...)."""
+
+
+class LabelSetError(XMCError, ValueError):
+    """New labels cannot join a model's label set (colliding or missing names, no new labels)."""

@@ -44,6 +44,7 @@ from .errors import CheckpointError, ConfigError, XMCError
 
 if TYPE_CHECKING:
     from .encoder import EnsembleEncoder, SparseEncoder
+    from .grow import WarmStart
 
 __all__ = [
     "LOSSES",
@@ -899,7 +900,8 @@ class Trainer:
 
     # -- public -----------------------------------------------------------------------------
     def fit(self, train: XMCDataset, val: XMCDataset | None = None, *,
-            show_progress: bool = False, resume: bool = False) -> TrainResult:
+            show_progress: bool = False, resume: bool = False,
+            init: WarmStart | None = None) -> TrainResult:
         """Train (or continue training from ``out_dir/checkpoint`` when ``resume``).
 
         Args:
@@ -908,6 +910,9 @@ class Trainer:
                 ``val_fraction`` of ``train`` is held out when > 0).
             show_progress: rich progress bar with loss, examples/s and ETA.
             resume: continue the run saved in ``out_dir/checkpoint`` (same config and data).
+            init: start from a parent model (:class:`xmc_toolkit.grow.WarmStart`: its
+                preprocessing, grown weights, optimizer moments and MIDX state) instead of a
+                fresh network (``xmc train --init-from``).
 
         Returns:
             A :class:`TrainResult` (also in ``self.result``).
@@ -938,7 +943,8 @@ class Trainer:
         # resolve the auto values now: the saved config records what was built
         cfg = self.config = cfg.resolved_for_data(train.num_points)
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
-        self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize)
+        self.preprocessor = (init.preprocessor if init is not None else
+                             Preprocessor.fit(X_raw, cfg.tfidf, cfg.l2_normalize))
         X = self.preprocessor.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
         X_val = None if val is None else self.preprocessor.transform(val.X)
@@ -954,7 +960,9 @@ class Trainer:
         self.network = network = XMCNetwork(D, L, cfg).to(device)
         logger.info("encoder hidden widths %s (D=%d), bag optimizer %s, loss %s",
                     list(cfg.resolved_hidden(D)), D, cfg.resolved_bag_optimizer(D), loss_name)
-        if cfg.label_init == "pifa" and not resume:
+        if init is not None:
+            init.apply_network(network)  # the parent's encoder and (grown) label rows
+        elif cfg.label_init == "pifa" and not resume:
             _pifa_init_(network, X, Y, cfg.eval_batch_size)
         network.train()
         if cfg.ema > 0:
@@ -977,6 +985,9 @@ class Trainer:
             label_optimizer=label_opt, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
             schedule=cfg.schedule, sparse_params=network.encoder.sparse_parameters(),
             sparse_lr=cfg.resolved_bag_lr())
+        if init is not None and not resume:
+            init.apply_optimizers(bundle)  # the parent's moments, this run's schedule
+            init.apply_sampler(self.sampler)
         amp_dtype, scaler = _amp_setup(cfg.amp, device)
         sample_gen = torch.Generator(device=device)
         sample_gen.manual_seed(cfg.seed + 1)
