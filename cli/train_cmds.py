@@ -81,9 +81,21 @@ def _config_options(func: Any) -> Any:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--init-from", "init_from", type=_MODEL, default=None,
+              help="Start from this trained model directory: its encoder, label rows and "
+                   "optimizer state are kept, labels of --data it does not know are added "
+                   "(matched by name when both carry names, else by id) and the model is "
+                   "fine-tuned on --data for --epochs (default 2). The directory is only read.")
+@click.option("--label-names", "label_names", type=_DATA, default=None,
+              help="Label names of --data and --val (Mulan XML or one name a line, in id "
+                   "order); kept with the model, used by --init-from to match labels.")
+@click.option("--ignore-extra", is_flag=True,
+              help="With --init-from: cut (or pad) --data's feature columns to the model's "
+                   "instead of failing.")
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
           resume: Path | None, print_config: bool, progress: bool | None, as_json: bool,
+          init_from: Path | None, label_names: Path | None, ignore_extra: bool,
           **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
@@ -92,10 +104,24 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     xmc train --data train.txt --out runs/big --loss sampled --sampler midx --negatives 32
     xmc train --resume runs/big                         # continue an interrupted run
     xmc train --print-config > cfg.json; xmc train --config cfg.json --data train.txt --out r
+    xmc train --init-from runs/bibtex --data grown.txt --label-names names.txt --out runs/b2
     """
     TrainConfig = _config_cls()
     base = TrainConfig()
     run: dict[str, Any] = {}
+    if resume is not None and (init_from is None and label_names is None):
+        run_file = resume / RUN_FILE
+        if run_file.is_file():
+            saved_run = json.loads(run_file.read_text())
+            if saved_run.get("init_from"):
+                init_from = Path(saved_run["init_from"])
+                ignore_extra = ignore_extra or bool(saved_run.get("ignore_extra"))
+            if saved_run.get("label_names"):
+                label_names = Path(saved_run["label_names"])
+    if init_from is not None:
+        _train_init_from(init_from, data, val, out, config_file, resume, print_config, progress,
+                         as_json, label_names, ignore_extra, flags)
+        return
     if resume is not None:
         run_file = resume / RUN_FILE
         if not run_file.is_file():
@@ -125,13 +151,14 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     from xmc_toolkit.data import load
     from xmc_toolkit.train import Trainer
 
-    train_ds = load(data)
+    train_ds = load(data, label_names_from=label_names)
     # every config problem, data-dependent ones included, at once and before any work
     cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
-    val_ds = load(val) if val is not None else None
+    val_ds = load(val, label_names_from=label_names) if val is not None else None
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps({
         "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
+        "label_names": str(Path(label_names).resolve()) if label_names else None,
         "config": cfg.to_dict()}, indent=2))
     show = sys.stderr.isatty() if progress is None else progress
     from xmc_toolkit.train import TrainingInterrupted
@@ -142,12 +169,83 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     except TrainingInterrupted as exc:  # Ctrl-C: checkpoint saved, clean exit (status 130)
         click.echo(str(exc), err=True)
         sys.exit(130)
+    _report(result, out, cfg, as_json)
+
+
+def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: Path | None,
+                     config_file: Path | None, resume: Path | None, print_config: bool,
+                     progress: bool | None, as_json: bool, label_names: Path | None,
+                     ignore_extra: bool, flags: dict[str, Any]) -> None:
+    """``xmc train --init-from DIR``: grow DIR's label set by --data's labels and fine-tune."""
+    from xmc_toolkit import grow
+    from xmc_toolkit.train import TrainingInterrupted, load_model_dir
+
+    if config_file is not None:
+        raise click.UsageError("--config does not combine with --init-from: the grown model "
+                               "takes its parent's config; change single values with flags")
+    run: dict[str, Any] = {}
+    if resume is not None:
+        run = json.loads((resume / RUN_FILE).read_text())
+        if out is not None and Path(out) != Path(resume):
+            raise click.UsageError("--resume DIR writes to DIR; drop --out")
+        out = resume
+        data = data or (Path(run["data"]) if run.get("data") else None)
+        val = val or (Path(run["val"]) if run.get("val") else None)
+        saved = dict(run.get("overrides", {}))
+        saved.pop("max_steps", None)  # a pause point of the earlier call, not of this one
+        flags = {**saved, **{k: v for k, v in flags.items() if v is not None}}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if print_config:
+        parent = load_model_dir(init_from, device="cpu")
+        cfg = grow.child_config(parent.config, overrides, sampler_state=parent.sampler_state)
+        click.echo(cfg.to_json())
+        return
+    if data is None:
+        raise click.UsageError("--data is required (the training data set, every label)")
+    if out is None:
+        raise click.UsageError("--out is required (the model directory to write)")
+    from xmc_toolkit.data import load
+
+    grow.check_out_dir(init_from, out)
+    train_ds = load(data, label_names_from=label_names)
+    val_ds = load(val, label_names_from=label_names) if val is not None else None
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def before_training(cfg: Any) -> None:  # everything checked: now the output may be written
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps({
+            "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
+            "label_names": str(Path(label_names).resolve()) if label_names else None,
+            "init_from": str(Path(init_from).resolve()), "ignore_extra": ignore_extra,
+            "overrides": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in overrides.items()},
+            "config": cfg.to_dict()}, indent=2))
+
+    try:
+        result, growth, trainer = grow.train_from(
+            init_from, train_ds, out, overrides, val=val_ds, ignore_extra=ignore_extra,
+            data_path=str(data), val_path=None if val is None else str(val),
+            show_progress=show, resume=resume is not None, before_training=before_training)
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    m = growth.match
+    if not as_json:
+        click.echo(f"grown from {init_from}: {m.num_old} labels + {m.num_new} new (matched by "
+                   f"{m.by}) = {m.num_labels}")
+    _report(result, out, trainer.config, as_json,
+            extra={"init_from": str(init_from), "labels_added": m.num_new,
+                   "num_labels": m.num_labels})
+
+
+def _report(result: Any, out: Path, cfg: Any, as_json: bool,
+            extra: dict[str, Any] | None = None) -> None:
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early,
                "final_loss": result.history[-1]["loss"] if result.history else None,
-               "val": result.best}
+               "val": result.best, **(extra or {})}
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -75,6 +75,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+DIRECTIONS = ("mean", "centered", "lda")
+CALIBRATIONS = ("moments", "spread", "norm")
 FINE_TUNE_EPOCHS = 2  # epochs of `xmc train --init-from` without --epochs (docs/growing-labels.md)
 LINEAGE_FILE = "lineage.json"
 # fields that shape the network or its inputs: a grown model keeps its parent's
@@ -250,23 +252,37 @@ def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 @torch.no_grad()
 def new_label_rows(queries: torch.Tensor, Y_new: sp.spmatrix, old_weight: torch.Tensor,
                    old_bias: torch.Tensor | None, Y_old: sp.spmatrix | None = None, *,
-                   max_scale_ratio: float = 10.0) -> NewRows:
+                   old_counts: np.ndarray | None = None, max_scale_ratio: float = 10.0,
+                   direction: str = "lda", calibration: str = "spread",
+                   lda_shrinkage: float = 0.1) -> NewRows:
     """Rows for new labels from the queries of their positives, calibrated on the old labels.
 
-    The direction of new label ``j``'s row is the normalised mean query ``u_j`` of its
-    positives (PIFA in query space). Its norm ``s_j`` and bias ``b_j`` make its scores look
-    like a trained label's of the same frequency: on the old labels with positives in the data,
-    the mean score on their positives ``t_pos(l) = mean_{i in l} q_i . w_l + b_l`` and the mean
-    score on every row ``t_all(l) = qbar . w_l + b_l`` are fitted as lines in ``log n_l``; the
-    new label gets the same two moments at its count ``n_j``::
+    Direction (``direction``) of new label ``j``'s row, from the mean query ``mu_j`` of its
+    positives, the mean query ``qbar`` and covariance ``C`` of all data rows:
 
-        s_j = (t_pos(n_j) - t_all(n_j)) / (m_j - u_j . qbar),   b_j = t_pos(n_j) - s_j m_j
+    * ``"lda"`` (default): ``(C + lambda I)^-1 (mu_j - qbar)``, ``lambda = lda_shrinkage *
+      trace(C) / d`` -- the whitened mean encoding (Fisher's discriminant with a shared
+      covariance): it points away from what every query has in common;
+    * ``"centered"``: ``mu_j - qbar``;
+    * ``"mean"``: ``mu_j`` (PIFA in query space, :func:`xmc_toolkit.label_init.pifa_label_rows`).
 
-    with ``m_j = ||mean query of j's positives||``. ``s_j`` is clipped to
-    ``[med / max_scale_ratio, med * max_scale_ratio]`` (``med``: the median old row norm) and is
-    ``med`` where the gap is not positive. Without old labels with positives (``Y_old`` is
-    ``None`` or empty), ``s_j = med`` and ``b_j`` is the median old bias. A new label without
-    positives gets a zero row and the smallest old bias.
+    Each direction is normalised to ``u_j``. Norm ``s_j`` and bias ``b_j`` (``calibration``)
+    make the new label's scores look like those of trained labels of the same frequency, from
+    lines fitted in ``log n_l`` over the old labels ``l`` with positives in the data (``n_l``
+    their count): the mean score over every row ``t_all(l) = qbar . w_l + b_l`` and
+
+    * ``"spread"`` (default): ``log sd(l)``, ``sd(l)^2 = w_l^T C w_l`` the variance of the
+      label's scores over every row: ``s_j = sd(n_j) / sqrt(u_j^T C u_j)``;
+    * ``"moments"``: the mean score on the label's positives ``t_pos(l)``:
+      ``s_j = (t_pos(n_j) - t_all(n_j)) / (u_j . mu_j - u_j . qbar)``;
+
+    then ``b_j = t_all(n_j) - s_j u_j . qbar`` (the frequency bias: a new label's mean score is
+    that of a trained label as frequent). ``s_j`` is clipped to ``[med / max_scale_ratio,
+    med * max_scale_ratio]`` (``med``: the median old row norm) and is ``med`` where the fit
+    gives no positive value. ``"norm"``, or fewer than two old labels with positives in the data,
+    gives ``s_j = med`` and ``b_j`` from a line of the old biases in the log of ``old_counts``
+    (their median without counts). A new label without positives gets a zero row and the
+    smallest old bias. Docs/growing-labels.md has the measured comparison.
 
     Args:
         queries: ``[N, d]`` encodings of the data rows (eval mode, the model's preprocessing).
@@ -274,16 +290,28 @@ def new_label_rows(queries: torch.Tensor, Y_new: sp.spmatrix, old_weight: torch.
         old_weight: ``[L, d]`` trained label rows.
         old_bias: ``[L]`` trained biases, or ``None``.
         Y_old: ``[N, L]`` positives of the old labels in the same rows (optional).
+        old_counts: ``[L]`` training counts of the old labels (``"norm"`` calibration).
         max_scale_ratio: clip of the row norm around the old median.
+        direction: ``lda | centered | mean``.
+        calibration: ``spread | moments | norm``.
+        lda_shrinkage: ridge of ``"lda"`` relative to the mean query variance.
 
     Returns:
         :class:`NewRows` on ``queries``' device.
+
+    Raises:
+        ConfigError: shapes disagree or an option is unknown.
     """
     from .label_init import pifa_label_rows
 
     if queries.dim() != 2 or queries.shape[0] != Y_new.shape[0]:
         raise ConfigError(f"queries has shape {tuple(queries.shape)} but Y_new has "
                           f"{Y_new.shape[0]} rows; encode every data row once")
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction={direction!r} is unknown; use one of {', '.join(DIRECTIONS)}")
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(f"calibration={calibration!r} is unknown; use one of "
+                          f"{', '.join(CALIBRATIONS)}")
     device = queries.device
     q = queries.detach().double().cpu()  # [N, d]
     W = old_weight.detach().double().cpu()  # [L, d]
@@ -292,58 +320,79 @@ def new_label_rows(queries: torch.Tensor, Y_new: sp.spmatrix, old_weight: torch.
     Yn = sp.csr_matrix(Y_new, dtype=np.float64)
     n = Yn.shape[1]
     counts = np.asarray(Yn.sum(0)).ravel()  # [n]
+    cnt = torch.from_numpy(np.maximum(counts, 1.0))  # [n]
     unit, has = pifa_label_rows(queries.detach().float().cpu(), Yn, scale=1.0)  # [n, d], [n]
     unit = unit.double()
+    has = has.cpu()
     sums = torch.from_numpy(np.asarray(Yn.T @ q.numpy(), dtype=np.float64))  # [n, d]
-    m = sums.norm(dim=1) / torch.from_numpy(np.maximum(counts, 1.0))  # [n] ||mean query||
     qbar = q.mean(0) if N else torch.zeros(d, dtype=torch.float64)  # [d]
-    ma = unit @ qbar  # [n]
+    cov = (q.T @ q) / max(N, 1) - torch.outer(qbar, qbar)  # [d, d] covariance of the queries
+    if direction != "mean":
+        cen = sums / cnt.unsqueeze(1) - qbar  # [n, d] mean query of the positives - mean query
+        if direction == "lda":  # (cov + shrink I)^-1 (mean_pos - qbar)
+            shrink = float(torch.diagonal(cov).mean()) * lda_shrinkage + 1e-12
+            cen = torch.linalg.solve(cov + shrink * torch.eye(d, dtype=cov.dtype), cen.T).T
+        unit = cen / cen.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    m = (sums * unit).sum(1) / cnt  # [n] mean of u . q over the positives
+    ma = unit @ qbar  # [n] mean of u . q over all rows
+    sd = ((unit @ cov) * unit).sum(1).clamp_min(0).sqrt()  # [n] std of u . q over all rows
     norms = W.norm(dim=1)
     med = float(norms.median()) if norms.numel() else 1.0
     med = med if med > 0 else 1.0
-    stats: dict[str, Any] = {"rows": int(N), "median_old_norm": med}
+    stats: dict[str, Any] = {"rows": int(N), "direction": direction, "median_old_norm": med}
 
     usable = 0
-    if Y_old is not None:
-        Yo = sp.csr_matrix(Y_old, dtype=np.float64)
+    if Y_old is not None and calibration != "norm":
+        Yo = sp.csc_matrix(Y_old, dtype=np.float64)
         c_old = np.asarray(Yo.sum(0)).ravel()  # [L]
         sel = np.flatnonzero(c_old > 0)
         usable = int(sel.size)
+    lcn = torch.from_numpy(np.log(np.maximum(counts, 1.0)))  # [n]
     if usable >= 2:
-        S_old = torch.from_numpy(np.asarray(Yo[:, sel].T @ q.numpy(), dtype=np.float64))
-        Ws = W[torch.from_numpy(sel)]  # [U, d]
-        bs = b_old[torch.from_numpy(sel)] if b_old is not None else torch.zeros(len(sel),
-                                                                                 dtype=W.dtype)
-        t_pos = ((S_old / torch.from_numpy(c_old[sel]).unsqueeze(1)) * Ws).sum(1) + bs  # [U]
-        t_all = Ws @ qbar + bs  # [U]
+        tsel = torch.from_numpy(sel)
+        Ws = W[tsel]  # [U, d]
+        bs = b_old[tsel] if b_old is not None else torch.zeros(len(sel), dtype=W.dtype)
         lc = np.log(c_old[sel])
-        a1, b1 = _line_fit(lc, t_pos.numpy())
+        t_all = Ws @ qbar + bs  # [U] mean score over all rows
         a2, b2 = _line_fit(lc, t_all.numpy())
-        lcn = torch.from_numpy(np.log(np.maximum(counts, 1.0)))
-        tp = a1 + b1 * lcn  # [n]
-        ta = a2 + b2 * lcn
-        gap = tp - ta
-        denom = m - ma
+        ta = a2 + b2 * lcn  # [n]
+        if calibration == "moments":
+            S_old = torch.from_numpy(np.asarray(Yo[:, sel].T @ q.numpy(), dtype=np.float64))
+            t_pos = ((S_old / torch.from_numpy(c_old[sel]).unsqueeze(1)) * Ws).sum(1) + bs
+            a1, b1 = _line_fit(lc, t_pos.numpy())
+            gap, denom = (a1 + b1 * lcn) - ta, m - ma
+            line = [a1, b1]
+        else:  # spread: the std of the scores over all rows
+            sd_old = ((Ws @ cov) * Ws).sum(1).clamp_min(0).sqrt()  # [U]
+            a1, b1 = _line_fit(lc, np.log(sd_old.clamp_min(1e-30).numpy()))
+            gap, denom = torch.exp(a1 + b1 * lcn), sd
+            line = [a1, b1]
         s = gap / denom
-        ok = (denom > 1e-9 * m.clamp_min(1e-30)) & (gap > 0) & torch.isfinite(s)
+        ok = (denom > 1e-12) & (gap > 0) & torch.isfinite(s)
         s = torch.where(ok, s, torch.full_like(s, med))
         s = s.clamp(med / max_scale_ratio, med * max_scale_ratio)
-        bias_new = tp - s * m
-        stats.update(calibration="moments", old_labels_used=usable,
-                     t_pos_line=[a1, b1], t_all_line=[a2, b2],
-                     scale_fallbacks=int((~ok & torch.from_numpy(has.cpu().numpy())).sum()))
+        bias_new = ta - s * ma  # the mean score over all rows of a trained label of this count
+        stats.update(calibration=calibration, old_labels_used=usable, t_all_line=[a2, b2],
+                     scale_line=line, scale_fallbacks=int((~ok & has).sum()))
     else:
         s = torch.full((n,), med, dtype=torch.float64)
-        base = float(b_old.median()) if b_old is not None and b_old.numel() else 0.0
-        bias_new = torch.full((n,), base, dtype=torch.float64)
-        stats.update(calibration="median", old_labels_used=usable)
+        if b_old is not None and b_old.numel():
+            if old_counts is not None and len(old_counts) == b_old.numel():
+                oc = np.asarray(old_counts, dtype=np.float64)
+                pos = oc > 0
+                a0, b0 = _line_fit(np.log(oc[pos]), b_old.numpy()[pos])
+                bias_new = a0 + b0 * lcn
+            else:
+                bias_new = torch.full((n,), float(b_old.median()), dtype=torch.float64)
+        else:
+            bias_new = torch.zeros(n, dtype=torch.float64)
+        stats.update(calibration="norm", old_labels_used=usable)
     weight = unit * s.unsqueeze(1)  # [n, d]
-    hasd = has.cpu()
-    weight[~hasd] = 0.0
+    weight[~has] = 0.0
     low = float(b_old.min()) if b_old is not None and b_old.numel() else 0.0
-    bias_new = torch.where(hasd, bias_new, torch.full_like(bias_new, low))
-    stats.update(without_positives=int((~hasd).sum()),
-                 median_new_norm=float(s[hasd].median()) if bool(hasd.any()) else 0.0)
+    bias_new = torch.where(has, bias_new, torch.full_like(bias_new, low))
+    stats.update(without_positives=int((~has).sum()),
+                 median_new_norm=float(s[has].median()) if bool(has.any()) else 0.0)
     return NewRows(weight.float().to(device),
                    None if old_bias is None else bias_new.float().to(device),
                    counts.astype(np.int64), stats)
@@ -634,7 +683,8 @@ def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool 
     Xp = parent.preprocessor.transform(X)
     queries = encode_csr(net.encoder, Xp, batch_size=cfg.eval_batch_size)  # [N, n*d]
     Yc = sp.csc_matrix(Y)
-    rows = new_label_rows(queries, Yc[:, L:], net.label_weight, net.label_bias, Yc[:, :L])
+    rows = new_label_rows(queries, Yc[:, L:], net.label_weight, net.label_bias, Yc[:, :L],
+                          old_counts=np.asarray(parent.label_counts)[:L])
     child = grow_network(net, cfg, rows)
     counts = np.concatenate([np.asarray(parent.label_counts, dtype=np.int64)[:L],
                              rows.counts]).astype(np.int64)
