@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ft-set", default="{}", help="extra overrides of the fine-tunes, JSON")
     ap.add_argument("--no-scratch", action="store_true", help="skip (c)")
     ap.add_argument("--work", type=Path, default=None, help="keep the model directories here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --work: reuse the parent and scratch models of an earlier run "
+                         "there (and their recorded times) instead of training them again")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny synthetic smoke configuration")
@@ -156,10 +159,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return p
 
     cfg = TrainConfig().merged(overrides)
-    t = time.perf_counter()
-    res = Trainer(cfg, out_dir=fresh("parent")).fit(parent_ds)
-    record("parent (old labels only)", work / "parent", time.perf_counter() - t,
-           train_seconds=round(res.seconds, 2), epochs=len(res.history))
+    times_file = work / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+
+    def train_once(name: str, ds: Any) -> tuple[float, float, int]:
+        """(wall s, training s, epochs) of training ``cfg`` on ``ds`` into work/name."""
+        if args.reuse and name in times and (work / name / "model.safetensors").is_file():
+            return tuple(times[name])  # type: ignore[return-value]
+        t = time.perf_counter()
+        res = Trainer(cfg, out_dir=fresh(name)).fit(ds)
+        times[name] = (time.perf_counter() - t, res.seconds, len(res.history))
+        times_file.write_text(json.dumps(times))
+        return tuple(times[name])  # type: ignore[return-value]
+
+    wall, secs, ep = train_once("parent", parent_ds)
+    record("parent (old labels only)", work / "parent", wall, train_seconds=round(secs, 2),
+           epochs=ep)
     t = time.perf_counter()
     g = grow.add_labels_dir(work / "parent", train, fresh("add"))
     record("(a) labels add", work / "add", time.perf_counter() - t,
@@ -173,10 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                warmup_steps=trainer.config.warmup_steps,
                optimizer_state=grow.read_lineage(work / f"ft{e}")[-1]["optimizer_state"])
     if not args.no_scratch:
-        t = time.perf_counter()
-        res = Trainer(cfg, out_dir=fresh("scratch")).fit(train)
-        record("(c) from scratch", work / "scratch", time.perf_counter() - t,
-               train_seconds=round(res.seconds, 2), epochs=len(res.history))
+        wall, secs, ep = train_once("scratch", train)
+        record("(c) from scratch", work / "scratch", wall, train_seconds=round(secs, 2),
+               epochs=ep)
     cols = ["method", "seconds", "old/P@1", "old/P@5", "new/P@1", "new/P@5", "all/P@1",
             "all/P@3", "all/P@5"]
     print_table(f"growing labels: {'synthetic' if args.quick else args.data}, {len(old)} + {L - len(old)} labels",

@@ -422,3 +422,19 @@ def test_bibtex_labels_add_by_name(shared_data, tmp_path):
     g = grow.add_labels_dir(tmp_path / "p", tr, tmp_path / "a")
     assert g.match.by == "name" and g.match.num_new == tr.num_labels - len(half)
     assert g.rows.stats["old_labels_used"] == len(half)
+
+
+def test_child_config_fine_tune_defaults():
+    parent = TrainConfig(lr=2e-3, warmup_steps=100, batch_size=100, epochs=20, ensemble=3,
+                         label_lr=1e-2)
+    c = grow.child_config(parent, {"device": None}, num_points=1000)
+    assert c.epochs == grow.FINE_TUNE_EPOCHS and c.ensemble == 3
+    assert c.lr == pytest.approx(2e-3 * grow.FINE_TUNE_LR_SCALE)
+    assert c.label_lr == pytest.approx(1e-2 * grow.FINE_TUNE_LR_SCALE) and c.bag_lr == 0
+    assert c.warmup_steps == 2  # 10 % of 2 epochs x 10 steps
+    c = grow.child_config(parent, {"lr": 5e-4, "epochs": 3, "warmup_steps": 7, "ensemble": 3})
+    assert (c.lr, c.epochs, c.warmup_steps, c.label_lr) == (5e-4, 3, 7, 1e-2)
+    with pytest.raises(ConfigError, match="ensemble=1.*--ensemble"):
+        grow.child_config(parent, {"ensemble": 1})
+    state = {"num_codewords": torch.tensor(8)}
+    assert grow.child_config(parent, {}, sampler_state=state).codewords == 8

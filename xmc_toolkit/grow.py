@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINE_TUNE_EPOCHS",
+    "FINE_TUNE_LR_SCALE",
+    "FINE_TUNE_WARMUP",
     "LINEAGE_FILE",
     "FROZEN_FIELDS",
     "LabelMatch",
@@ -78,6 +80,9 @@ logger = logging.getLogger(__name__)
 DIRECTIONS = ("mean", "centered", "lda")
 CALIBRATIONS = ("moments", "spread", "norm")
 FINE_TUNE_EPOCHS = 2  # epochs of `xmc train --init-from` without --epochs (docs/growing-labels.md)
+FINE_TUNE_LR_SCALE = 0.3  # without --lr: the parent's learning rates times this
+FINE_TUNE_WARMUP = 0.1  # without --warmup-steps: this share of the fine-tune's steps (at most
+                        # the parent's warm-up)
 LINEAGE_FILE = "lineage.json"
 # fields that shape the network or its inputs: a grown model keeps its parent's
 FROZEN_FIELDS = ("dim", "hidden", "hidden_budget", "linear_only", "tfidf", "l2_normalize",
@@ -537,9 +542,17 @@ def grow_sampler_state(state: dict[str, torch.Tensor], config: "TrainConfig",
 
 
 def child_config(parent: "TrainConfig", overrides: dict[str, Any] | None = None, *,
-                 sampler_state: dict[str, torch.Tensor] | None = None) -> "TrainConfig":
+                 sampler_state: dict[str, torch.Tensor] | None = None,
+                 num_points: int | None = None) -> "TrainConfig":
     """The config of a model grown from ``parent``: the parent's (resolved) values, then
-    ``overrides`` (``None`` values ignored), epochs defaulting to :data:`FINE_TUNE_EPOCHS`.
+    ``overrides`` (``None`` values ignored).
+
+    Fine-tune defaults where ``overrides`` has no value: :data:`FINE_TUNE_EPOCHS` epochs; the
+    parent's learning rates (``lr``, and ``label_lr`` / ``bag_lr`` when set) times
+    :data:`FINE_TUNE_LR_SCALE` (the parent ended its schedule near zero; its full rate undoes
+    part of what it learnt); a warm-up of :data:`FINE_TUNE_WARMUP` of the fine-tune's steps
+    (``num_points`` rows; at most the parent's ``warmup_steps``). With a MIDX parent the codeword
+    count is pinned to the parent's, so its codebooks carry over.
 
     Raises:
         ConfigError: an override changes a field that shapes the network (:data:`FROZEN_FIELDS`).
@@ -555,6 +568,16 @@ def child_config(parent: "TrainConfig", overrides: dict[str, Any] | None = None,
         raise ConfigError([f"{p}: a grown model keeps its parent's network; drop --"
                            f"{p.split('=')[0].replace('_', '-')}" for p in frozen])
     over.setdefault("epochs", FINE_TUNE_EPOCHS)
+    if "lr" not in over:
+        over["lr"] = parent.lr * FINE_TUNE_LR_SCALE
+        for k in ("label_lr", "bag_lr"):
+            if k not in over and getattr(parent, k) > 0:
+                over[k] = getattr(parent, k) * FINE_TUNE_LR_SCALE
+    if "warmup_steps" not in over and num_points:
+        steps = math.ceil(num_points / int(over.get("batch_size", parent.batch_size))) * int(
+            over["epochs"])
+        over["warmup_steps"] = int(min(parent.warmup_steps,
+                                       max(1, round(FINE_TUNE_WARMUP * steps))))
     if sampler_state is not None and "num_codewords" in sampler_state and \
             not over.get("codewords"):
         over["codewords"] = int(sampler_state["num_codewords"].item())  # keep the codebooks
@@ -871,7 +894,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
         check_out_dir(model_dir, out_dir)
     over = dict(overrides or {})
     parent = load_model_dir(model_dir, device=over.get("device") or "auto")
-    cfg = child_config(parent.config, over, sampler_state=parent.sampler_state)
+    cfg = child_config(parent.config, over, sampler_state=parent.sampler_state,
+                       num_points=train.num_points)
     growth = prepare_growth(parent, train, ignore_extra=ignore_extra, path=data_path,
                             refresh_index=False, config=cfg)
     val_ds = None if val is None else remap_validation(

@@ -139,7 +139,7 @@ class XMCModel:
         where = "none"
         if fine_tune_epochs > 0:
             cfg = grow.child_config(parent.config, {"epochs": int(fine_tune_epochs), **config},
-                                    sampler_state=parent.sampler_state)
+                                    sampler_state=parent.sampler_state, num_points=X.shape[0])
             opt_state = None
             if self._source_dir is not None:
                 opt_state, where = grow.read_optimizer_state(self._source_dir)
