@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--set", default="{}", help="TrainConfig overrides (parent and scratch), JSON")
     ap.add_argument("--ft-set", default="{}", help="extra overrides of the fine-tunes, JSON")
     ap.add_argument("--no-scratch", action="store_true", help="skip (c)")
+    ap.add_argument("--init-variants", action="store_true",
+                    help="also (a) for every direction x calibration of new_label_rows")
     ap.add_argument("--work", type=Path, default=None, help="keep the model directories here")
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: reuse the parent and scratch models of an earlier run "
@@ -179,6 +181,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = grow.add_labels_dir(work / "parent", train, fresh("add"))
     record("(a) labels add", work / "add", time.perf_counter() - t,
            labels_added=g.match.num_new)
+    variants: list[dict[str, Any]] = []
+    if args.init_variants:
+        parent = load_model_dir(work / "parent", device="cpu")
+        for direction in grow.DIRECTIONS:
+            for calibration in grow.CALIBRATIONS:
+                gv = grow.prepare_growth(parent, train, direction=direction,
+                                         calibration=calibration)
+                gv.model.label_names = gv.match.names
+                res_v = group_metrics(gv.model, test, old_names)
+                variants.append({"direction": direction, "calibration": calibration,
+                                 **{f"{g_}/{k}": v for g_, d in res_v.items()
+                                    for k, v in d.items()}})
+                print(f"(a) {direction} / {calibration}: {json.dumps(res_v)}", flush=True)
     for e in epochs:
         t = time.perf_counter()
         res, _, trainer = grow.train_from(work / "parent", train, fresh(f"ft{e}"),
@@ -201,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "old_labels": int(len(old)), "new_labels": int(L - len(old)),
                           "parent_rows": int(len(keep)), "train_rows": train.num_points,
                           "test_rows": test.num_points, "quick": args.quick},
-               "machine": machine_info(args.device), "results": rows}
+               "machine": machine_info(args.device), "results": rows,
+               "init_variants": variants}
     name = f"grow_labels_{args.data}" + ("_quick" if args.quick else "")
     write_results(name, payload, args.out)
     if args.work is None:

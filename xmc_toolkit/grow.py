@@ -682,13 +682,14 @@ class Growth:
 
 def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool = False,
                    path: str | None = None, refresh_index: bool = True,
-                   config: "TrainConfig | None" = None) -> Growth:
+                   config: "TrainConfig | None" = None, **init_options: Any) -> Growth:
     """Grow ``parent`` by the labels of ``ds`` it does not know (``parent`` is not modified).
 
     The rows of ``ds`` are encoded by the parent; new labels get :func:`new_label_rows` calibrated
     on the old labels present in ``ds``; the grown model's training label counts are the
     parent's for old labels and ``ds``'s for new ones; a MIDX state is grown
-    (:func:`grow_sampler_state`, refreshed when ``refresh_index``).
+    (:func:`grow_sampler_state`, refreshed when ``refresh_index``). ``init_options`` go to
+    :func:`new_label_rows` (``direction=``, ``calibration=``, ``lda_shrinkage=``).
 
     Raises:
         DataFormatError: feature spaces differ (without ``ignore_extra``).
@@ -707,7 +708,7 @@ def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool 
     queries = encode_csr(net.encoder, Xp, batch_size=cfg.eval_batch_size)  # [N, n*d]
     Yc = sp.csc_matrix(Y)
     rows = new_label_rows(queries, Yc[:, L:], net.label_weight, net.label_bias, Yc[:, :L],
-                          old_counts=np.asarray(parent.label_counts)[:L])
+                          old_counts=np.asarray(parent.label_counts)[:L], **init_options)
     child = grow_network(net, cfg, rows)
     counts = np.concatenate([np.asarray(parent.label_counts, dtype=np.int64)[:L],
                              rows.counts]).astype(np.int64)
