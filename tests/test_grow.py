@@ -438,3 +438,15 @@ def test_child_config_fine_tune_defaults():
         grow.child_config(parent, {"ensemble": 1})
     state = {"num_codewords": torch.tensor(8)}
     assert grow.child_config(parent, {}, sampler_state=state).codewords == 8
+
+
+def test_remap_validation_follows_the_training_columns():
+    m = grow.match_labels(["a", "b"], 2, ["x", "b", "a"], 3)  # x new -> id 2
+    Y = sp.csr_matrix(np.array([[1, 0, 1]], np.float32))
+    X = sp.csr_matrix(np.ones((1, 4), np.float32))
+    named = grow.remap_validation(XMCDataset(X, Y[:, [2, 0, 1]], ["a", "x", "b"]), m, 4)
+    unnamed = grow.remap_validation(XMCDataset(X, Y), m, 4)  # columns as in the training data
+    np.testing.assert_array_equal(named.Y.toarray(), [[1, 0, 1]])
+    np.testing.assert_array_equal(unnamed.Y.toarray(), [[1, 0, 1]])
+    with pytest.raises(LabelSetError, match="neither"):
+        grow.remap_validation(XMCDataset(X, Y, ["a", "b", "zz"]), m, 4)

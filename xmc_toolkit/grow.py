@@ -867,11 +867,12 @@ def remap_validation(val: XMCDataset, match: LabelMatch, num_features: int, *,
             raise LabelSetError(f"{path or 'the validation data'} has labels neither the model "
                                 f"nor the training data know: {_show(unknown)}")
         ids = np.array([index[n] for n in val.label_names], dtype=np.int64)
-    else:
-        if val.num_labels > match.num_labels:
-            raise LabelSetError(f"{path or 'the validation data'} has {val.num_labels} labels, "
-                                f"more than the grown model's {match.num_labels}")
-        ids = np.arange(val.num_labels, dtype=np.int64)
+    else:  # column j is the training data's column j
+        if val.num_labels > len(match.column_ids):
+            raise LabelSetError(f"{path or 'the validation data'} has {val.num_labels} label "
+                                f"columns, more than the training data's "
+                                f"{len(match.column_ids)}; use the same label space (--val)")
+        ids = np.asarray(match.column_ids[:val.num_labels], dtype=np.int64)
     return XMCDataset(X, remap_labels(val.Y, ids, match.num_labels), match.names)
 
 
