@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--set", default="{}", help="TrainConfig overrides (parent and scratch), JSON")
     ap.add_argument("--ft-set", default="{}", help="extra overrides of the fine-tunes, JSON")
     ap.add_argument("--no-scratch", action="store_true", help="skip (c)")
+    ap.add_argument("--scratch-model", type=Path, default=None,
+                    help="(c) is this existing model directory of `xmc train --data TRAIN` with "
+                         "the same defaults (labels in TRAIN's id order), its time the training "
+                         "seconds in its summary.json, instead of training it again")
     ap.add_argument("--init-variants", action="store_true",
                     help="also (a) for every direction x calibration of new_label_rows")
     ap.add_argument("--work", type=Path, default=None, help="keep the model directories here")
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def record(method: str, model_dir: Path, seconds: float, **extra: Any) -> None:
         m = load_model_dir(model_dir, device="cpu")
+        if m.label_names is None and m.num_labels == L:  # trained without names: by id
+            m.label_names = list(train.label_names)
         res = group_metrics(m, test, old_names)
         rows.append({"method": method, "seconds": round(seconds, 2), **extra,
                      **{f"{g}/{k}": v for g, d in res.items() for k, v in d.items()}})
@@ -202,7 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                train_seconds=round(res.seconds, 2), epochs=e,
                warmup_steps=trainer.config.warmup_steps,
                optimizer_state=grow.read_lineage(work / f"ft{e}")[-1]["optimizer_state"])
-    if not args.no_scratch:
+    if args.scratch_model is not None:
+        summ = json.loads((args.scratch_model / "summary.json").read_text())
+        record("(c) from scratch", args.scratch_model, summ["seconds"],
+               train_seconds=round(summ["seconds"], 2), epochs=len(summ["history"]),
+               external=str(args.scratch_model))
+    elif not args.no_scratch:
         wall, secs, ep = train_once("scratch", train)
         record("(c) from scratch", work / "scratch", wall, train_seconds=round(secs, 2),
                epochs=ep)
