@@ -28,7 +28,6 @@ Nothing here prints or exits; errors are :class:`~xmc_toolkit.errors.XMCError` s
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
