@@ -103,6 +103,29 @@ def group_metrics(model: Any, test: Any, num_old_names: set[str], ks=(1, 3, 5),
     return out
 
 
+def markdown(payload: dict[str, Any]) -> str:
+    """The results (and init variants) as Markdown tables, P@k in %."""
+    def pct(v: Any) -> str:
+        return "-" if v is None or v != v else f"{100 * v:.2f}"
+
+    groups = ("old", "new", "all")
+    head = ["method", "time s (train s)"] + [f"{g} P@{k}" for g in groups for k in (1, 3, 5)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in payload["results"]:
+        t = f"{r['seconds']:.1f}" + (f" ({r['train_seconds']:.1f})" if "train_seconds" in r
+                                     else "")
+        out.append("| " + " | ".join([r["method"], t] + [pct(r.get(f"{g}/P@{k}")) for g in
+                                                         groups for k in (1, 3, 5)]) + " |")
+    if payload.get("init_variants"):
+        head = ["direction", "calibration"] + [f"{g} P@{k}" for g in ("new", "all")
+                                               for k in (1, 3, 5)]
+        out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in payload["init_variants"]:
+            out.append("| " + " | ".join([r["direction"], r["calibration"]] + [
+                pct(r.get(f"{g}/P@{k}")) for g in ("new", "all") for k in (1, 3, 5)]) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "test_rows": test.num_points, "quick": args.quick},
                "machine": machine_info(args.device), "results": rows,
                "init_variants": variants}
+    print(markdown(payload))
     name = f"grow_labels_{args.data}" + ("_quick" if args.quick else "")
     write_results(name, payload, args.out)
     if args.work is None:
