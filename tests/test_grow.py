@@ -160,7 +160,8 @@ def test_grow_optimizer_state_pads_label_moments_only():
     assert set(out) == {"opt.labels", "opt.encoder"}  # the schedule starts over
     ea = out["opt.labels"]["state"][0]["exp_avg"]
     assert ea.shape == (5, 2) and float(ea[:3].sum()) == 6 and float(ea[3:].abs().sum()) == 0
-    assert out["opt.labels"]["state"][1]["exp_avg_sq"].shape == (5, 1)
+    sq = out["opt.labels"]["state"][1]["exp_avg_sq"]
+    assert sq.shape == (5, 1) and float(sq[3:].sum()) == 2  # new rows: the old rows' mean
     assert out["opt.encoder"]["state"][0]["exp_avg"].shape == (3, 3)  # D == L_old: untouched
     assert st["opt.labels"]["state"][0]["exp_avg"].shape == (3, 2)  # input not modified
 

@@ -443,9 +443,13 @@ def grow_network(network: "XMCNetwork", config: "TrainConfig", rows: NewRows) ->
 def grow_optimizer_state(state: dict[str, Any], num_old: int, num_new: int) -> dict[str, Any]:
     """The parent's optimizer state (:meth:`OptimizerBundle.state_dict`) for ``L + n`` labels.
 
-    The label optimizer's per-row moments get ``n`` zero rows (new rows start as if never
-    touched; their step count is the parent's); every other optimizer is kept as it is. The
-    LR schedulers are dropped (a fine-tune runs its own schedule). The input is not modified.
+    The label optimizer's per-row state gets ``n`` new rows: first moments (``exp_avg``) zero,
+    second moments (``exp_avg_sq``, Adagrad's ``sum``) the mean of the old rows' (per column).
+    The step count is shared by all rows of a parameter and is the parent's, so Adam's bias
+    correction is ~1: zero second moments would make a new row's first steps ``lr / sqrt(1 -
+    beta2)``, about 30x larger than a trained row's, and undo its initialisation within a few
+    dozen steps. Every other optimizer is kept as it is. The LR schedulers are dropped (a
+    fine-tune runs its own schedule). The input is not modified.
     """
     out: dict[str, Any] = {}
     for key, sd in state.items():
@@ -458,7 +462,12 @@ def grow_optimizer_state(state: dict[str, Any], num_old: int, num_new: int) -> d
                 st2 = {}
                 for name, v in st.items():
                     if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == num_old:
-                        v = torch.cat([v, v.new_zeros((num_new,) + tuple(v.shape[1:]))], 0)
+                        if name in ("exp_avg_sq", "sum") and num_old > 0:
+                            extra = v.mean(0, keepdim=True).expand(
+                                (num_new,) + tuple(v.shape[1:])).clone()
+                        else:
+                            extra = v.new_zeros((num_new,) + tuple(v.shape[1:]))
+                        v = torch.cat([v, extra], 0)
                     st2[name] = v
                 grown[pid] = st2
             sd["state"] = grown
