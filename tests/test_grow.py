@@ -437,6 +437,9 @@ def test_child_config_fine_tune_defaults():
     assert (c.lr, c.epochs, c.warmup_steps, c.label_lr) == (5e-4, 3, 7, 1e-2)
     with pytest.raises(ConfigError, match="ensemble=1.*--ensemble"):
         grow.child_config(parent, {"ensemble": 1})
+    with pytest.raises(ConfigError, match="dropout 0 and > 0"):
+        grow.child_config(TrainConfig(dropout=0.75), {"dropout": 0.0})
+    assert grow.child_config(TrainConfig(dropout=0.75), {"dropout": 0.01}).dropout == 0.01
     state = {"num_codewords": torch.tensor(8)}
     assert grow.child_config(parent, {}, sampler_state=state).codewords == 8
 

@@ -572,9 +572,15 @@ def child_config(parent: "TrainConfig", overrides: dict[str, Any] | None = None,
             new = tuple(over[k]) if isinstance(over[k], list) else over[k]
             if new != getattr(parent, k):
                 frozen.append(f"{k}={over[k]!r} (the parent has {getattr(parent, k)!r})")
-    if frozen:
-        raise ConfigError([f"{p}: a grown model keeps its parent's network; drop --"
-                           f"{p.split('=')[0].replace('_', '-')}" for p in frozen])
+    problems = [f"{p}: a grown model keeps its parent's network; drop --"
+                f"{p.split('=')[0].replace('_', '-')}" for p in frozen]
+    if "dropout" in over and isinstance(over["dropout"], (int, float)) and \
+            (float(over["dropout"]) == 0) != (float(parent.dropout) == 0):
+        problems.append(f"dropout={over['dropout']!r} (the parent has {parent.dropout!r}): "
+                        "dropout 0 and > 0 build different layers; a grown model keeps its "
+                        "parent's, so use a small value like 0.01 instead of 0 (--dropout)")
+    if problems:
+        raise ConfigError(problems)
     over.setdefault("epochs", FINE_TUNE_EPOCHS)
     if "lr" not in over:
         over["lr"] = parent.lr * FINE_TUNE_LR_SCALE
