@@ -20,7 +20,7 @@ from xmc_toolkit.errors import XMCError
 __all__ = ["xmc", "main"]
 
 _COMMAND_MODULES = ("cli.data_cmds", "cli.synth_cmds", "cli.eval_cmds", "cli.train_cmds",
-                    "cli.info_cmds")
+                    "cli.info_cmds", "cli.label_cmds")
 
 
 class XMCGroup(click.Group):

@@ -148,8 +148,17 @@ def text_field_options(func: Any) -> Any:
               help="With an .npz feature matrix --data X.npz: its label matrix Y.npz "
                    "(scipy.sparse.save_npz / PECOS pairs under any names).")
 @click.option("--label-names", "label_names", type=_DATA, default=None,
-              help="Feature-vector data: label names, one a line in label-id order (or a Mulan "
-                   "XML), stored in the model so that predictions carry names.")
+              help="Feature-vector data: label names of --data and --val, one a line in "
+                   "label-id order (or a Mulan XML), stored in the model so that predictions "
+                   "carry names; with --init-from they decide which labels are new.")
+@click.option("--init-from", "init_from", type=_MODEL, default=None,
+              help="Start from this trained model directory: its encoder, label rows and "
+                   "optimizer state are kept, labels of --data it does not know are added "
+                   "(matched by name when both carry names, else by id) and the model is "
+                   "fine-tuned on --data for --epochs (default 2). The directory is only read.")
+@click.option("--ignore-extra", is_flag=True,
+              help="With --init-from: cut (or pad) --data's feature columns to the model's "
+                   "instead of failing.")
 @threads_option
 @text_field_options
 @zero_based_option
@@ -157,7 +166,8 @@ def text_field_options(func: Any) -> Any:
 @_config_options
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
           resume: Path | None, force: bool, print_config: bool, progress: bool | None,
-          as_json: bool, labels_file: Path | None, label_names: Path | None, text_field: str,
+          as_json: bool, labels_file: Path | None, label_names: Path | None,
+          init_from: Path | None, ignore_extra: bool, text_field: str,
           label_field: str, label_sep: str, threads: int, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
@@ -167,6 +177,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     xmc train --data train.txt --out runs/big --loss sampled --sampler midx --negatives 32
     xmc train --resume runs/big                         # continue an interrupted run
     xmc train --print-config > cfg.json; xmc train --config cfg.json --data train.txt --out r
+    xmc train --init-from runs/bibtex --data grown.txt --label-names names.txt --out runs/b2
 
     \b
     --out must be new or empty: a directory holding a model is refused unless --force
@@ -184,6 +195,20 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     feat_base = FeaturizerConfig()
     run: dict[str, Any] = {}
     base_choice = zero_based()
+    if resume is not None and (init_from is None and label_names is None):
+        if (resume / RUN_FILE).is_file():
+            saved_run = _read_run(resume)
+            if saved_run.get("init_from"):
+                init_from = Path(saved_run["init_from"])
+                ignore_extra = ignore_extra or bool(saved_run.get("ignore_extra"))
+            if saved_run.get("label_names"):
+                label_names = Path(saved_run["label_names"])
+    if init_from is not None:
+        _train_init_from(init_from, data, val, out, config_file, resume, print_config, progress,
+                         as_json, label_names, ignore_extra, flags)
+        return
+    if ignore_extra:
+        raise click.UsageError("--ignore-extra applies only with --init-from")
     if resume is not None:
         run = _read_run(resume)
         if base_choice == "auto" and run.get("zero_based") in (True, False):
@@ -268,22 +293,96 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
         click.echo(str(exc), err=True)
         sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
+    extra = None
+    if featurizer is not None:
+        extra = {"featurizer": {"num_features": featurizer.num_features,
+                                "num_labels": train_ds.num_labels}}
+        if not as_json:
+            click.echo(f"featurized {train_ds.num_points} texts: {featurizer.num_features} "
+                       f"features, {train_ds.num_labels} labels")
+    _report(result, out, cfg, as_json, extra=extra)
+
+
+def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: Path | None,
+                     config_file: Path | None, resume: Path | None, print_config: bool,
+                     progress: bool | None, as_json: bool, label_names: Path | None,
+                     ignore_extra: bool, flags: dict[str, Any]) -> None:
+    """``xmc train --init-from DIR``: grow DIR's label set by --data's labels and fine-tune."""
+    from xmc_toolkit import grow
+    from xmc_toolkit.train import TrainingInterrupted, load_model_dir
+
+    if config_file is not None:
+        raise click.UsageError("--config does not combine with --init-from: the grown model "
+                               "takes its parent's config; change single values with flags")
+    run: dict[str, Any] = {}
+    if resume is not None:
+        run = _read_run(resume)
+        if out is not None and Path(out) != Path(resume):
+            raise click.UsageError("--resume DIR writes to DIR; drop --out")
+        out = resume
+        data = data or (Path(run["data"]) if run.get("data") else None)
+        val = val or (Path(run["val"]) if run.get("val") else None)
+        saved = dict(run.get("overrides", {}))
+        saved.pop("max_steps", None)  # a pause point of the earlier call, not of this one
+        flags = {**saved, **{k: v for k, v in flags.items() if v is not None}}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    from xmc_toolkit.data import load
+
+    if print_config:
+        parent = load_model_dir(init_from, device="cpu")
+        cfg = grow.child_config(parent.config, overrides, sampler_state=parent.sampler_state,
+                                num_points=load(data).num_points if data else None)
+        click.echo(cfg.to_json())
+        return
+    if data is None:
+        raise click.UsageError("--data is required (the training data set, every label)")
+    if out is None:
+        raise click.UsageError("--out is required (the model directory to write)")
+    grow.check_out_dir(init_from, out)
+    train_ds = load(data, label_names_from=label_names)
+    val_ds = load(val, label_names_from=label_names) if val is not None else None
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def before_training(cfg: Any) -> None:  # everything checked: now the output may be written
+        from xmc_toolkit._fileio import atomic_write_text
+
+        atomic_write_text(out / RUN_FILE, json.dumps({
+            "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None,
+            "label_names": str(Path(label_names).resolve()) if label_names else None,
+            "init_from": str(Path(init_from).resolve()), "ignore_extra": ignore_extra,
+            "overrides": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in overrides.items()},
+            "config": cfg.to_dict()}, indent=2))
+
+    try:
+        result, growth, trainer = grow.train_from(
+            init_from, train_ds, out, overrides, val=val_ds, ignore_extra=ignore_extra,
+            data_path=str(data), val_path=None if val is None else str(val),
+            show_progress=show, resume=resume is not None, before_training=before_training)
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(128 + exc.signum)
+    m = growth.match
+    if not as_json:
+        click.echo(f"grown from {init_from}: {m.num_old} labels + {m.num_new} new (matched by "
+                   f"{m.by}) = {m.num_labels}")
+    _report(result, out, trainer.config, as_json,
+            extra={"init_from": str(init_from), "labels_added": m.num_new,
+                   "num_labels": m.num_labels})
+
+
+def _report(result: Any, out: Path, cfg: Any, as_json: bool,
+            extra: dict[str, Any] | None = None) -> None:
     summary = {"out": str(out), "loss": result.loss, "sampler": result.sampler,
                "epochs": len(result.history), "steps": result.steps,
                "seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early,
                "final_loss": result.history[-1]["loss"] if result.history else None,
-               "val": result.best}
-    if featurizer is not None:
-        summary["featurizer"] = {"num_features": featurizer.num_features,
-                                 "num_labels": train_ds.num_labels}
+               "val": result.best, **(extra or {})}
     summary["paused"] = result.paused
     if as_json:
         click.echo(json.dumps(summary))
         return
-    if featurizer is not None:
-        click.echo(f"featurized {train_ds.num_points} texts: {featurizer.num_features} features, "
-                   f"{train_ds.num_labels} labels")
     if result.paused:
         click.echo(f"paused at step {result.steps} (--max-steps {cfg.max_steps}) after "
                    f"{summary['epochs']} complete epoch(s); checkpoint saved: continue with "

@@ -145,3 +145,13 @@ def test_sparse_step_quick(tmp_path: Path) -> None:
     data = _check_payload(out)
     assert set(data["results"]) == {"SparseAdam (before)", "RowAdam (now)",
                                     "RowAdam + unique lookups"}
+
+
+def test_grow_labels_quick(tmp_path: Path) -> None:
+    out = tmp_path / "grow.json"
+    _load("bench_grow_labels").main([*QUICK, "--out", str(out), "--init-variants"])
+    data = _check_payload(out)
+    methods = [r["method"] for r in data["results"]]
+    assert methods[1:] == ["(a) labels add", "(b) add + 1 epoch(s)", "(c) from scratch"]
+    assert all(0 <= r["all/P@1"] <= 1 for r in data["results"])
+    assert len(data["init_variants"]) == 9

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from os import PathLike
 
 __all__ = ["XMCError", "DataFormatError", "ConfigError", "CheckpointError", "SamplerError",
-           "OutputError"]
+           "OutputError", "LabelSetError"]
 
 
 class XMCError(Exception):
@@ -63,3 +63,7 @@ class OutputError(XMCError):
     """An output file or directory cannot be written (disk full, permissions, a missing folder,
     a path that is a file or a special file), is in use by another run, or would overwrite
     earlier work without ``--force``."""
+
+
+class LabelSetError(XMCError, ValueError):
+    """New labels cannot join a model's label set (colliding or missing names, no new labels)."""

@@ -50,6 +50,8 @@ class XMCModel:
         self._configure()
         self._model: LoadedModel | None = None
         self.result: TrainResult | None = None
+        self._source_dir: Path | None = None  # the directory load() read (its checkpoint)
+        self.lineage: list[dict[str, Any]] = []  # label-set growth history (lineage.json)
 
     def _configure(self) -> None:
         """Build and validate ``config`` / ``featurizer_config`` from the parameters."""
@@ -157,17 +159,93 @@ class XMCModel:
                           featurizer=featurizer)
         self.result = trainer.fit(XMCDataset(X, Y, label_names), val,
                                   show_progress=show_progress)
-        if trainer.network is None or trainer.preprocessor is None:  # pragma: no cover
-            raise XMCError("training produced no network")
-        trainer.network.eval()
-        sampler_state = None
-        if trainer.sampler is not None and trainer.sampler.needs_update:
-            sampler_state = trainer.sampler.state_dict()
-        self._model = LoadedModel(
-            network=trainer.network, preprocessor=trainer.preprocessor, config=trainer.config,
-            label_names=label_names, label_counts=trainer.label_counts,  # type: ignore[arg-type]
-            num_train=trainer.num_train, sampler_state=sampler_state,
-            summary=self.result.to_dict(), featurizer=featurizer)
+        self._model = _loaded_from(trainer, self.result, label_names, featurizer)
+        self._source_dir = Path(out_dir) if out_dir is not None else None
+        self.lineage = []
+        return self
+
+    def add_labels(self, X: sp.spmatrix, Y_new: sp.spmatrix, names: list[str] | None = None,
+                   fine_tune_epochs: int = 0, *, show_progress: bool = False,
+                   **config: Any) -> "XMCModel":
+        """Grow the label set by ``n`` new labels (``xmc labels add`` / ``train --init-from``).
+
+        Args:
+            X: ``[N, D]`` raw feature rows (the model's feature space).
+            Y_new: ``[N, L + n]`` their labels in the *grown* label space: columns ``< L`` are
+                the model's labels (they calibrate the new rows; zeros are fine), columns
+                ``>= L`` the new ones.
+            names: the ``n`` new labels' names; required when the model's labels have names,
+                refused when they have none. A name the model already has is an error.
+            fine_tune_epochs: ``0``: only initialise the new rows (no training step);
+                ``E > 0``: then train ``E`` epochs on ``(X, Y_new)``, every label, starting from
+                this model (its optimizer state when it was loaded from a directory with a
+                checkpoint).
+            show_progress: progress bar of the fine-tune.
+            **config: other :class:`~xmc_toolkit.train.TrainConfig` values of the fine-tune
+                (``lr=...``); fields that shape the network cannot change.
+
+        Returns:
+            ``self`` (the grown model; ``self.lineage`` records the step, :meth:`save` writes
+            it to ``lineage.json``).
+
+        Raises:
+            LabelSetError: no new columns, missing or colliding names.
+            XMCError: ``X`` in another feature space.
+        """
+        from . import grow
+        from .errors import LabelSetError
+
+        parent = self.fitted
+        X = self._check_X(X)
+        Y = _csr(Y_new, "Y_new")
+        L = parent.num_labels
+        n = Y.shape[1] - L
+        if Y.shape[0] != X.shape[0]:
+            raise ConfigError(f"X has {X.shape[0]} rows but Y_new has {Y.shape[0]}")
+        if n <= 0:
+            raise LabelSetError(f"Y_new has {Y.shape[1]} columns and the model {L} labels: no "
+                                "new labels; pass Y_new in the grown label space [N, L + n] "
+                                "with the new labels in columns >= L")
+        data_names = None
+        if parent.label_names is not None:
+            if names is None or len(names) != n:
+                raise LabelSetError(f"the model's labels have names: pass names= with the {n} "
+                                    f"new labels' names (got {0 if names is None else len(names)})")
+            known = set(parent.label_names)
+            clash = [x for x in names if x in known]
+            if clash:
+                raise LabelSetError(f"label names collide: {', '.join(map(repr, clash[:3]))} "
+                                    "already name labels of the model; give new labels new names")
+            data_names = list(parent.label_names) + [str(x) for x in names]
+        elif names is not None:
+            raise LabelSetError("the model's labels have no names, so new labels cannot have "
+                                "them either; drop names=")
+        growth = grow.prepare_growth(parent, XMCDataset(X, Y, data_names),
+                                     refresh_index=fine_tune_epochs <= 0)
+        where = "none"
+        if fine_tune_epochs > 0:
+            cfg = grow.child_config(parent.config, {"epochs": int(fine_tune_epochs), **config},
+                                    sampler_state=parent.sampler_state, num_points=X.shape[0])
+            opt_state = None
+            if self._source_dir is not None:
+                opt_state, where = grow.read_optimizer_state(self._source_dir)
+                if opt_state is not None:
+                    opt_state = grow.grow_optimizer_state(opt_state, L, n)
+            ws = grow.WarmStart(growth.model.network.state_dict(), parent.preprocessor,
+                                opt_state, growth.model.sampler_state)
+            trainer = Trainer(cfg)
+            self.result = trainer.fit(growth.data, show_progress=show_progress, init=ws)
+            self._model = _loaded_from(trainer, self.result, growth.match.names,
+                                       parent.featurizer)
+            self.config = trainer.config
+            if opt_state is not None:
+                where += "; kept for: " + (", ".join(ws.kept) or "none")
+        else:
+            self._model = growth.model
+        self.lineage = self.lineage + [grow.lineage_entry(
+            self._source_dir, growth, mode="XMCModel.add_labels", epochs=fine_tune_epochs,
+            optimizer_state=where)]
+        self._source_dir = None  # the grown model lives in memory now
         return self
 
     # -- inference --------------------------------------------------------------------------
@@ -286,10 +364,15 @@ class XMCModel:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a model directory (usable by ``xmc eval/predict/export --model``)."""
         m = self.fitted
-        return save_model_dir(path, m.network, m.preprocessor, m.config,
-                              label_names=m.label_names, label_counts=m.label_counts,
-                              num_train=m.num_train, sampler_state=m.sampler_state,
-                              summary=m.summary, featurizer=m.featurizer)
+        out = save_model_dir(path, m.network, m.preprocessor, m.config,
+                             label_names=m.label_names, label_counts=m.label_counts,
+                             num_train=m.num_train, sampler_state=m.sampler_state,
+                             summary=m.summary, featurizer=m.featurizer)
+        if self.lineage:
+            from .grow import write_lineage
+
+            write_lineage(out, None, self.lineage[-1], history=self.lineage[:-1])
+        return out
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto", *,
@@ -308,6 +391,10 @@ class XMCModel:
         obj._params = {"featurizer": obj.featurizer_config, **loaded.config.to_dict()}
         obj._model = loaded
         obj.result = None
+        from .grow import read_lineage
+
+        obj._source_dir = Path(path)
+        obj.lineage = read_lineage(path)
         return obj
 
     @property
@@ -341,6 +428,22 @@ def _label_lists(Y: Any, name: str, n: int) -> list[list[str]]:
             raise XMCError(f"{name}[{i}] = {labs!r:.60} must be a list of label names (strings)")
         out.append(list(labs))
     return out
+
+
+def _loaded_from(trainer: Trainer, result: TrainResult,
+                 label_names: list[str] | None, featurizer: Any = None) -> LoadedModel:
+    """The fitted model of a finished :class:`Trainer` (eval mode)."""
+    if trainer.network is None or trainer.preprocessor is None:  # pragma: no cover
+        raise XMCError("training produced no network")
+    trainer.network.eval()
+    sampler_state = None
+    if trainer.sampler is not None and trainer.sampler.needs_update:
+        sampler_state = trainer.sampler.state_dict()
+    return LoadedModel(
+        network=trainer.network, preprocessor=trainer.preprocessor, config=trainer.config,
+        label_names=label_names, label_counts=trainer.label_counts,  # type: ignore[arg-type]
+        num_train=trainer.num_train, sampler_state=sampler_state, summary=result.to_dict(),
+        featurizer=featurizer)
 
 
 def _csr(M: Any, name: str) -> sp.csr_matrix:

@@ -45,6 +45,7 @@ from .errors import CheckpointError, ConfigError, XMCError
 
 if TYPE_CHECKING:
     from .encoder import EnsembleEncoder, SparseEncoder
+    from .grow import WarmStart
 
 __all__ = [
     "LOSSES",
@@ -844,7 +845,7 @@ def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Pr
 
 #: everything a training run writes into its output directory (``run.json``: ``xmc train``)
 OUTPUT_FILES = (MODEL_FILE, CONFIG_FILE, LABELS_FILE, SUMMARY_FILE, CHECKSUMS_FILE, LOG_FILE,
-                "run.json", CKPT_DIR, "featurizer.json", "featurizer.safetensors")
+                "run.json", CKPT_DIR, "featurizer.json", "featurizer.safetensors", "lineage.json")
 
 
 def prepare_output_dir(out_dir: str | os.PathLike[str], *, force: bool = False) -> list[str]:
@@ -1180,7 +1181,7 @@ class Trainer:
     # -- public -----------------------------------------------------------------------------
     def fit(self, train: XMCDataset, val: XMCDataset | None = None, *,
             show_progress: bool = False, resume: bool = False,
-            force: bool = False) -> TrainResult:
+            force: bool = False, init: WarmStart | None = None) -> TrainResult:
         """Train (or continue training from ``out_dir/checkpoint`` when ``resume``).
 
         Args:
@@ -1194,6 +1195,9 @@ class Trainer:
             force: without ``resume``, replace the earlier run in a non-empty ``out_dir``
                 (:func:`prepare_output_dir`: refused otherwise); with ``resume``, continue even
                 when the data's fingerprint differs from the checkpoint's.
+            init: start from a parent model (:class:`xmc_toolkit.grow.WarmStart`: its
+                preprocessing, grown weights, optimizer moments and MIDX state) instead of a
+                fresh network (``xmc train --init-from``).
 
         ``out_dir`` is locked for the whole call (:class:`~xmc_toolkit._fileio.OutputLock`):
         a second trainer writing there fails at once, naming the first one's pid.
@@ -1221,16 +1225,16 @@ class Trainer:
         if resume and self.out_dir is None:
             raise ConfigError("resume needs an output directory (--out / --resume DIR)")
         if self.out_dir is None:
-            return self._fit(train, val, show_progress, resume, force)
+            return self._fit(train, val, show_progress, resume, force, init)
         from ._fileio import OutputLock
 
         with OutputLock(self.out_dir, what="`xmc train` / training run"):
             if not resume:
                 prepare_output_dir(self.out_dir, force=force)
-            return self._fit(train, val, show_progress, resume, force)
+            return self._fit(train, val, show_progress, resume, force, init)
 
     def _fit(self, train: XMCDataset, val: XMCDataset | None, show_progress: bool,
-             resume: bool, force: bool) -> TrainResult:
+             resume: bool, force: bool, init: WarmStart | None) -> TrainResult:
         cfg = self.config
         device = resolve_device(cfg.device)
         self._seed_everything(cfg.seed)
@@ -1249,7 +1253,8 @@ class Trainer:
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
         weighted = self.featurizer is None and is_weighted(X_raw)
         cfg = self.config = cfg.resolved_for_data(train.num_points, weighted_input=weighted)
-        self.preprocessor = Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize)
+        self.preprocessor = (init.preprocessor if init is not None else
+                             Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize))
         X = self.preprocessor.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
         X_val = None if val is None else self.preprocessor.transform(val.X)
@@ -1265,7 +1270,9 @@ class Trainer:
         self.network = network = XMCNetwork(D, L, cfg).to(device)
         logger.info("encoder hidden widths %s (D=%d), bag optimizer %s, loss %s",
                     list(cfg.resolved_hidden(D)), D, cfg.resolved_bag_optimizer(D), loss_name)
-        if cfg.label_init == "pifa" and not resume:
+        if init is not None:
+            init.apply_network(network)  # the parent's encoder and (grown) label rows
+        elif cfg.label_init == "pifa" and not resume:
             _pifa_init_(network, X, Y, cfg.eval_batch_size)
         network.train()
         if cfg.ema > 0:
@@ -1288,6 +1295,9 @@ class Trainer:
             label_optimizer=label_opt, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
             schedule=cfg.schedule, sparse_params=network.encoder.sparse_parameters(),
             sparse_lr=cfg.resolved_bag_lr())
+        if init is not None and not resume:
+            init.apply_optimizers(bundle)  # the parent's moments, this run's schedule
+            init.apply_sampler(self.sampler)
         amp_dtype, scaler = _amp_setup(cfg.amp, device)
         sample_gen = torch.Generator(device=device)
         sample_gen.manual_seed(cfg.seed + 1)
