@@ -20,10 +20,11 @@ echo "== 1/4 synthetic data: $LABELS labels, $POINTS train / $TEST_POINTS test p
 "$XMC" data synth --labels "$LABELS" --points "$POINTS" --features "$FEATURES" --seed 0 \
   --out "$OUT/train.txt" --test-out "$OUT/test.txt" --test-points "$TEST_POINTS" --no-progress
 
+# --force: a second `make demo` replaces the first demo model (xmc train refuses a used --out)
 echo "== 2/4 xmc train: sampled softmax with the MIDX sampler ($EPOCHS epochs)"
 "$XMC" train --data "$OUT/train.txt" --out "$OUT/model" --loss sampled --sampler midx \
   --negatives 64 --epochs "$EPOCHS" --batch-size 256 --hidden 512 --dim 128 --dropout 0.2 \
-  --lr 0.002 --bag-optimizer sparse-adam --ensemble 1 --no-progress
+  --lr 0.002 --bag-optimizer sparse-adam --ensemble 1 --no-progress --force
 
 echo "== 3/4 xmc eval on the test file"
 "$XMC" eval --model "$OUT/model" --data "$OUT/test.txt" --k 5
