@@ -326,12 +326,11 @@ def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: 
         saved.pop("max_steps", None)  # a pause point of the earlier call, not of this one
         flags = {**saved, **{k: v for k, v in flags.items() if v is not None}}
     overrides = {k: v for k, v in flags.items() if v is not None}
-    from xmc_toolkit.data import load
 
     if print_config:
         parent = load_model_dir(init_from, device="cpu")
         cfg = grow.child_config(parent.config, overrides, sampler_state=parent.sampler_state,
-                                num_points=load(data).num_points if data else None)
+                                num_points=load_data(data).num_points if data else None)
         click.echo(cfg.to_json())
         return
     if data is None:
@@ -339,8 +338,9 @@ def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: 
     if out is None:
         raise click.UsageError("--out is required (the model directory to write)")
     grow.check_out_dir(init_from, out)
-    train_ds = load(data, label_names_from=label_names)
-    val_ds = load(val, label_names_from=label_names) if val is not None else None
+    # load_data: with the command's --zero-based/--one-based, as the plain training path
+    train_ds = load_data(data, label_names_from=label_names)
+    val_ds = load_data(val, label_names_from=label_names) if val is not None else None
     show = sys.stderr.isatty() if progress is None else progress
 
     def before_training(cfg: Any) -> None:  # everything checked: now the output may be written

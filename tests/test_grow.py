@@ -295,6 +295,26 @@ def test_train_init_from_cli(world, tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["epochs"] == grow.FINE_TUNE_EPOCHS
 
 
+def test_train_init_from_honours_the_id_base_flag(world, tmp_path, monkeypatch):
+    """--zero-based/--one-based reaches the loader on the --init-from path too."""
+    import xmc_toolkit.data as data_mod
+
+    seen = []
+    real = data_mod.load
+
+    def spy(*a, **k):
+        seen.append(k.get("zero_based"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "load", spy)
+    r = CliRunner().invoke(xmc, ["train", "--init-from", str(world / "parent"), "--data",
+                                 str(world / "train.txt"), "--label-names",
+                                 str(world / "names.txt"), "--out", str(tmp_path / "z"),
+                                 "--epochs", "1", "--zero-based", *FLAGS])
+    assert r.exit_code == 0, r.output
+    assert seen and all(v is True for v in seen), seen
+
+
 def test_init_from_by_id_and_resume(tmp_path):
     X, Y = make_tiny_problem(120, seed=2)
     save(XMCDataset(X, Y[:, :4]), tmp_path / "p.txt")
