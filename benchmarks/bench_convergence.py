@@ -12,17 +12,33 @@ point-wise median (load drifts on a shared machine).
 Time-to-target: the first evaluation whose P@1 reaches ``--target-frac`` x the best P@1 any
 method reached on that data set.
 
-Data sets: ``bibtex`` (``../shared/data``, skipped when absent) and ``synthetic``
-(``make_synthetic`` with ``--syn-labels`` labels, default 1e5).
+Data sets: ``bibtex`` (``../shared/data``, skipped when absent), ``synthetic``
+(``make_synthetic`` with ``--syn-labels`` labels, default 1e5) and ``nextword``
+(``../shared/data/real/nextword-tdavid``: 941,684 rows, 16,509 labels, one label per row -- the
+language-modelling setting; skipped when absent). Beside P@1 every evaluation records the
+full-softmax log-likelihood of the test rows' labels (``nll`` = mean over (row, positive) pairs
+of ``-log softmax(scores)[label]`` over all L labels; ``perplexity = exp(nll)``), so a sampled
+loss is judged by the model it leaves, not by its own estimate. ``--test-points N`` evaluates a
+fixed random subset of N test rows (seed 0) to keep evaluations cheap on large test splits.
+
+Methods: ``full``, ``uniform``, ``popularity``, ``log-uniform``, ``midx-pq``, ``midx-rq``; a
+``-shared`` suffix (``midx-pq-shared``) draws one set of negatives for the whole batch.
+``--network defaults`` trains the network that ``xmc train`` would choose for the data (width,
+dim, dropout, batch, label init) and only sets the loss and sampler; ``--network small`` (the
+default) uses ``--dim`` / ``--hidden`` / ``--batch-size``.
 
     python benchmarks/bench_convergence.py
     python benchmarks/bench_convergence.py --data synthetic --budget 120
     python benchmarks/bench_convergence.py --quick
+    python benchmarks/bench_convergence.py --data nextword --network defaults --budget 300 \
+        --evals 6 --test-points 20000 --threads 1 \
+        --methods full,midx-pq,midx-rq,midx-pq-shared,midx-rq-shared,uniform,popularity,log-uniform
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,6 +67,12 @@ class _BudgetSpent(Exception):
 def _load_data(name: str, args: argparse.Namespace) -> tuple[Any, Any] | None:
     from xmc_toolkit.data import load, make_synthetic
 
+    if name == "nextword":
+        root = shared_data_dir()
+        base = None if root is None else root / "real" / "nextword-tdavid"
+        if base is None or not Path(f"{base}_train.txt.gz").exists():
+            return None
+        return load(f"{base}_train.txt.gz"), load(f"{base}_test.txt.gz")
     if name == "bibtex":
         root = shared_data_dir()
         if root is None or not (root / "xc" / "bibtex_train.txt").exists():
@@ -67,17 +89,20 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
     from xmc_toolkit.metrics import precision_at_k
     from xmc_toolkit.train import Trainer, TrainConfig, predict_topk_network
 
-    cfg: dict[str, Any] = {"epochs": 10_000, "device": device, "seed": 0, "dim": args.dim,
-                           "hidden": tuple(args.hidden), "batch_size": args.batch_size,
-                           "negatives": args.negatives, "refresh_every": args.refresh_every,
-                           "warmup_steps": 20}
-    if method == "full":
+    cfg: dict[str, Any] = {"epochs": 10_000, "device": device, "seed": 0,
+                           "negatives": args.negatives, "refresh_every": args.refresh_every}
+    if args.network == "small":
+        cfg.update(dim=args.dim, hidden=tuple(args.hidden), batch_size=args.batch_size,
+                   warmup_steps=20)
+    shared = method.endswith("-shared")
+    base = method[: -len("-shared")] if shared else method
+    if base == "full":
         cfg["loss"] = "full"
     else:
-        cfg.update(loss="sampled", sampler=method.split("-")[0] if method.startswith("midx")
-                   else method)
-        if method.startswith("midx"):
-            cfg["quantizer"] = method.split("-")[1]
+        cfg.update(loss="sampled", shared_negatives=shared,
+                   sampler="midx" if base.startswith("midx") else base)
+        if base.startswith("midx"):
+            cfg["quantizer"] = base.split("-")[1]
     config = TrainConfig().merged(cfg)
     trainer: Trainer | None = None
     clock = {"start": 0.0, "paused": 0.0, "next": 0.0}
@@ -86,14 +111,15 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
     Xte_pre: list[Any] = []
     Yte = test.Y
 
-    def evaluate_now(step: int) -> float:
+    def evaluate_now(step: int) -> tuple[float, float]:
         assert trainer is not None and trainer.network is not None
         if not Xte_pre:
             Xte_pre.append(trainer.preprocessor.transform(test.X))  # type: ignore[union-attr]
         ids, _ = predict_topk_network(trainer.network, Xte_pre[0], 1,
                                       batch_size=config.eval_batch_size)
         keep = Yte.getnnz(axis=1) > 0
-        return float(precision_at_k(Yte[keep], ids[keep], 1).mean())
+        p1 = float(precision_at_k(Yte[keep], ids[keep], 1).mean())
+        return p1, test_nll(trainer.network, Xte_pre[0], Yte, config.eval_batch_size)
 
     def callback(event: str, payload: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -109,8 +135,9 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
         elif seconds < clock["next"] and payload["step"] > 1:
             return
         clock["next"] = seconds + interval
-        p1 = evaluate_now(payload["step"])
-        points.append({"seconds": seconds, "step": payload["step"], "P@1": p1,
+        p1, nll = evaluate_now(payload["step"])
+        points.append({"seconds": seconds, "step": payload["step"], "P@1": p1, "nll": nll,
+                       "perplexity": math.exp(min(nll, 700.0)),
                        "loss": float(payload["loss_tensor"])})  # this step's loss (a sync)
         clock["paused"] += time.perf_counter() - now
         if seconds >= budget:
@@ -132,6 +159,39 @@ def run_method(method: str, train: Any, test: Any, args: argparse.Namespace, dev
     return out
 
 
+def test_nll(network: Any, X: Any, Y: Any, batch_size: int) -> float:
+    """Mean full-softmax negative log-likelihood of the positives of preprocessed rows ``X``.
+
+    ``X`` ``[N, D]`` csr, ``Y`` ``[N, L]`` csr; every (row, positive) pair is one term
+    ``logsumexp_l s[b, l] - s[b, y]`` over all ``L`` labels (the exact softmax, whatever loss
+    trained the network). Rows without positives are skipped.
+    """
+    import torch
+
+    from xmc_toolkit.batching import csr_to_bag
+
+    device = next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    total, count = 0.0, 0
+    Y = Y.tocsr()
+    with torch.no_grad():
+        for start in range(0, X.shape[0], batch_size):
+            stop = min(start + batch_size, X.shape[0])
+            Yb = Y[start:stop].tocoo()
+            if Yb.nnz == 0:
+                continue
+            ids, offs, w = csr_to_bag(X[start:stop], device)
+            scores = network.labels.full_scores(network(ids, offs, w).float())  # [b, L]
+            lse = torch.logsumexp(scores.float(), dim=1)  # [b]
+            r = torch.as_tensor(Yb.row, dtype=torch.long, device=device)
+            c = torch.as_tensor(Yb.col, dtype=torch.long, device=device)
+            total += float((lse[r] - scores[r, c].float()).sum())
+            count += int(r.numel())
+    network.train(was_training)
+    return total / max(count, 1)
+
+
 def _median_curve(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     """Point-wise median over rounds (same eval steps; truncated to the shortest run)."""
     import statistics
@@ -140,6 +200,8 @@ def _median_curve(curves: list[list[dict[str, float]]]) -> list[dict[str, float]
     return [{"step": curves[0][i]["step"],
              "seconds": statistics.median(c[i]["seconds"] for c in curves),
              "P@1": statistics.median(c[i]["P@1"] for c in curves),
+             "nll": statistics.median(c[i]["nll"] for c in curves),
+             "perplexity": statistics.median(c[i]["perplexity"] for c in curves),
              "loss": statistics.median(c[i]["loss"] for c in curves)} for i in range(n)]
 
 
@@ -162,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--refresh-every", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1, help="repeat all methods (median curve)")
     ap.add_argument("--target-frac", type=float, default=0.9)
+    ap.add_argument("--network", choices=("small", "defaults"), default="small",
+                    help="small: --dim/--hidden/--batch-size; defaults: what `xmc train` picks")
+    ap.add_argument("--test-points", type=int, default=0,
+                    help="evaluate a fixed random subset of N test rows (0: all)")
     ap.add_argument("--syn-labels", type=int, default=100_000)
     ap.add_argument("--syn-points", type=int, default=30_000)
     ap.add_argument("--syn-test-points", type=int, default=1_000)
@@ -198,6 +264,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             payload["data"][dname] = {"skipped": "../shared/data/xc/bibtex_*.txt not found"}
             continue
         train, test = data
+        if args.test_points and test.X.shape[0] > args.test_points:
+            import numpy as np
+
+            from xmc_toolkit.data import XMCDataset
+
+            keep = np.sort(np.random.default_rng(0).choice(test.X.shape[0], args.test_points,
+                                                           replace=False))
+            test = XMCDataset(test.X[keep], test.Y[keep])
         payload["data"][dname] = {"train_points": train.X.shape[0], "test_points": test.X.shape[0],
                                   "labels": train.Y.shape[1], "features": train.X.shape[1]}
         budget = args.budget_bibtex if (dname == "bibtex" and args.budget_bibtex) else args.budget
@@ -250,8 +324,12 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     datas = list(dict.fromkeys(c["data"] for c in payload["curves"]))
     if not datas:
         return
-    fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.2), squeeze=False)
-    for ax, dname in zip(axes[0], datas):
+    has_ppl = any("perplexity" in p for c in payload["curves"] for p in c["points"])
+    rows = 2 if has_ppl else 1
+    fig, axes = plt.subplots(rows, len(datas), figsize=(6 * len(datas), 4.2 * rows),
+                             squeeze=False)
+    for j, dname in enumerate(datas):
+        ax = axes[0][j]
         for c in payload["curves"]:
             if c["data"] == dname and c["points"]:
                 ax.plot([p["seconds"] for p in c["points"]], [p["P@1"] for p in c["points"]],
@@ -264,6 +342,18 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_title(dname)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+        if has_ppl:
+            ax = axes[1][j]
+            for c in payload["curves"]:
+                pts = [p for p in c["points"] if "perplexity" in p]
+                if c["data"] == dname and pts:
+                    ax.plot([p["seconds"] for p in pts], [p["perplexity"] for p in pts],
+                            label=c["method"], marker=".")
+            ax.set_yscale("log")
+            ax.set_xlabel("training wall-clock (s)")
+            ax.set_ylabel("test perplexity (full softmax)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

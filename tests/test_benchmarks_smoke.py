@@ -98,8 +98,36 @@ def test_convergence_quick(tmp_path: Path) -> None:
     assert data["curves"]
     for curve in data["curves"]:
         assert curve["points"], curve["method"]
+        assert all(p["nll"] > 0 and p["perplexity"] > 1 for p in curve["points"])
         assert all(0 <= p["P@1"] <= 1 for p in curve["points"])
     assert (tmp_path / "conv.png").exists()
+
+
+def test_convergence_test_nll_matches_dense_softmax() -> None:
+    """``test_nll`` (the perplexity of the sampler study) against a dense log_softmax."""
+    import numpy as np
+    import scipy.sparse as sp
+    import torch
+
+    from xmc_toolkit.batching import csr_to_bag
+    from xmc_toolkit.train import TrainConfig, XMCNetwork
+
+    torch.manual_seed(0)
+    net = XMCNetwork(30, 50, TrainConfig(dim=8, hidden=(16,), ensemble=1))
+    rng = np.random.default_rng(0)
+    X = sp.random(7, 30, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    Y = sp.csr_matrix((np.ones(9, np.float32), (rng.integers(0, 7, 9), rng.integers(0, 50, 9))),
+                      shape=(7, 50))
+    Y.sum_duplicates()
+    Y.data[:] = 1.0
+    got = _load("bench_convergence").test_nll(net, X, Y, batch_size=3)
+    net.eval()
+    with torch.no_grad():
+        ids, offs, w = csr_to_bag(X, torch.device("cpu"))
+        logp = torch.log_softmax(net.labels.full_scores(net(ids, offs, w)), dim=1)
+    coo = Y.tocoo()
+    want = float(-logp[coo.row, coo.col].mean())
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_scale_quick(tmp_path: Path) -> None:
