@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model-out", type=Path, default=None,
+                    help="also write the model directory there (for benchmarks/rerank_study.py)")
     args = ap.parse_args(argv)
     apply_threads(args.threads)
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                               for k, v in rec.items()}), flush=True)
 
-    trainer = Trainer(cfg, callbacks=(on_event,))
+    trainer = Trainer(cfg, callbacks=(on_event,), out_dir=args.model_out)
     res = trainer.fit(train, val)
     payload = {"benchmark": "tune_split", "data": str(args.data), "fraction": args.fraction,
                "split_seed": args.split_seed, "overrides": overrides,

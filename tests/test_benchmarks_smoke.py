@@ -156,6 +156,28 @@ def test_tune_split_quick(tmp_path: Path) -> None:
     assert 0.0 <= payload["best"]["P@1"] <= 1.0
 
 
+def test_rerank_study_on_a_tune_split_model(tmp_path: Path) -> None:
+    from conftest import make_tiny_problem
+
+    from xmc_toolkit.data import XMCDataset, save
+
+    X, Y = make_tiny_problem(300)
+    data = tmp_path / "tiny_train.txt"
+    save(XMCDataset(X, Y), data, fmt="xc")
+    model = tmp_path / "m85"
+    _load("tune_split").main([*QUICK, "--data", str(data), "--out", str(tmp_path / "ts.json"),
+                              "--model-out", str(model)])
+    assert (model / "model.safetensors").exists()
+    out = tmp_path / "rr.json"
+    _load("rerank_study").main(["--data", str(data), "--model", str(model), "--top", "10",
+                                "--threads", "1", "--out", str(out)])
+    r = _check_payload(out)["results"]
+    # every setting is a P@k in percent; tau 0 and beta 0 are not in the grids, the model is
+    assert {"model", "logit_adjustment", "knn", "centroid", "centroid_alone"} <= set(r)
+    for block in ("logit_adjustment", "knn", "centroid"):
+        assert all(0 <= v["P@1"] <= 100 for v in r[block].values())
+
+
 @pytest.mark.parametrize("name", ["bench_output_layer", "bench_sampler_quality", "bench_peers",
                                   "bench_convergence", "bench_scale", "tune_split"])
 def test_help_and_device_flag(name: str, capsys: pytest.CaptureFixture[str]) -> None:
