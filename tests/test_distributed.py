@@ -602,18 +602,25 @@ def test_sampled_loss_sparse_grads_with_embedding_bias() -> None:
 
 
 def test_command_line_entry_in_one_process(tmp_path: Path) -> None:
+    """`xmc train --placement sharded` in one process writes the sharded directory too."""
     import json
 
+    from click.testing import CliRunner
+
+    from cli.main import xmc
     from xmc_toolkit.data import save
-    from xmc_toolkit.distributed import main
-    from xmc_toolkit.train import load_model_dir
+    from xmc_toolkit.model_dir import load_model_dir
 
     save(_toy_data(0, 120), tmp_path / "train.txt", "xc")
     save(_toy_data(1, 40), tmp_path / "val.txt", "xc")
     out = tmp_path / "model"
-    res = main([str(tmp_path / "train.txt"), "--val", str(tmp_path / "val.txt"), "--out",
-                str(out), "--epochs", "2", "--dim", "8", "--hidden", "16", "--ks", "1,3",
-                "--batch-size", "30", "--device", "cpu", "--no-label-bias"])
+    r = CliRunner().invoke(xmc, [
+        "train", "--data", str(tmp_path / "train.txt"), "--val", str(tmp_path / "val.txt"),
+        "--out", str(out), "--placement", "sharded", "--epochs", "2", "--dim", "8",
+        "--hidden", "16", "--ks", "1,3", "--batch-size", "30", "--device", "cpu",
+        "--no-label-bias", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
     assert res["world_size"] == 1 and res["steps"] == 8
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     man = json.loads((out / "sharded" / "manifest.json").read_text())
@@ -621,23 +628,29 @@ def test_command_line_entry_in_one_process(tmp_path: Path) -> None:
     assert load_model_dir(out, device="cpu").num_labels == 12
 
 
-def test_train_entry_point_delegates_under_torchrun(monkeypatch):
-    """`torchrun -m xmc_toolkit.train` (WORLD_SIZE > 1) runs the distributed trainer."""
-    import xmc_toolkit.distributed as distributed
-    import xmc_toolkit.train as train
+def test_train_entry_point_picks_the_sharded_placement_under_torchrun(monkeypatch):
+    """`torchrun -m xmc_toolkit.train` (WORLD_SIZE > 1) is `xmc train` with sharded labels."""
+    from cli.train_cmds import resolve_placement
 
-    seen = {}
-    monkeypatch.setattr(distributed, "main", lambda argv: seen.setdefault("argv", argv))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_placement("auto") == "local"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    train.main(["--data", "x.txt", "--out", "o"])
-    assert seen["argv"] == ["--data", "x.txt", "--out", "o"]
+    assert resolve_placement("auto") == "sharded"
+    assert resolve_placement("local") == "local"
 
 
-def test_distributed_cli_accepts_data_flag_like_xmc_train():
-    from xmc_toolkit.dist_train import build_parser
+def test_sharded_placement_refuses_what_it_cannot_do(tmp_path: Path, monkeypatch) -> None:
+    """Flags the sharded placement cannot honour are refused before any work, never ignored."""
+    from click.testing import CliRunner
 
-    args = build_parser().parse_args(["--data", "t.txt", "--out", "o", "--epochs", "2"])
-    assert args.data == "t.txt" and args.train is None and args.epochs == 2
+    from cli.main import xmc
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before the process group is joined
+    r = CliRunner().invoke(xmc, ["train", "--resume", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "--resume not available with the sharded placement" in r.output
+    monkeypatch.delenv("WORLD_SIZE")
+    r = CliRunner().invoke(xmc, ["train", "--backend", "gloo", "--data", "x.txt", "--out", "o"])
+    assert r.exit_code == 2 and "sharded placement only" in r.output
 
 
 def test_sharded_network_builds_with_default_config():

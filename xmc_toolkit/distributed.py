@@ -37,8 +37,11 @@ function here also runs in one process (world size 1).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -46,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .errors import ConfigError, SamplerError
 
 __all__ = [
@@ -62,7 +66,8 @@ __all__ = [
     "merge_topk",
     "sharded_topk",
     "sum_allreduce_hook",
-    "main",
+    "DistContext",
+    "init_distributed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -718,6 +723,65 @@ def sharded_topk(
 
 
 # ------------------------------------------------------------------------------------------
+# process group
+# ------------------------------------------------------------------------------------------
+@dataclass
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size``, its device and backend."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext:
+    """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or run alone when ``WORLD_SIZE`` <= 1.
+
+    The device is chosen per ``LOCAL_RANK`` (``cuda:LOCAL_RANK`` when ``device`` resolves to
+    CUDA); the backend is NCCL on CUDA and gloo on CPU unless ``backend`` names one.
+    An already initialized default group is reused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices; "
+                "lower --nproc-per-node or use --device cpu"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev,
+                           str(dist.get_backend()))
+    if world <= 1:
+        return DistContext(0, 1, 0, dev, "none")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"backend={backend!r} is unknown; use auto, nccl or gloo (--backend)")
+    dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+
+# ------------------------------------------------------------------------------------------
 # DDP helper
 # ------------------------------------------------------------------------------------------
 def sum_allreduce_hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
@@ -740,24 +804,8 @@ sum_allreduce_hook.__annotations__ = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``torchrun --nproc-per-node N -m xmc_toolkit.distributed TRAIN --out DIR [xmc train flags]``.
+if __name__ == "__main__":  # pragma: no cover - `torchrun -m xmc_toolkit.distributed` (old name)
+    # the flags of `xmc train` (the only flag parser); imported, this module never imports cli
+    from cli.main import train_module_main
 
-    Delegates to :func:`xmc_toolkit.dist_train.main`; returns the training result.
-    """
-    from .dist_train import main as _main
-
-    return _main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover - command-line shell
-    import sys
-
-    from .errors import XMCError
-
-    logging.basicConfig(level=logging.INFO, format="[rank %(process)d] %(message)s")
-    try:
-        main()
-    except XMCError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
+    train_module_main()
