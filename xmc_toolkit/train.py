@@ -50,6 +50,14 @@ from .network import pifa_init_ as _pifa_init_
 from .objective import compute_loss, member_score_ids
 from .progress import progress_bar as _progress
 from .train_config import LOSSES, SAMPLERS, TrainConfig
+# names of the modules split out of this one, still importable from here (older imports)
+from .model_dir import (CHECKSUMS_FILE, CONFIG_FILE, LABELS_FILE, MODEL_FILE,  # noqa: F401
+                        OUTPUT_FILES, SUMMARY_FILE)
+from .network import host_memory_bytes  # noqa: F401
+from .train_config import (AMP_MODES, AUTO_DROPOUT, AUTO_EPOCH_ROWS,  # noqa: F401
+                           AUTO_INPUT_DROPOUT, EXACT_WITHIN_CELL_MAX_LABELS, LABEL_INITS,
+                           METRIC_NAMES, NORMS, QUANTIZERS, SMALL_DATA_POINTS, TFIDF_MODES,
+                           WITHIN_CELL)
 
 if TYPE_CHECKING:
     from .grow import WarmStart
