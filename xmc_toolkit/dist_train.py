@@ -83,29 +83,12 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 def _clip_sharded(encoder_params: Sequence[nn.Parameter], label_params: Sequence[nn.Parameter],
                   max_norm: float, ctx: DistContext) -> float:
-    """Clip by the global L2 norm of the (replicated) encoder grads and all label shards."""
-    def sq(params: Sequence[nn.Parameter]) -> torch.Tensor:
-        out = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for p in params:
-            if p.grad is None:
-                continue
-            g = p.grad.coalesce() if p.grad.is_sparse else p.grad
-            if p.grad.is_sparse:
-                p.grad = g
-            vals = g._values() if g.is_sparse else g
-            out = out + vals.double().pow(2).sum()
-        return out
+    """Clip by the global L2 norm of the (replicated) encoder grads and all label shards
+    (:func:`xmc_toolkit.optim.clip_grad_norm`, the kernel of one process too)."""
+    from .optim import clip_grad_norm
 
-    label_sq = sq(label_params)
-    if ctx.distributed:
-        dist.all_reduce(label_sq)
-    total = (sq(encoder_params) + label_sq).sqrt()
-    scale = float(min(1.0, max_norm / (float(total) + 1e-6)))
-    if scale < 1.0:
-        for p in [*encoder_params, *label_params]:
-            if p.grad is not None:
-                (p.grad._values() if p.grad.is_sparse else p.grad).mul_(scale)
-    return float(total)
+    return clip_grad_norm(encoder_params, max_norm, sharded=label_params,
+                          all_reduce=dist.all_reduce if ctx.distributed else None)
 
 
 class DistributedTrainer:
@@ -141,21 +124,12 @@ class DistributedTrainer:
             cb(event, payload)
 
     def _make_sampler(self, counts: np.ndarray) -> Any:
-        from .sampling import make_sampler
+        from .objective import sampler_from_config
 
-        cfg, net = self.config, self.network
+        net = self.network
         assert net is not None
-        name, kwargs = cfg.sampler, {}
-        if name.startswith("midx"):
-            kwargs = dict(num_codewords=cfg.resolved_codewords(net.num_local),
-                          quantizer=cfg.quantizer if name == "midx" else name.split("-")[1],
-                          within_cell=cfg.within_cell, alpha=cfg.popularity_alpha,
-                          seed=cfg.seed + 7919 * self.ctx.rank)
-            name = "midx"
-        elif name == "popularity":
-            kwargs = dict(alpha=cfg.popularity_alpha)
-        sampler = make_sampler(name, net.num_local, label_counts=torch.from_numpy(counts),
-                               **kwargs)
+        sampler = sampler_from_config(self.config, net.num_local, counts,
+                                      seed=self.config.seed + 7919 * self.ctx.rank)
         if hasattr(sampler, "to"):
             sampler = sampler.to(self.ctx.device) or sampler
         return sampler

@@ -490,19 +490,12 @@ def mixture_log_q(log_q_r: torch.Tensor, quota: int, total: int) -> torch.Tensor
 def _accidental_hits(neg_ids: torch.Tensor, pos_ids: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
     """``[N, M]`` bool: negative ``neg_ids[i, j]`` (or ``neg_ids[j]`` if 1-D) is a positive of row i.
 
-    Uses a per-row sorted search (``O(N M log P)`` time, ``[N, M]`` memory).
+    The kernel of the one-process losses (:func:`xmc_toolkit.losses._accidental_hits`: a per-row
+    sorted search, ``O(N M log P)`` time, ``[N, M]`` memory), argument order of this module.
     """
-    n = pos_ids.shape[0]
-    big = torch.iinfo(torch.int64).max
-    keyed = torch.where(pos_mask, pos_ids, torch.full_like(pos_ids, big))
-    sorted_pos, _ = torch.sort(keyed, dim=1)  # [N, P]
-    neg = neg_ids if neg_ids.dim() == 2 else neg_ids[None, :].expand(n, -1)  # [N, M]
-    neg = neg.contiguous()
-    if sorted_pos.shape[1] == 0:
-        return torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
-    where = torch.searchsorted(sorted_pos, neg)  # [N, M]
-    where = where.clamp_max(sorted_pos.shape[1] - 1)
-    return sorted_pos.gather(1, where) == neg
+    from .losses import _accidental_hits as accidental_hits
+
+    return accidental_hits(pos_ids, pos_mask, neg_ids)
 
 
 def sharded_sampled_softmax_loss(
@@ -633,7 +626,11 @@ def sharded_sampled_softmax_loss(
 def merge_topk(
     scores: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge per-shard top-k lists into the global top-k.
+    """Merge per-shard top-k lists into the global top-k, equal scores by increasing id.
+
+    The same order as :func:`xmc_toolkit.output_layer.chunked_topk` (the one top-k kernel, which
+    each shard runs on its own rows), so a sharded top-k equals the one-process top-k, ties
+    included.
 
     Args:
         scores: per shard ``[N, k_r] float`` (pad with ``-inf``).
@@ -641,30 +638,34 @@ def merge_topk(
         k: how many to keep.
 
     Returns:
-        ``(scores [N, k], ids [N, k])`` sorted by decreasing score.
+        ``(scores [N, k], ids [N, k])`` sorted by decreasing score, then increasing id.
     """
     s = torch.cat(list(scores), dim=1)  # [N, sum k_r]
     i = torch.cat(list(ids), dim=1)
     kk = min(k, s.shape[1])
-    top, where = torch.topk(s, kk, dim=1)  # [N, k]
-    return top, i.gather(1, where)
+    by_id = torch.sort(i, dim=1, stable=True).indices  # ties of the next sort: id order
+    s, i = s.gather(1, by_id), i.gather(1, by_id)
+    where = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk]  # [N, k]
+    return s.gather(1, where), i.gather(1, where)
 
 
 def _local_topk(
     q: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's top-``k`` (local ids) by :func:`~xmc_toolkit.output_layer.chunked_topk`,
+    padded with ``(-inf, -1)`` to ``k`` columns when the shard holds fewer rows."""
+    from .output_layer import chunked_topk
+
     n = q.shape[0]
-    best_s = q.new_full((n, k), _NEG_INF)
-    best_i = torch.full((n, k), -1, dtype=torch.int64, device=q.device)
-    for c0 in range(0, w.shape[0], chunk_size):
-        c1 = min(w.shape[0], c0 + chunk_size)
-        s = q @ w[c0:c1].t()  # [N, C]
-        if b is not None:
-            s = s + b[c0:c1]
-        kk = min(k, c1 - c0)
-        cs, ci = torch.topk(s, kk, dim=1)  # [N, kk]
-        best_s, best_i = merge_topk([best_s, cs], [best_i, ci + c0], k)
-    return best_s, best_i
+    kk = min(k, w.shape[0])
+    if kk == 0:
+        return q.new_full((n, k), _NEG_INF), torch.full((n, k), -1, dtype=torch.int64,
+                                                         device=q.device)
+    s, i = chunked_topk(q, w, b, kk, chunk_size=chunk_size)  # [N, kk]
+    if kk < k:
+        s = torch.cat([s, s.new_full((n, k - kk), _NEG_INF)], dim=1)
+        i = torch.cat([i, i.new_full((n, k - kk), -1)], dim=1)
+    return s, i
 
 
 @torch.no_grad()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .network import XMCNetwork
+from .train_config import TrainConfig
 
-__all__ = ["compute_loss", "member_score_ids"]
+__all__ = ["compute_loss", "member_score_ids", "sampler_from_config"]
 
 
 def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tensor,
@@ -130,3 +132,37 @@ def member_score_ids(labels: Any, queries: torch.Tensor, ids: torch.Tensor,
         bias = labels.bias(ids)  # [M, 1] or [B, M, 1]
         s = s + (bias.view(1, -1, 1) if ids.dim() == 1 else bias)
     return s
+
+
+def sampler_from_config(config: TrainConfig, num_labels: int, label_counts: Any, *,
+                        seed: int | None = None) -> Any:
+    """The negative sampler ``config.sampler`` names, over ``num_labels`` labels.
+
+    The one mapping from a config to a sampler, for the whole table (local placement) and for
+    one rank's rows (sharded placement: ``num_labels`` is the shard's, ``label_counts`` its
+    rows', ``seed`` the rank's). MIDX variants resolve their codeword count for
+    ``num_labels`` (``--codewords`` auto) and ``midx-pq`` / ``midx-rq`` their quantizer.
+
+    Args:
+        config: the run's config (``sampler``, ``quantizer``, ``within_cell``,
+            ``popularity_alpha``, ``codewords``, ``seed``).
+        num_labels: labels the sampler draws from.
+        label_counts: ``[num_labels]`` training label counts.
+        seed: MIDX k-means seed (default ``config.seed``).
+    """
+    from .sampling import make_sampler
+
+    cfg = config
+    L = num_labels
+    kwargs: dict[str, Any] = {}
+    name = cfg.sampler
+    if name.startswith("midx"):
+        kwargs = dict(num_codewords=cfg.resolved_codewords(L),
+                      quantizer=cfg.quantizer if name == "midx" else name.split("-")[1],
+                      within_cell=cfg.within_cell, alpha=cfg.popularity_alpha,
+                      seed=cfg.seed if seed is None else seed)
+        name = "midx"
+    elif name == "popularity":
+        kwargs = dict(alpha=cfg.popularity_alpha)
+    return make_sampler(name, L, label_counts=np.asarray(label_counts).astype(np.float64),
+                        **kwargs)

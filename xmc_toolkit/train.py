@@ -48,6 +48,7 @@ from .network import (Preprocessor, XMCNetwork, build_encoder, init_bag, network
                       predict_topk_network)
 from .network import pifa_init_ as _pifa_init_
 from .objective import compute_loss, member_score_ids
+from .optim import clip_grad_norm as _clip_grad_norm
 from .progress import progress_bar as _progress
 from .train_config import LOSSES, SAMPLERS, TrainConfig
 # names of the modules split out of this one, still importable from here (older imports)
@@ -587,19 +588,9 @@ class Trainer:
 
     # -- sampler ----------------------------------------------------------------------------
     def _make_sampler(self, L: int, device: torch.device) -> Any:
-        from .sampling import make_sampler
+        from .objective import sampler_from_config
 
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        name = cfg.sampler
-        if name.startswith("midx"):
-            kwargs = dict(num_codewords=cfg.resolved_codewords(L),
-                          quantizer=cfg.quantizer if name == "midx" else name.split("-")[1],
-                          within_cell=cfg.within_cell, alpha=cfg.popularity_alpha, seed=cfg.seed)
-            name = "midx"
-        elif name == "popularity":
-            kwargs = dict(alpha=cfg.popularity_alpha)
-        return make_sampler(name, L, label_counts=self.label_counts.astype(np.float64), **kwargs)
+        return sampler_from_config(self.config, L, self.label_counts)
 
     def _refresh_sampler(self, network: XMCNetwork) -> None:
         bias = network.label_bias
@@ -780,34 +771,6 @@ def _amp_setup(mode: str, device: torch.device) -> tuple[torch.dtype | None, Any
         return torch.bfloat16, None
     return torch.float16, torch.amp.GradScaler("cuda")
 
-
-@torch.no_grad()
-def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the global L2 norm of dense *and sparse* gradients (sparse ones are coalesced)."""
-    sq: list[torch.Tensor] = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            g = g.coalesce()
-            p.grad = g
-            sq.append(g._values().float().pow(2).sum())
-        else:
-            sq.append(g.float().pow(2).sum())
-    if not sq:
-        return 0.0
-    total = torch.stack(sq).sum().sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            g._values().mul_(scale.to(g.dtype))
-        else:
-            g.mul_(scale.to(g.dtype))
-    return float(total)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m xmc_toolkit.train` / torchrun
