@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .errors import ConfigError, SamplerError
+from .losses import MaskedLogSumExp
 
 __all__ = [
     "shard_range",
@@ -267,71 +268,6 @@ def combine_logsumexp(local_lse: torch.Tensor, group: Any = None) -> torch.Tenso
     return m + _safe_log(s)
 
 
-# ------------------------------------------------------------------------------------------
-# chunked, masked log-sum-exp over one shard (custom autograd; never [N, L_r] at once)
-# ------------------------------------------------------------------------------------------
-def _chunk_scores(
-    q: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    c0: int,
-    c1: int,
-    hit_rows: torch.Tensor,
-    hit_cols: torch.Tensor,
-) -> torch.Tensor:
-    s = q @ w[c0:c1].t()  # [N, C]
-    if b is not None:
-        s = s + b[c0:c1]
-    sel = (hit_cols >= c0) & (hit_cols < c1)
-    if bool(sel.any()):
-        s[hit_rows[sel], hit_cols[sel] - c0] = _NEG_INF
-    return s
-
-
-class _MaskedShardLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        w: torch.Tensor,
-        b: torch.Tensor | None,
-        hit_rows: torch.Tensor,
-        hit_cols: torch.Tensor,
-        chunk_size: int,
-    ) -> torch.Tensor:
-        n, num = q.shape[0], w.shape[0]
-        lse = q.new_full((n,), _NEG_INF)
-        with torch.no_grad():
-            for c0 in range(0, num, chunk_size):
-                c1 = min(num, c0 + chunk_size)
-                s = _chunk_scores(q, w, b, c0, c1, hit_rows, hit_cols)  # [N, C]
-                lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))  # [N]
-        ctx.save_for_backward(q, w, b, hit_rows, hit_cols, lse)
-        ctx.chunk_size = chunk_size
-        ctx.has_bias = b is not None
-        return lse
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        q, w, b, hit_rows, hit_cols, lse = ctx.saved_tensors
-        finite = torch.isfinite(lse)
-        coef = torch.where(finite, g, torch.zeros_like(g))  # [N]
-        lse0 = torch.where(finite, lse, torch.zeros_like(lse))  # [N]
-        gq = torch.zeros_like(q)
-        gw = torch.zeros_like(w)
-        gb = torch.zeros_like(b) if b is not None else None
-        num = w.shape[0]
-        for c0 in range(0, num, ctx.chunk_size):
-            c1 = min(num, c0 + ctx.chunk_size)
-            s = _chunk_scores(q, w, b, c0, c1, hit_rows, hit_cols)  # [N, C]
-            p = torch.exp(s - lse0[:, None]) * coef[:, None]  # [N, C] d lse / d s, scaled
-            gq += p @ w[c0:c1]
-            gw[c0:c1] = p.t() @ q
-            if gb is not None:
-                gb[c0:c1] = p.sum(0)
-        return gq, gw, gb, None, None, None
-
-
 def _bias_at(bias: torch.Tensor, ids: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
     """``bias[ids]``; a ``[L_r, 1]`` bias (an ``nn.Embedding(L_r, 1)`` weight) is looked up with
     ``F.embedding`` so that its gradient can be sparse."""
@@ -435,11 +371,10 @@ def sharded_full_softmax_loss(
     num_local = local_weight.shape[0]
     local_pos = pos_all - label_offset  # [N, P]
     own = mask_all & (local_pos >= 0) & (local_pos < num_local)  # [N, P]
-    hit_rows, hit_slot = own.nonzero(as_tuple=True)
-    hit_cols = local_pos[hit_rows, hit_slot]
     flat_bias = None if local_bias is None else local_bias.reshape(-1)  # [L_r]
-    lse_local = _MaskedShardLSE.apply(
-        q_all, local_weight, flat_bias, hit_rows, hit_cols, int(chunk_size)
+    # the one chunked masked log-sum-exp (that of the one-process full softmax) on this shard
+    lse_local = MaskedLogSumExp.apply(
+        q_all, local_weight, flat_bias, local_pos, own, int(chunk_size)
     )  # [N]
     lse_neg = combine_logsumexp(lse_local, group)  # [N]
     x_pos = replicated_all_reduce_sum(
