@@ -378,8 +378,9 @@ def _train_sharded(cfg: Any, train_ds: Any, val_ds: Any, out: Path, run_doc: str
     if not ctx.is_main:
         return
     result = TrainResult(history=res["history"], best=res["best"], best_epoch=res["best_epoch"],
-                         steps=res["steps"], seconds=res["seconds"], stopped_early=False,
-                         loss=res["loss"], sampler=res["sampler"])
+                         steps=res["steps"], seconds=res["seconds"],
+                         stopped_early=res["stopped_early"], loss=res["loss"],
+                         sampler=res["sampler"], paused=res["paused"])
     _report(result, out, trainer.config, as_json, extra={"world_size": res["world_size"]})
 
 

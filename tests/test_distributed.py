@@ -449,6 +449,16 @@ def _toy_config(**kw: Any):
     return TrainConfig(**base)
 
 
+def _step_losses(into: list) -> Any:
+    return lambda ev, p: into.append(p["loss"]) if ev == "step" else None
+
+
+def _rich_config() -> Any:
+    """An ensemble with EMA, the BCE term, PIFA rows and clipping (full softmax)."""
+    return _toy_config(ensemble=2, ema=0.9, bce_weight=0.1, label_init="pifa", clip_grad=1.0,
+                       log_every=1, epochs=3)
+
+
 def _train_worker(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     try:
@@ -458,10 +468,17 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
         ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
         train, val = _toy_data(0, 200), _toy_data(1, 80)
         res: dict[str, Any] = {}
-        tr = DistributedTrainer(_toy_config(), ctx, Path(out) / "full")
+        steps: list = []
+        tr = DistributedTrainer(_toy_config(log_every=1), ctx, Path(out) / "full",
+                                callbacks=[_step_losses(steps)])
         res["full"] = tr.fit(train, val)
+        res["full_steps"] = steps
         X_val = tr.preprocessor.transform(val.X)
         res["topk"] = sharded_predict_topk(tr.network, X_val, 3)
+        steps = []
+        rich = DistributedTrainer(_rich_config(), ctx, None, callbacks=[_step_losses(steps)])
+        res["rich"] = rich.fit(train, val)
+        res["rich_steps"] = steps
         tr = DistributedTrainer(
             _toy_config(loss="sampled", sampler="uniform", negatives=4, label_optimizer="auto"),
             ctx, None)
@@ -477,15 +494,35 @@ def train_results(tmp_path_factory: pytest.TempPathFactory):
     return tmp, _spawn(_train_worker, WORLD, tmp)
 
 
-def test_distributed_trainer_refuses_an_ensemble() -> None:
+def test_distributed_trainer_refuses_what_the_sharded_placement_cannot_do() -> None:
+    """Every such field is in the list of config problems, up front; none is ignored."""
     from xmc_toolkit.dist_train import DistContext, DistributedTrainer
     from xmc_toolkit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="ensemble=2 is not available"):
-        DistributedTrainer(_toy_config(ensemble=2), DistContext(), None).fit(
-            _toy_data(0, 200), _toy_data(1, 80))
+    cfg = _toy_config(ensemble=2, loss="sampled", sampler="uniform", negatives=4,
+                      checkpoint_every=3, bag_optimizer="sparse-adam", amp="fp16",
+                      label_optimizer="auto")
+    with pytest.raises(ConfigError) as exc:
+        DistributedTrainer(cfg, DistContext(), None).fit(_toy_data(0, 200), _toy_data(1, 80))
+    text = str(exc.value)
+    for what in ("ensemble=2 with loss='sampled'", "checkpoint_every=3", "sparse-adam",
+                 "amp='fp16'"):
+        assert what in text, text
 
 
+def test_sharded_placement_trains_what_one_process_trains() -> None:
+    """--ensemble (auto too), --ema, --bce-weight, --label-init pifa and --max-steps mean the
+    same in the sharded placement: nothing is dropped, and --max-steps only pauses (the
+    schedule keeps the horizon of every epoch)."""
+    from xmc_toolkit.dist_train import DistContext, DistributedTrainer
+
+    tr = DistributedTrainer(_toy_config(ensemble=0, ema=0.9, bce_weight=0.1, label_init="pifa",
+                                        max_steps=7), DistContext(), None)
+    res = tr.fit(_toy_data(0, 200), _toy_data(1, 80))
+    assert tr.config.ensemble == 3 and tr.network.members == 3  # auto: 3 on small data
+    assert tr.network.weight.weight.shape == (12, 3 * 16)
+    assert res["steps"] == 7 and res["paused"]
+    assert res["history"][0]["val/P@1"] > 0.3
 def test_distributed_trainer_reads_the_loss_every_log_every_steps(monkeypatch) -> None:
     """The per-step loss stays on the device between reads (every log_every steps, epoch end):
     the epoch loss does not depend on log_every, and a NaN loss still raises, naming its step."""
@@ -519,18 +556,24 @@ def test_distributed_trainer_reads_the_loss_every_log_every_steps(monkeypatch) -
 
 
 def test_two_process_training_matches_one_process(train_results) -> None:
+    """2 gloo processes = the sharded placement in one process, per step (loss within 1e-5
+    relative), for the full softmax alone and with an ensemble, EMA, BCE, PIFA and clipping."""
     from xmc_toolkit.dist_train import DistContext, DistributedTrainer
 
     _tmp, results = train_results
-    one = DistributedTrainer(_toy_config(), DistContext(), None).fit(_toy_data(0, 200),
-                                                                     _toy_data(1, 80))
-    for res in results:  # every rank reports the same global numbers
-        h2, h1 = res["full"]["history"], one["history"]
-        assert len(h2) == len(h1) == 4
-        for a, b in zip(h2, h1):
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
-            assert a["val/P@1"] == pytest.approx(b["val/P@1"], abs=0.03)
-    assert one["history"][-1]["val/P@1"] > 0.6  # it learned something
+    for name, cfg in (("full", _toy_config(log_every=1)), ("rich", _rich_config())):
+        steps: list = []
+        one = DistributedTrainer(cfg, DistContext(), None, callbacks=[_step_losses(steps)]).fit(
+            _toy_data(0, 200), _toy_data(1, 80))
+        for res in results:  # every rank reports the same global numbers
+            assert len(res[f"{name}_steps"]) == len(steps) > 10
+            assert res[f"{name}_steps"] == pytest.approx(steps, rel=1e-5)
+            h2, h1 = res[name]["history"], one["history"]
+            assert len(h2) == len(h1) == cfg.epochs
+            for a, b in zip(h2, h1):
+                assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+                assert a["val/P@1"] == pytest.approx(b["val/P@1"], abs=1e-9)
+        assert one["history"][-1]["val/P@1"] > 0.6  # it learned something
 
 
 def test_two_process_training_close_to_library_trainer(train_results) -> None:

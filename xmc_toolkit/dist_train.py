@@ -19,7 +19,7 @@ loads on any number of ranks (:func:`load_sharded_network`) or in one process
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +37,9 @@ from torch import nn
 from .batching import is_weighted
 from .distributed import (
     DistContext,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    replicated_all_reduce_sum,
     init_distributed,
     sharded_full_softmax_loss,
     sharded_sampled_softmax_loss,
@@ -53,7 +56,9 @@ from .model_dir import (
     read_manifest,
     save_sharded,
 )
-from .network import ShardedXMCNetwork, init_label_rows, sharded_predict_topk
+from .network import (ShardedXMCNetwork, init_label_rows, pifa_init_shard_,
+                      sharded_predict_topk)
+from .optim import averaged_weights, ema_update_
 from .progress import progress_bar
 
 __all__ = [
@@ -89,6 +94,45 @@ def _clip_sharded(encoder_params: Sequence[nn.Parameter], label_params: Sequence
 
     return clip_grad_norm(encoder_params, max_norm, sharded=label_params,
                           all_reduce=dist.all_reduce if ctx.distributed else None)
+
+
+def _sharded_full_loss(net: ShardedXMCNetwork, q: torch.Tensor, pos_ids: torch.Tensor,
+                       pos_mask: torch.Tensor, lo: int, chunk_size: int,
+                       bce_weight: float) -> torch.Tensor:
+    """The full-softmax objective of :func:`xmc_toolkit.objective.compute_loss` on a shard:
+    the mean of the ensemble members' losses (``q [B_r, n * d]``), each the sharded softmax
+    plus ``bce_weight`` times the one-vs-all BCE summed over all labels, mean over rows."""
+    n = net.members
+    W, b = net.weight.weight, net.local_bias
+    d = W.shape[1] // n
+    parts = []
+    for i in range(n):
+        qi = q[:, i * d:(i + 1) * d] * n if n > 1 else q
+        Wi = W[:, i * d:(i + 1) * d] if n > 1 else W
+        loss = sharded_full_softmax_loss(qi, Wi, b, pos_ids, pos_mask, lo, chunk_size=chunk_size)
+        if bce_weight > 0:
+            loss = loss + bce_weight * _sharded_bce(qi, Wi, b, pos_ids, pos_mask, lo)
+        parts.append(loss)
+    return parts[0] if n == 1 else torch.stack(parts).mean()
+
+
+def _sharded_bce(q: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                 pos_ids: torch.Tensor, pos_mask: torch.Tensor, lo: int) -> torch.Tensor:
+    """``sum_{i, l} BCE(s_il, y_il) / N`` over the global batch (``N`` rows), every label:
+    each rank scores its rows ``[N, L_r]`` and the sums are added across ranks."""
+    q_all = all_gather_with_grad(q)  # [N, d]
+    pos_all = all_gather_no_grad(pos_ids)  # [N, P]
+    mask_all = all_gather_no_grad(pos_mask.bool())
+    scores = q_all @ W.t()  # [N, L_r]
+    if b is not None:
+        scores = scores + b
+    local = pos_all - lo
+    own = mask_all & (local >= 0) & (local < W.shape[0])
+    target = torch.zeros_like(scores)
+    rows, slot = own.nonzero(as_tuple=True)
+    target[rows, local[rows, slot]] = 1.0
+    part = nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="sum")
+    return replicated_all_reduce_sum(part) / q_all.shape[0]
 
 
 class DistributedTrainer:
@@ -153,39 +197,27 @@ class DistributedTrainer:
         from .network import Preprocessor
         from .train import _split
 
+        from .train import _amp_setup
+
         cfg, ctx = self.config, self.ctx
         cfg.validate_for_data(train.num_points, train.num_features, train.num_labels)
-        problems = []
-        if cfg.loss == "negative-sampling":
-            problems.append("loss='negative-sampling' is not available with several processes;"
-                            " use --loss full or --loss sampled")
-        if cfg.ensemble > 1:
-            problems.append(f"ensemble={cfg.ensemble} is not available with several processes; "
-                            "use --ensemble 1 (or train the ensemble in one process)")
-        if cfg.correct_target:
-            problems.append("correct_target is not available with several processes; drop "
-                            "--correct-target")
-        if cfg.bag_lr > 0:
-            problems.append(f"bag_lr={cfg.bag_lr} is not available with several processes (the"
-                            " EmbeddingBag is dense there); drop --bag-lr")
-        if cfg.label_init == "pifa":
-            problems.append("label_init='pifa' is not available with several processes yet;"
-                            " use --label-init random (or auto)")
-        if cfg.batch_size < ctx.world_size:
-            problems.append(f"batch_size={cfg.batch_size} is smaller than the {ctx.world_size} "
-                            "processes; raise --batch-size")
+        # what the sharded placement cannot do is refused here, before any work, never ignored
+        problems = cfg.sharded_problems(ctx.world_size, train.num_points, train.num_features,
+                                        train.num_labels)
+        amp_dtype, scaler = _amp_setup(cfg.amp, ctx.device)
+        if scaler is not None:
+            problems.append("amp='auto' picks fp16 with a GradScaler on this GPU (no bf16), "
+                            "which the sharded placement cannot use; pass --amp off")
         if problems:
             raise ConfigError(problems)
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ per rank
         np.random.seed(cfg.seed % (2**32))
         if val is None and cfg.val_fraction > 0:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
-        # auto values resolved as in one process (dropout, epochs); an auto ensemble is one
-        # member here (several members need one process)
+        # auto values resolved as in one process (dropout, epochs, ensemble, label init)
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
-        cfg = self.config = dataclasses.replace(
-            cfg.resolved_for_data(train.num_points, weighted_input=is_weighted(X_raw)),
-            ensemble=max(1, cfg.ensemble), label_init="random")
+        cfg = self.config = cfg.resolved_for_data(train.num_points,
+                                                  weighted_input=is_weighted(X_raw))
         self.preprocessor = pre = Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize)
         X = pre.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
@@ -198,7 +230,14 @@ class DistributedTrainer:
         sampled = loss_name == "sampled"
 
         self.network = net = ShardedXMCNetwork(D, L, cfg, ctx.rank, ctx.world_size)
-        net.to(ctx.device).train()
+        net.to(ctx.device)
+        if cfg.label_init == "pifa":  # this rank's rows, from the replicated encoder
+            pifa_init_shard_(net, X, Y, cfg.eval_batch_size)
+        net.train()
+        ema: dict[str, torch.Tensor] | None = None
+        if cfg.ema > 0:
+            ema = {k: v.detach().clone() for k, v in net.state_dict().items()
+                   if v.is_floating_point()}
         encoder: nn.Module = net.encoder
         if ctx.distributed:
             encoder = nn.parallel.DistributedDataParallel(
@@ -212,9 +251,7 @@ class DistributedTrainer:
         batches = BatchIterator(X, Y, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                 device=ctx.device)
         steps_per_epoch = len(batches)
-        total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
+        total_steps = steps_per_epoch * cfg.epochs  # schedule horizon (max_steps only pauses)
         bundle = build_optimizers(
             net.encoder.parameters(), net.label_parameters(), lr=cfg.lr,
             label_lr=cfg.label_lr or cfg.lr, weight_decay=cfg.weight_decay,
@@ -224,6 +261,7 @@ class DistributedTrainer:
         gen.manual_seed(cfg.seed + 1 + 7919 * ctx.rank)
 
         step, best, best_epoch, best_value, bad = 0, {}, 0, None, 0
+        stopped_early = False
         best_state: dict[str, torch.Tensor] | None = None
         t_start = time.perf_counter()
         progress = progress_bar(show_progress and ctx.is_main, "training", total_steps)
@@ -243,23 +281,28 @@ class DistributedTrainer:
                     local = np.array_split(rows, ctx.world_size)[ctx.rank]
                     batch = batches.make_batch(local)
                     bundle.zero_grad()
-                    q = encoder(batch.indices, batch.offsets, batch.weights).float()  # [B_r, d]
-                    if sampled:
+                    autocast = (torch.autocast(device_type=ctx.device.type, dtype=amp_dtype)
+                                if amp_dtype is not None else contextlib.nullcontext())
+                    with autocast:
+                        q = encoder(batch.indices, batch.offsets, batch.weights)
+                    q = q.float()  # [B_r, n * d]
+                    if sampled:  # one member (sharded_problems refuses sampled ensembles)
                         loss = sharded_sampled_softmax_loss(
                             q, net.weight.weight, None if net.bias is None else net.bias.weight,
                             batch.pos_ids, batch.pos_mask, lo, self.sampler, self.quota,
                             shared=cfg.shared_negatives, generator=gen,
                             correction="conditional", sparse_grad=True)
                     else:
-                        loss = sharded_full_softmax_loss(
-                            q, net.weight.weight, net.local_bias, batch.pos_ids, batch.pos_mask,
-                            lo, chunk_size=cfg.eval_chunk_size)
+                        loss = _sharded_full_loss(net, q, batch.pos_ids, batch.pos_mask, lo,
+                                                  cfg.eval_chunk_size, cfg.bce_weight)
                     loss.backward()
                     if cfg.clip_grad > 0:
                         _clip_sharded(list(net.encoder.parameters()), net.label_parameters(),
                                       cfg.clip_grad, ctx)
                     bundle.step()
                     step += 1
+                    if ema is not None:
+                        ema_update_(ema, net, step, cfg.ema)
                     losses.add(loss, step, epoch + 1)  # on the device: no sync
                     n_steps, n_rows = n_steps + 1, n_rows + len(rows)
                     advance(1)
@@ -281,9 +324,10 @@ class DistributedTrainer:
                                        "examples_per_s": n_rows / max(secs, 1e-9),
                                        "world_size": ctx.world_size}
                 if X_val is not None and Y_val is not None:
-                    ids = sharded_predict_topk(net, X_val, max(cfg.ks),
-                                               batch_size=cfg.eval_batch_size,
-                                               chunk_size=cfg.eval_chunk_size)
+                    with averaged_weights(net, ema):
+                        ids = sharded_predict_topk(net, X_val, max(cfg.ks),
+                                                   batch_size=cfg.eval_batch_size,
+                                                   chunk_size=cfg.eval_chunk_size)
                     res = evaluate_metrics(Y_val, ids, cfg.ks, inv_prop)
                     metrics = {k: float(v) for k, v in res.items() if "@" in k}
                     rec.update({f"val/{k}": v for k, v in metrics.items()})
@@ -291,8 +335,9 @@ class DistributedTrainer:
                     if best_value is None or value > best_value:
                         best, best_epoch, best_value, bad = metrics, epoch + 1, value, 0
                         if cfg.keep_best:
-                            best_state = {k: v.detach().clone()
-                                          for k, v in net.state_dict().items()}
+                            with averaged_weights(net, ema):
+                                best_state = {k: v.detach().clone()
+                                              for k, v in net.state_dict().items()}
                     else:
                         bad += 1
                 self.history.append(rec)
@@ -304,10 +349,15 @@ class DistributedTrainer:
                         fh.write(json.dumps(rec) + "\n")
                 self._emit("epoch_end", rec)
                 if cfg.patience and bad >= cfg.patience:
+                    stopped_early = True
                     break
         if best_state is not None:
             net.load_state_dict(best_state)
-        result = {"history": self.history, "best": best,
+        elif ema is not None:
+            net.load_state_dict(ema, strict=False)
+        result = {"history": self.history, "best": best, "stopped_early": stopped_early,
+                  "paused": bool(cfg.max_steps) and step >= cfg.max_steps
+                  and step < total_steps and not stopped_early,
                   "best_epoch": best_epoch or (self.history[-1]["epoch"] if self.history else 0),
                   "steps": step, "seconds": time.perf_counter() - t_start, "loss": loss_name,
                   "sampler": cfg.sampler if sampled else None, "world_size": ctx.world_size}

@@ -36,6 +36,7 @@ __all__ = [
     "init_label_rows",
     "ShardedXMCNetwork",
     "sharded_predict_topk",
+    "pifa_init_shard_",
 ]
 
 
@@ -297,7 +298,8 @@ class ShardedXMCNetwork(nn.Module):
 
     Attributes:
         label_offset / num_local: the shard is rows ``[label_offset, label_offset + num_local)``.
-        weight: ``nn.Embedding(L_r, d)``; bias: ``nn.Embedding(L_r, 1)`` or ``None``.
+        members: ``n``, the ensemble's member count (``--ensemble``; 1 otherwise).
+        weight: ``nn.Embedding(L_r, n * d)``; bias: ``nn.Embedding(L_r, 1)`` or ``None``.
     """
 
     def __init__(self, num_features: int, num_labels: int, config: Any, rank: int = 0,
@@ -313,9 +315,11 @@ class ShardedXMCNetwork(nn.Module):
             # dense bag gradients: DDP all-reduces them (NCCL has no sparse all-reduce)
             self.encoder = build_encoder(num_features, config, sparse_grad=False)
             init_bag(self.encoder, config)
-        self.weight = nn.Embedding(self.num_local, config.dim)
+        self.members = int(getattr(self.encoder, "num_members", 1))  # --ensemble
+        dim = self.members * config.dim  # an ensemble's label rows: its members' side by side
+        self.weight = nn.Embedding(self.num_local, dim)
         with torch.no_grad():
-            self.weight.weight.copy_(init_label_rows(lo, hi, config.dim, config.seed))
+            self.weight.weight.copy_(init_label_rows(lo, hi, dim, config.seed))
         self.bias: nn.Embedding | None = None
         if config.label_bias:
             self.bias = nn.Embedding(self.num_local, 1)
@@ -364,3 +368,17 @@ def sharded_predict_topk(network: ShardedXMCNetwork, X: sp.csr_matrix, k: int, *
         network.train(was)
     return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
+
+@torch.no_grad()
+def pifa_init_shard_(network: ShardedXMCNetwork, X: sp.csr_matrix, Y: sp.csr_matrix,
+                     batch_size: int) -> None:
+    """:func:`pifa_init_` of one rank: the rows of the labels it holds (``Y``'s columns
+    ``[label_offset, label_offset + num_local)``), from the replicated encoder."""
+    from .encoder import encode_csr
+    from .label_init import pifa_label_rows
+
+    lo, hi = network.label_offset, network.label_offset + network.num_local
+    queries = encode_csr(network.encoder, X, batch_size=batch_size)  # [N, n*d] eval mode
+    rows, has_rows = pifa_label_rows(queries, sp.csr_matrix(Y)[:, lo:hi])
+    weight = network.weight.weight  # [L_r, n*d]
+    weight[has_rows] = rows[has_rows].to(weight.dtype)

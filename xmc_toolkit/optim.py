@@ -23,8 +23,9 @@ a multiplier on the base learning rate (:func:`lr_multiplier`) and wrapped in
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ from .sparse_optim import RowAdam
 
 __all__ = [
     "clip_grad_norm",
+    "ema_update_",
+    "averaged_weights",
     "LABEL_OPTIMIZERS",
     "SCHEDULES",
     "OptimizerBundle",
@@ -247,3 +250,34 @@ def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float, *,
         else:
             g.mul_(scale.to(g.dtype))
     return float(total)
+
+
+@torch.no_grad()
+def ema_update_(ema: dict[str, torch.Tensor], network: torch.nn.Module, step: int,
+                ema_max: float) -> None:
+    """``ema <- d * ema + (1 - d) * w`` with ``d = min(ema_max, (1 + step) / (10 + step))``.
+
+    The weight average of ``--ema`` (both placements: ``ema`` holds the floating tensors of
+    ``network.state_dict()``, on a rank its own shard). The ramp keeps the early average from
+    being dominated by the random init; ``d`` depends only on the step, so a resumed run
+    averages exactly as an uninterrupted one.
+    """
+    decay = min(ema_max, (1.0 + step) / (10.0 + step))
+    current = network.state_dict()
+    keys = list(ema)
+    torch._foreach_lerp_([ema[k] for k in keys], [current[k] for k in keys], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def averaged_weights(network: torch.nn.Module,
+                     ema: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily load the EMA weights into ``network`` (no-op when ``ema`` is ``None``)."""
+    if ema is None:
+        yield
+        return
+    backup = {k: v.detach().clone() for k, v in network.state_dict().items() if k in ema}
+    network.load_state_dict(ema, strict=False)
+    try:
+        yield
+    finally:
+        network.load_state_dict(backup, strict=False)

@@ -48,6 +48,7 @@ from .network import (Preprocessor, XMCNetwork, build_encoder, init_bag, network
                       predict_topk_network)
 from .network import pifa_init_ as _pifa_init_
 from .objective import compute_loss, member_score_ids
+from .optim import averaged_weights, ema_update_
 from .optim import clip_grad_norm as _clip_grad_norm
 from .progress import progress_bar as _progress
 from .train_config import LOSSES, SAMPLERS, TrainConfig
@@ -511,25 +512,13 @@ class Trainer:
         """
         if self._ema is None:
             return
-        decay = min(self.config.ema, (1.0 + step) / (10.0 + step))
-        current = network.state_dict()
-        keys = list(self._ema)
-        torch._foreach_lerp_([self._ema[k] for k in keys], [current[k] for k in keys],
-                             1.0 - decay)
+        ema_update_(self._ema, network, step, self.config.ema)
 
     @contextlib.contextmanager
     def _averaged_weights(self, network: XMCNetwork) -> Iterator[None]:
         """Temporarily load the EMA weights into ``network`` (no-op without ``--ema``)."""
-        if self._ema is None:
+        with averaged_weights(network, self._ema):
             yield
-            return
-        backup = {k: v.detach().clone() for k, v in network.state_dict().items()
-                  if k in self._ema}
-        network.load_state_dict(self._ema, strict=False)
-        try:
-            yield
-        finally:
-            network.load_state_dict(backup, strict=False)
 
     def _validate(self, network: XMCNetwork, X_val: sp.csr_matrix, Y_val: sp.csr_matrix,
                   inv_prop: np.ndarray) -> dict[str, float]:

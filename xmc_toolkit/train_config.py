@@ -380,6 +380,42 @@ class TrainConfig(ConfigBase):
         if probs:
             raise ConfigError(probs)
 
+    def sharded_problems(self, world_size: int, num_points: int, num_features: int,
+                         num_labels: int) -> list[str]:
+        """What this config asks that the sharded placement (labels split across
+        ``world_size`` torchrun processes) cannot do: listed up front with the config's other
+        problems, never ignored. Auto values are resolved for the data first (an auto
+        ensemble is its resolved member count)."""
+        cfg = self.resolved_for_data(num_points)
+        p: list[str] = []
+        loss = cfg.resolved_loss(num_labels)
+        if loss == "negative-sampling":
+            p.append("loss='negative-sampling' is not available with the sharded placement; use "
+                     "--loss full or --loss sampled")
+        if cfg.correct_target:
+            p.append("correct_target is not available with the sharded placement; drop "
+                     "--correct-target")
+        if cfg.bag_optimizer == "sparse-adam" or cfg.bag_lr > 0:
+            p.append("bag_optimizer='sparse-adam' / --bag-lr are not available with the sharded "
+                     "placement (DDP all-reduces dense EmbeddingBag gradients; NCCL has no "
+                     "sparse all-reduce); use --bag-optimizer auto or adamw")
+        if cfg.amp == "fp16":
+            p.append("amp='fp16' is not available with the sharded placement (a GradScaler "
+                     "skips steps per rank and the label shards would drift); use --amp bf16, "
+                     "auto or off")
+        if cfg.checkpoint_every:
+            p.append(f"checkpoint_every={cfg.checkpoint_every} is not available with the sharded "
+                     "placement yet (no mid-run checkpoints, no --resume); drop "
+                     "--checkpoint-every or train in one process")
+        if cfg.ensemble > 1 and loss != "full":
+            p.append(f"ensemble={cfg.ensemble} with loss={loss!r} is not available with the "
+                     "sharded placement (members share one draw per step in one process "
+                     "only); use --loss full, --ensemble 1, or train in one process")
+        if cfg.batch_size < world_size:
+            p.append(f"batch_size={cfg.batch_size} is smaller than the {world_size} processes; "
+                     "raise --batch-size")
+        return p
+
     # -- derived values -------------------------------------------------------------------------
     def resolved_loss(self, num_labels: int) -> str:
         """``full`` / ``sampled`` / ``negative-sampling`` after resolving ``auto``."""
