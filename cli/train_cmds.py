@@ -219,9 +219,11 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
             if saved_run.get("label_names"):
                 label_names = Path(saved_run["label_names"])
     placement = resolve_placement(placement)
-    if placement == "sharded":
-        _sharded_refusals(resume, init_from, labels_file, label_names)
-    elif backend != "auto" or not consolidate:
+    if placement == "sharded" and init_from is not None:
+        raise click.UsageError("--init-from is not available with the sharded placement "
+                               "(torchrun) yet; grow the model in one process "
+                               "(--placement local)")
+    if placement == "local" and (backend != "auto" or not consolidate):
         raise click.UsageError("--backend and --no-consolidate apply to the sharded placement "
                                "only (torchrun, or --placement sharded)")
     if init_from is not None:
@@ -310,18 +312,32 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         if event == "train_begin":
             atomic_write_text(out / RUN_FILE, run_doc)
 
-    if placement == "sharded":
-        _train_sharded(cfg, train_ds, val_ds, out, run_doc, show, as_json, force, backend,
-                       consolidate)
-        return
+    ctx, place = None, None
+    if placement == "sharded":  # every rank runs this command; rank 0 reports
+        from xmc_toolkit.distributed import init_distributed
+        from xmc_toolkit.placement import ShardedPlacement
+
+        ctx = init_distributed(cfg.device, backend)
+        place = ShardedPlacement(ctx, consolidate)
+        show = show and ctx.is_main
+        if not ctx.is_main:
+            write_run = _ignore_events  # rank 0 writes run.json
     # the trainer locks --out, checks it (refused over earlier work unless --force) and the
     # resumed checkpoint's config and data, all before writing anything
     try:
-        result = Trainer(cfg, out_dir=out, callbacks=[write_run], featurizer=featurizer).fit(
+        result = Trainer(cfg, out_dir=out, callbacks=[write_run], featurizer=featurizer,
+                         placement=place).fit(
             train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
     except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
         click.echo(str(exc), err=True)
         sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
+    finally:
+        if ctx is not None and ctx.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if ctx is not None and not ctx.is_main:
+        return
     extra = None
     if featurizer is not None:
         extra = {"featurizer": {"num_features": featurizer.num_features,
@@ -329,6 +345,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         if not as_json:
             click.echo(f"featurized {train_ds.num_points} texts: {featurizer.num_features} "
                        f"features, {train_ds.num_labels} labels")
+    if ctx is not None:
+        extra = {**(extra or {}), "world_size": ctx.world_size}
     _report(result, out, cfg, as_json, extra=extra)
 
 
@@ -341,47 +359,8 @@ def resolve_placement(placement: str) -> str:
     return "sharded" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
 
 
-def _sharded_refusals(resume: Path | None, init_from: Path | None, labels_file: Path | None,
-                      label_names: Path | None) -> None:
-    """What the sharded placement cannot do yet, refused before any work (never ignored)."""
-    bad = [flag for flag, v in (("--resume", resume), ("--init-from", init_from),
-                                ("--labels", labels_file), ("--label-names", label_names))
-           if v is not None]
-    if bad:
-        raise click.UsageError(f"{', '.join(bad)} not available with the sharded placement "
-                               "(torchrun) yet; train in one process (--placement local)")
-
-
-def _train_sharded(cfg: Any, train_ds: Any, val_ds: Any, out: Path, run_doc: str, show: bool,
-                   as_json: bool, force: bool, backend: str, consolidate: bool) -> None:
-    """``xmc train`` with the label table sharded across the torchrun processes."""
-    import torch.distributed as dist
-
-    from xmc_toolkit._fileio import atomic_write_text
-    from xmc_toolkit.dist_train import DistributedTrainer
-    from xmc_toolkit.distributed import init_distributed
-    from xmc_toolkit.model_dir import prepare_output_dir
-    from xmc_toolkit.train import TrainResult
-
-    ctx = init_distributed(cfg.device, backend)
-    try:
-        if not force or ctx.is_main:  # read-only without --force: every rank refuses alike
-            prepare_output_dir(out, force=force)
-        ctx.barrier()
-        trainer = DistributedTrainer(cfg, ctx, out, consolidate_model=consolidate)
-        res = trainer.fit(train_ds, val_ds, show_progress=show and ctx.is_main)
-        if ctx.is_main:
-            atomic_write_text(out / RUN_FILE, run_doc)
-    finally:
-        if ctx.distributed:
-            dist.destroy_process_group()
-    if not ctx.is_main:
-        return
-    result = TrainResult(history=res["history"], best=res["best"], best_epoch=res["best_epoch"],
-                         steps=res["steps"], seconds=res["seconds"],
-                         stopped_early=res["stopped_early"], loss=res["loss"],
-                         sampler=res["sampler"], paused=res["paused"])
-    _report(result, out, trainer.config, as_json, extra={"world_size": res["world_size"]})
+def _ignore_events(event: str, payload: dict[str, Any]) -> None:
+    """The callback of the ranks other than 0 (rank 0 writes run.json)."""
 
 
 def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: Path | None,

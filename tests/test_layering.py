@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"train_config"},
     {"network"},
     {"objective", "model_dir"},
-    {"evaluate", "inputs", "model_info", "export"},
+    {"evaluate", "inputs", "model_info", "export", "placement"},
     {"train"},
     {"dist_train"},
     {"grow"},

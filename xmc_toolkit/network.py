@@ -333,6 +333,19 @@ class ShardedXMCNetwork(nn.Module):
     def label_parameters(self) -> list[nn.Parameter]:
         return [self.weight.weight] + ([self.bias.weight] if self.bias is not None else [])
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    @property
+    def label_weight(self) -> torch.Tensor:
+        """``[L_r, n * d]`` this rank's label rows (the parameter itself)."""
+        return self.weight.weight
+
+    @property
+    def label_bias(self) -> torch.Tensor | None:
+        """``[L_r]`` this rank's bias rows or ``None``."""
+        return self.local_bias
+
     @property
     def local_bias(self) -> torch.Tensor | None:
         """``[L_r]`` bias parameter view or ``None``."""

@@ -39,6 +39,7 @@ from torch import nn
 
 from .batching import is_weighted
 from .data.dataset import XMCDataset
+from .device import amp_setup as _amp_setup
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, XMCError
 from .metrics import inverse_propensity_from_counts
@@ -156,8 +157,12 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike[str] | None = None,
-                 callbacks: Sequence[Callback] = (), featurizer: Any = None) -> None:
+                 callbacks: Sequence[Callback] = (), featurizer: Any = None,
+                 placement: Any = None) -> None:
+        from .placement import LocalPlacement
+
         self.config = config.validate()
+        self.placement = placement if placement is not None else LocalPlacement()
         self.featurizer = featurizer
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.callbacks = list(callbacks)
@@ -230,20 +235,22 @@ class Trainer:
                 "same feature and label space (--val)")
         if resume and self.out_dir is None:
             raise ConfigError("resume needs an output directory (--out / --resume DIR)")
+        problems = self.placement.problems(cfg, train, init=init, featurizer=self.featurizer)
+        if problems:
+            raise ConfigError(problems)
         if self.out_dir is None:
             return self._fit(train, val, show_progress, resume, force, init)
-        from ._fileio import OutputLock
-
-        with OutputLock(self.out_dir, what="`xmc train` / training run"):
+        with self.placement.lock(self.out_dir):
             if not resume:
-                prepare_output_dir(self.out_dir, force=force)
+                self.placement.prepare_output(self.out_dir, force)
             return self._fit(train, val, show_progress, resume, force, init)
 
     def _fit(self, train: XMCDataset, val: XMCDataset | None, show_progress: bool,
              resume: bool, force: bool, init: WarmStart | None) -> TrainResult:
         cfg = self.config
-        device = resolve_device(cfg.device)
-        self._seed_everything(cfg.seed)
+        place = self.placement
+        device = place.device(cfg)
+        place.seed(cfg.seed)
         self._best_state, self._sampler_loaded, self._interrupted = None, False, False
         self._ema = None
         self._reset_loss_tracking()
@@ -273,23 +280,22 @@ class Trainer:
                                                   cfg.psp_a, cfg.psp_b)
 
         loss_name = cfg.resolved_loss(L)
-        self.network = network = XMCNetwork(D, L, cfg).to(device)
+        self.network = network = place.build_network(D, L, cfg, device)
         logger.info("encoder hidden widths %s (D=%d), bag optimizer %s, loss %s",
                     list(cfg.resolved_hidden(D)), D, cfg.resolved_bag_optimizer(D), loss_name)
         if init is not None:
             init.apply_network(network)  # the parent's encoder and (grown) label rows
         elif cfg.label_init == "pifa" and not resume:
-            _pifa_init_(network, X, Y, cfg.eval_batch_size)
+            place.pifa_init(network, X, Y, cfg.eval_batch_size)
         network.train()
         if cfg.ema > 0:
             self._ema = {k: v.detach().clone() for k, v in network.state_dict().items()
                          if v.is_floating_point()}
         sampled = loss_name != "full"
-        self.sampler = self._make_sampler(L, device) if sampled else None
+        self.sampler = (place.make_sampler(cfg, network, self.label_counts, device)
+                        if sampled else None)
 
-        from .batching import BatchIterator
-
-        batches = BatchIterator(X, Y, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device)
+        batches = place.batches(X, Y, cfg, device)
         steps_per_epoch = len(batches)
         total_steps = steps_per_epoch * cfg.epochs  # schedule horizon (max_steps only pauses)
         from .optim import build_optimizers
@@ -306,7 +312,7 @@ class Trainer:
             init.apply_sampler(self.sampler)
         amp_dtype, scaler = _amp_setup(cfg.amp, device)
         sample_gen = torch.Generator(device=device)
-        sample_gen.manual_seed(cfg.seed + 1)
+        sample_gen.manual_seed(place.generator_seed(cfg))
 
         state: dict[str, Any] = {"step": 0, "epoch": 0, "history": [], "best": {},
                                  "best_epoch": 0, "best_value": None, "bad_epochs": 0,
@@ -316,7 +322,7 @@ class Trainer:
             self._load_checkpoint(network, bundle, batches, sample_gen, scaler, state)
             logger.info("resumed from step %d (epoch %d, batch %d)", state["step"],
                         batches.epoch, batches.batch_index)
-        elif self.out_dir is not None:
+        elif self.out_dir is not None and place.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / LOG_FILE).write_text("")
 
@@ -404,6 +410,8 @@ class Trainer:
                         self._read_loss(state)
                         self._refresh_sampler(network)
                     stop_now = bool(cfg.max_steps) and state["step"] >= cfg.max_steps
+                    # every rank stops at the step where any of them saw the signal
+                    self._interrupted = self.placement.any_rank(self._interrupted)
                     if self._interrupted or stop_now or (
                             cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
                         self._read_loss(state)
@@ -450,7 +458,7 @@ class Trainer:
         def where() -> str:  # only on a NaN/inf loss: no file system look-up per read
             if self.out_dir is None:
                 return ""
-            ck = self.out_dir / CKPT_DIR
+            ck = self.placement.checkpoint_dir(self.out_dir)
             return (f"; the last good checkpoint in {ck} is kept" if (ck / "latest").exists()
                     else "; no checkpoint had been written yet")
 
@@ -496,7 +504,7 @@ class Trainer:
         state["history"].append(rec)
         logger.info("epoch %d: %s", epoch + 1,
                     ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)))
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.placement.is_main:
             with open(self.out_dir / LOG_FILE, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         self._emit("epoch_end", rec)
@@ -526,8 +534,7 @@ class Trainer:
 
         cfg = self.config
         k = max(cfg.ks)
-        ids, _ = predict_topk_network(network, X_val, k, batch_size=cfg.eval_batch_size,
-                                      chunk_size=cfg.eval_chunk_size)
+        ids = self.placement.predict_topk(network, X_val, k, cfg)
         res = evaluate_metrics(Y_val, ids, cfg.ks, inv_prop)
         return {key: float(v) for key, v in res.items() if "@" in key}
 
@@ -541,14 +548,9 @@ class Trainer:
         autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype)
                     if amp_dtype is not None else contextlib.nullcontext())
         with autocast:
-            q = network(batch.indices, batch.offsets, batch.weights)  # [B, d]
+            q = self.placement.forward(network, batch)  # [B, d]
         q = q.float()
-        loss = compute_loss(network, q, batch.pos_ids, batch.pos_mask, loss_name,
-                            sampler=self.sampler, negatives=cfg.negatives,
-                            shared=cfg.shared_negatives, generator=gen,
-                            correct_target=cfg.correct_target, chunk_size=cfg.eval_chunk_size,
-                            bce_weight=cfg.bce_weight, log_q_correction=cfg.log_q_correction,
-                            ids_checked=True)  # csr_to_padded checked them on the host
+        loss = self.placement.loss(network, q, batch, loss_name, self.sampler, gen, cfg)
         # no host read of the loss here: the loop accumulates it on the device and reads it
         # every log_every steps (_track_loss / _read_loss), so a CUDA step never waits
         if scaler is not None:
@@ -559,11 +561,11 @@ class Trainer:
             loss.backward()
         if cfg.clip_grad > 0:  # off: no pass over the gradients at all
             # clipping needs the global norm on the host anyway (one sync per step)
-            gnorm = _clip_grad_norm(list(network.parameters()), cfg.clip_grad)
+            gnorm = self.placement.clip(network, cfg.clip_grad)
             if scaler is None and not math.isfinite(gnorm):  # a GradScaler skips the step
                 self._track_loss(loss, state["step"] + 1, state["epoch"] + 1)
                 self._read_loss(state)  # a non-finite loss is the cause: report that
-                ck = None if self.out_dir is None else self.out_dir / CKPT_DIR
+                ck = None if self.out_dir is None else self.placement.checkpoint_dir(self.out_dir)
                 where = ("" if ck is None else f" (the last good checkpoint in {ck} is kept)"
                          if (ck / "latest").exists() else " (no checkpoint had been written yet)")
                 raise XMCError(
@@ -628,15 +630,7 @@ class Trainer:
     def _save_model(self, summary: dict[str, Any] | None) -> None:
         if self.network is None or self.preprocessor is None:  # pragma: no cover
             raise XMCError("nothing to save: the trainer has not been fitted")
-        network = self.network
-        sampler_state = None
-        if self.sampler is not None and self.sampler.needs_update:
-            with contextlib.suppress(Exception):
-                sampler_state = self.sampler.state_dict()
-        save_model_dir(self.out_dir, network, self.preprocessor, self.config,  # type: ignore
-                       label_names=self.label_names, label_counts=self.label_counts,
-                       num_train=self.num_train, sampler_state=sampler_state, summary=summary,
-                       featurizer=self.featurizer)
+        self.placement.save_model(self, summary)
 
     def _save_checkpoint(self, ctx: dict[str, Any]) -> None:
         """Write ``out_dir/checkpoint/ckpt-<step>`` through :mod:`xmc_toolkit.checkpoint`."""
@@ -668,7 +662,8 @@ class Trainer:
                     num_train=self.num_train, data_fingerprint=self._fingerprint)
         if ctx["scaler"] is not None:
             meta["scaler"] = ctx["scaler"].state_dict()
-        path = save_checkpoint(self.out_dir / CKPT_DIR, groups, meta=meta, step=state["step"])
+        path = save_checkpoint(self.placement.checkpoint_dir(self.out_dir), groups, meta=meta,
+                               step=state["step"])
         self._emit("checkpoint", {"step": state["step"], "path": str(path)})
 
     def _check_fingerprint(self, saved: Any, ck: Path) -> None:
@@ -695,7 +690,7 @@ class Trainer:
                          gen: torch.Generator, scaler: Any, state: dict[str, Any]) -> None:
         from .checkpoint import load_checkpoint, restore_rng_state, unflatten_state
 
-        ck = self.out_dir / CKPT_DIR  # type: ignore[operator]
+        ck = self.placement.checkpoint_dir(self.out_dir)  # type: ignore[arg-type]
         if not ck.is_dir():
             raise CheckpointError(f"{str(self.out_dir)!r} holds no checkpoint to resume from "
                                   f"({CKPT_DIR}/ is missing); train without --resume first, or "
@@ -752,13 +747,6 @@ def _split(ds: XMCDataset, fraction: float, seed: int) -> tuple[XMCDataset, XMCD
     val_rows, tr_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     return ds.subset(tr_rows), ds.subset(val_rows)
 
-
-def _amp_setup(mode: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
-    if device.type != "cuda" or mode == "off":
-        return None, None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
 
 
 

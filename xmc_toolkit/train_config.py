@@ -403,10 +403,6 @@ class TrainConfig(ConfigBase):
             p.append("amp='fp16' is not available with the sharded placement (a GradScaler "
                      "skips steps per rank and the label shards would drift); use --amp bf16, "
                      "auto or off")
-        if cfg.checkpoint_every:
-            p.append(f"checkpoint_every={cfg.checkpoint_every} is not available with the sharded "
-                     "placement yet (no mid-run checkpoints, no --resume); drop "
-                     "--checkpoint-every or train in one process")
         if cfg.ensemble > 1 and loss != "full":
             p.append(f"ensemble={cfg.ensemble} with loss={loss!r} is not available with the "
                      "sharded placement (members share one draw per step in one process "
