@@ -7,6 +7,7 @@ the tests compare with single-process references.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -453,10 +454,12 @@ def _step_losses(into: list) -> Any:
     return lambda ev, p: into.append(p["loss"]) if ev == "step" else None
 
 
-def _rich_config() -> Any:
+def _rich_config(**kw: Any) -> Any:
     """An ensemble with EMA, the BCE term, PIFA rows and clipping (full softmax)."""
-    return _toy_config(ensemble=2, ema=0.9, bce_weight=0.1, label_init="pifa", clip_grad=1.0,
-                       log_every=1, epochs=3)
+    base = dict(ensemble=2, ema=0.9, bce_weight=0.1, label_init="pifa", clip_grad=1.0,
+                log_every=1, epochs=3)
+    base.update(kw)
+    return _toy_config(**base)
 
 
 def _train_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -479,6 +482,16 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
         rich = DistributedTrainer(_rich_config(), ctx, None, callbacks=[_step_losses(steps)])
         res["rich"] = rich.fit(train, val)
         res["rich_steps"] = steps
+        # exact resume: paused with --max-steps, resumed, ends as the uninterrupted run
+        pr = _rich_config(checkpoint_every=2)
+        whole = DistributedTrainer(pr, ctx, Path(out) / "whole")
+        res["whole"] = whole.fit(train, val)
+        res["whole_state"] = {k: v.clone() for k, v in whole.network.state_dict().items()}
+        paused = DistributedTrainer(dataclasses.replace(pr, max_steps=7), ctx, Path(out) / "re")
+        res["paused"] = paused.fit(train, val)
+        resumed = DistributedTrainer(pr, ctx, Path(out) / "re")
+        res["resumed"] = resumed.fit(train, val, resume=True)
+        res["resumed_state"] = {k: v.clone() for k, v in resumed.network.state_dict().items()}
         tr = DistributedTrainer(
             _toy_config(loss="sampled", sampler="uniform", negatives=4, label_optimizer="auto"),
             ctx, None)
@@ -575,6 +588,24 @@ def test_two_process_training_matches_one_process(train_results) -> None:
                 assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
                 assert a["val/P@1"] == pytest.approx(b["val/P@1"], abs=1e-9)
         assert one["history"][-1]["val/P@1"] > 0.6  # it learned something
+
+
+def test_two_process_run_paused_and_resumed_ends_as_the_uninterrupted_one(train_results):
+    """2 ranks, an ensemble with EMA and --checkpoint-every: paused by --max-steps (mid-epoch),
+    resumed with resume=True, the run ends bit for bit as the uninterrupted one, on every rank,
+    and the checkpoints are per rank."""
+    tmp, results = train_results
+    for res in results:
+        assert res["paused"]["paused"] and res["paused"]["steps"] == 7
+        assert not res["resumed"]["paused"]
+        assert res["resumed"]["steps"] == res["whole"]["steps"] == 15
+        assert res["resumed"]["history"] == [
+            {k: v for k, v in r.items() if k not in ("seconds", "examples_per_s")} | {
+                "seconds": a["seconds"], "examples_per_s": a["examples_per_s"]}
+            for r, a in zip(res["whole"]["history"], res["resumed"]["history"])]
+        for k, v in res["whole_state"].items():
+            assert torch.equal(v, res["resumed_state"][k]), k
+    assert (tmp / "re" / "checkpoint" / "rank-00001-of-00002").is_dir()
 
 
 def test_two_process_training_close_to_library_trainer(train_results) -> None:
