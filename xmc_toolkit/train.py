@@ -149,6 +149,9 @@ class Trainer:
             ``checkpoint/``); ``None`` keeps everything in memory (no checkpoints).
         featurizer: the fitted text featurizer of raw-text training data, saved in the model
             directory (``None`` for feature-vector data).
+        placement: where the label table lives (:mod:`xmc_toolkit.placement`):
+            ``LocalPlacement()`` (default, the whole table here) or ``ShardedPlacement(ctx)``
+            (rows across the ranks of a process group; every rank runs this same loop).
         callbacks: ``callback(event, state)`` hooks; events ``"train_begin"``, ``"epoch_begin"``,
             ``"step"`` (every step: ``step``, ``epoch``, ``lr``, ``loss`` -- the mean loss
             since the last read as a float on every ``log_every``-th step, else ``None`` --
