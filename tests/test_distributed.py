@@ -614,7 +614,7 @@ def test_two_process_training_close_to_library_trainer(train_results) -> None:
     _tmp, results = train_results
     lib = Trainer(_toy_config()).fit(_toy_data(0, 200), _toy_data(1, 80))
     assert results[0]["full"]["history"][-1]["val/P@1"] == pytest.approx(
-        lib.history[-1]["val/P@1"], abs=0.15)
+        lib.history[-1]["val/P@1"], abs=0.05)  # same loop; the sharded init differs
 
 
 def test_two_process_sampled_training_learns(train_results) -> None:

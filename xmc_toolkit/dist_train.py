@@ -81,7 +81,8 @@ class DistributedTrainer(Trainer):
     def history(self) -> list[dict[str, Any]]:
         return [] if self.result is None else self.result.history
 
-    def fit(self, train: Any, val: Any = None, *, show_progress: bool = False,  # type: ignore[override]
+    def fit(  # type: ignore[override]
+            self, train: Any, val: Any = None, *, show_progress: bool = False,
             resume: bool = False, force: bool = False, init: Any = None) -> dict[str, Any]:
         """Train (collective: every rank calls it with the same data); returns the
         :class:`~xmc_toolkit.train.TrainResult` as a dict, with ``world_size``."""

@@ -38,7 +38,8 @@ from .distributed import (
     sharded_sampled_softmax_loss,
     sum_allreduce_hook,
 )
-from .model_dir import CKPT_DIR, SHARD_DIR, consolidate, prepare_output_dir, save_model_dir, save_sharded
+from .model_dir import (CKPT_DIR, SHARD_DIR, consolidate, prepare_output_dir, save_model_dir,
+                        save_sharded)
 from .network import (ShardedXMCNetwork, XMCNetwork, pifa_init_, pifa_init_shard_,
                       predict_topk_network, sharded_predict_topk)
 from .objective import compute_loss, sampler_from_config
