@@ -556,14 +556,15 @@ def test_distributed_trainer_reads_the_loss_every_log_every_steps(monkeypatch) -
     assert [v is None for v in seen] == [True, False, True, False, True]
     import xmc_toolkit.placement as placement
 
-    orig, calls = placement.sharded_full_softmax_loss, {"n": 0}
+    # in one process the sharded placement's full softmax is the local kernel
+    orig, calls = placement.compute_loss, {"n": 0}
 
     def nan_at_step_3(*args, **kw):
         calls["n"] += 1
         loss = orig(*args, **kw)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(placement, "sharded_full_softmax_loss", nan_at_step_3)
+    monkeypatch.setattr(placement, "compute_loss", nan_at_step_3)
     with pytest.raises(XMCError, match=r"loss became nan at step 3 \(epoch 1\)"):
         fit(_toy_config(epochs=2, log_every=1000))
     assert calls["n"] == 5  # found at the epoch end, not before
@@ -739,3 +740,26 @@ def test_sharded_network_builds_with_default_config():
     ref = XMCNetwork(300, 40, cfg)
     assert [m.shape for m in net.encoder.parameters()] == [m.shape for m in ref.encoder.parameters()]
     assert net.encoder.bag.weight.std() > 0.5  # bag_init_std = 1 applied, as in one process
+
+
+@pytest.mark.parametrize("kw", [{}, dict(dropout=0.3, input_dropout=0.2, ensemble=2, ema=0.9,
+                                         bce_weight=0.1, label_init="pifa", clip_grad=1.0)])
+def test_sharded_placement_in_one_process_is_the_local_run_bit_for_bit(kw) -> None:
+    """The same Trainer with the sharded placement on 1 process reproduces the local placement
+    bit for bit on CPU (same seed: every step's loss, the validation metrics, the weights)."""
+    from xmc_toolkit.dist_train import DistContext, DistributedTrainer
+    from xmc_toolkit.train import Trainer
+
+    cfg = _toy_config(log_every=1, epochs=3, **kw)
+    a_steps: list = []
+    b_steps: list = []
+    local = Trainer(cfg, callbacks=[_step_losses(a_steps)])
+    res_a = local.fit(_toy_data(0, 200), _toy_data(1, 80))
+    sharded = DistributedTrainer(cfg, DistContext(), None, callbacks=[_step_losses(b_steps)])
+    res_b = sharded.fit(_toy_data(0, 200), _toy_data(1, 80))
+    assert a_steps == b_steps and len(a_steps) == 15
+    assert [r["val/P@1"] for r in res_a.history] == [r["val/P@1"] for r in res_b["history"]]
+    assert torch.equal(local.network.label_weight, sharded.network.label_weight)
+    assert torch.equal(local.network.label_bias, sharded.network.label_bias)
+    enc_a, enc_b = local.network.encoder.state_dict(), sharded.network.encoder.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)

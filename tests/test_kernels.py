@@ -147,3 +147,20 @@ def test_one_masked_logsumexp_matches_dense_with_grads(chunk: int) -> None:
     torch.testing.assert_close(gq, Q.grad)
     torch.testing.assert_close(gw, W.grad)
     torch.testing.assert_close(gb, b.grad)
+
+
+@pytest.mark.parametrize("L,dim,world", [(5, 3, 1), (37, 8, 3), (9000, 16, 2), (8193, 5, 4)])
+def test_label_table_rows_are_the_local_table_for_any_shard(L: int, dim: int, world: int) -> None:
+    """Each rank's block-drawn rows are its rows of LabelTable's init (same generator state
+    after), so every number of ranks starts from the one-process table."""
+    from xmc_toolkit.network import label_table_rows
+    from xmc_toolkit.output_layer import LabelTable
+
+    torch.manual_seed(11)
+    ref = LabelTable(L, dim, bias=False).weight.weight.detach()
+    after = torch.rand(4)
+    for lo, hi in D.shard_ranges(L, world):
+        torch.manual_seed(11)
+        rows = label_table_rows(L, dim, lo, hi)
+        assert torch.equal(rows, ref[lo:hi])
+        assert torch.equal(torch.rand(4), after)

@@ -34,6 +34,7 @@ __all__ = [
     "host_memory_bytes",
     "pifa_init_",
     "init_label_rows",
+    "label_table_rows",
     "ShardedXMCNetwork",
     "sharded_predict_topk",
     "pifa_init_shard_",
@@ -286,6 +287,34 @@ def init_label_rows(start: int, stop: int, dim: int, seed: int, std: float = 0.0
     return out
 
 
+_TABLE_BLOCK = 4096  # rows drawn at once by label_table_rows (a multiple of 16)
+
+
+@torch.no_grad()
+def label_table_rows(num_labels: int, dim: int, start: int, stop: int,
+                     std: float = 0.01) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the initial table of
+    :class:`~xmc_toolkit.output_layer.LabelTable` ``[num_labels, dim]``: ``[stop - start, dim]``.
+
+    The same draws from the global generator as ``LabelTable(num_labels, dim)`` (the N(0, 1)
+    fill of ``nn.Embedding``, then N(0, ``std``)), made block by block so that only one block
+    of the table exists at a time: CPU ``normal_`` fills whole groups of 16 values, so blocks
+    of whole groups give the same numbers and leave the generator in the same state as one
+    draw of the table (``tests/test_kernels.py`` checks it).
+    """
+    out = torch.empty(max(0, stop - start), dim)
+    for keep, std_i in ((False, 1.0), (True, std)):
+        s = 0
+        while s < num_labels:
+            e = num_labels if num_labels - s < 2 * _TABLE_BLOCK else s + _TABLE_BLOCK
+            block = torch.empty(e - s, dim).normal_(0.0, std_i)  # [e - s, dim]
+            a, b = max(s, start), min(e, stop)
+            if keep and a < b:
+                out[a - start:b - start] = block[a - s:b - s]
+            s = e
+    return out
+
+
 class ShardedXMCNetwork(nn.Module):
     """The encoder of :class:`xmc_toolkit.train.XMCNetwork` and one row shard of its label table.
 
@@ -310,20 +339,21 @@ class ShardedXMCNetwork(nn.Module):
         self.rank, self.world_size = rank, world_size
         lo, hi = shard_range(num_labels, rank, world_size)
         self.label_offset, self.num_local = lo, hi - lo
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)  # identical encoder on every rank
-            # dense bag gradients: DDP all-reduces them (NCCL has no sparse all-reduce)
-            self.encoder = build_encoder(num_features, config, sparse_grad=False)
-            init_bag(self.encoder, config)
+        # the draws of XMCNetwork, in its order, from the global generator (seeded alike on
+        # every rank by the caller): the encoder, the whole label table -- drawn block by
+        # block, keeping this shard's rows -- and the bag rows. Every number of ranks starts
+        # from the network of one process, and the generator ends in the same state.
+        # Dense bag gradients: DDP all-reduces them (NCCL has no sparse all-reduce).
+        self.encoder = build_encoder(num_features, config, sparse_grad=False)
         self.members = int(getattr(self.encoder, "num_members", 1))  # --ensemble
         dim = self.members * config.dim  # an ensemble's label rows: its members' side by side
-        self.weight = nn.Embedding(self.num_local, dim)
-        with torch.no_grad():
-            self.weight.weight.copy_(init_label_rows(lo, hi, dim, config.seed))
+        self.weight = nn.Embedding(self.num_local, dim,
+                                   _weight=label_table_rows(num_labels, dim, lo, hi))
         self.bias: nn.Embedding | None = None
         if config.label_bias:
-            self.bias = nn.Embedding(self.num_local, 1)
-            nn.init.zeros_(self.bias.weight)
+            torch.empty(num_labels, 1).normal_()  # the draw of LabelTable's bias (then zeroed)
+            self.bias = nn.Embedding(self.num_local, 1, _weight=torch.zeros(self.num_local, 1))
+        init_bag(self.encoder, config)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,7 @@ class ShardedPlacement(LocalPlacement):
         return self.ctx.device
 
     def seed(self, seed: int) -> None:
-        torch.manual_seed(seed + self.rank)  # dropout masks differ per rank
+        torch.manual_seed(seed)  # the same network on every rank (build_network)
         np.random.seed(seed % (2**32))
 
     def generator_seed(self, config: TrainConfig) -> int:
@@ -208,6 +208,8 @@ class ShardedPlacement(LocalPlacement):
 
     def build_network(self, D: int, L: int, config: TrainConfig, device: torch.device) -> Any:
         net = ShardedXMCNetwork(D, L, config, self.rank, self.world_size).to(device)
+        if self.rank:  # dropout masks differ per rank; rank 0 draws on as one process does
+            torch.manual_seed(config.seed + self.rank)
         self.encoder = net.encoder
         if self.ctx.distributed:
             ddp = nn.parallel.DistributedDataParallel(
@@ -243,6 +245,10 @@ class ShardedPlacement(LocalPlacement):
     def loss(self, network: Any, q: torch.Tensor, batch: Any, loss_name: str, sampler: Any,
              generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
         lo = network.label_offset
+        if loss_name == "full" and not self.ctx.distributed:
+            # one process: the collectives are identities and the sharded softmax is the
+            # local kernel (to float rounding: tests/test_distributed.py), so use that one
+            return super().loss(network, q, batch, loss_name, sampler, generator, config)
         if loss_name == "sampled":  # one member (sharded_problems refuses sampled ensembles)
             return sharded_sampled_softmax_loss(
                 q, network.weight.weight, None if network.bias is None else network.bias.weight,
