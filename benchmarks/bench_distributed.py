@@ -1,7 +1,7 @@
 """Throughput of distributed training with 1 and 2 processes (torchrun, gloo on CPU / NCCL on GPU).
 
-Runs ``torchrun --nproc-per-node N -m xmc_toolkit.distributed`` on the same data and flags for
-each ``N`` and reports training examples per second (epochs after the first, validation
+Runs ``torchrun --nproc-per-node N -m xmc_toolkit.train --placement sharded`` (``xmc train``
+with the label table sharded) on the same data and flags for each ``N`` and reports training examples per second (epochs after the first, validation
 excluded) and the ratio to one process, measured in this one run. Writes JSON to
 ``benchmarks/results/distributed.json`` (or ``--out``).
 
@@ -41,8 +41,8 @@ def run(nproc: int, data: str, flags: list[str], threads: int) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         cmd = [torchrun, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "xmc_toolkit.distributed", data,
-               "--out", tmp, "--no-consolidate", *flags]
+               "--master-port", str(_free_port()), "-m", "xmc_toolkit.train", "--data", data,
+               "--out", tmp, "--placement", "sharded", "--no-consolidate", *flags]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0

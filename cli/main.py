@@ -108,5 +108,18 @@ def main(argv: list[str] | None = None) -> None:
     xmc.main(args=argv if argv is not None else sys.argv[1:], prog_name="xmc")
 
 
+def train_module_main(argv: list[str] | None = None) -> None:
+    """``python -m xmc_toolkit.train [FLAGS]``: ``xmc train [FLAGS]`` (the only flag parser).
+
+    Under ``torchrun --nproc-per-node N -m xmc_toolkit.train [FLAGS]`` (``WORLD_SIZE > 1``)
+    ``xmc train`` trains with the label table sharded across the processes. The library
+    reaches this function only from the ``__main__`` guard of ``xmc_toolkit.train`` (and of
+    ``xmc_toolkit.distributed``, the older launch name): importing the library never imports
+    ``cli``.
+    """
+    args = list(argv) if argv is not None else sys.argv[1:]
+    xmc.main(args=["train", *args], prog_name="xmc")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -26,6 +26,8 @@ _DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 _DATASET = click.Path(path_type=Path)
 _MODEL = click.Path(path_type=Path)
 RUN_FILE = "run.json"  # data paths and config of a run in its --out directory (for --resume)
+#: where the label table lives (--placement): auto picks sharded under torchrun
+PLACEMENTS = ("auto", "local", "sharded")
 
 
 def _read_run(resume: Path) -> dict[str, Any]:
@@ -47,8 +49,8 @@ def _read_run(resume: Path) -> dict[str, Any]:
 
 
 def _config_cls() -> Any:
-    # xmc_toolkit.train imports torch; import it when a command runs, not at CLI start.
-    from xmc_toolkit.train import TrainConfig
+    # the config module imports no torch: the CLI starts without it
+    from xmc_toolkit.train_config import TrainConfig
 
     return TrainConfig
 
@@ -86,7 +88,7 @@ def _fields_as_options(cls: Any, func: Any) -> Any:
 
 def _config_options(func: Any) -> Any:
     """Add one option per TrainConfig field."""
-    from xmc_toolkit.train import TrainConfig
+    from xmc_toolkit.train_config import TrainConfig
 
     return _fields_as_options(TrainConfig, func)
 
@@ -159,6 +161,17 @@ def text_field_options(func: Any) -> Any:
 @click.option("--ignore-extra", is_flag=True,
               help="With --init-from: cut (or pad) --data's feature columns to the model's "
                    "instead of failing.")
+@click.option("--placement", type=click.Choice(PLACEMENTS), default="auto", show_default=True,
+              help="Where the label table lives: local (one process holds it), sharded (rows "
+                   "split across the torchrun processes, DDP encoder), auto (sharded under "
+                   "torchrun, WORLD_SIZE > 1, else local).")
+@click.option("--backend", type=click.Choice(("auto", "nccl", "gloo")), default="auto",
+              show_default=True,
+              help="Sharded placement: torch.distributed backend (auto: NCCL on CUDA, gloo on "
+                   "CPU).")
+@click.option("--consolidate/--no-consolidate", default=True,
+              help="Sharded placement: also write one normal model directory (default) beside "
+                   "the per-rank label shards in --out/sharded.")
 @threads_option
 @text_field_options
 @zero_based_option
@@ -167,7 +180,8 @@ def text_field_options(func: Any) -> Any:
 def train(data: Path | None, val: Path | None, out: Path | None, config_file: Path | None,
           resume: Path | None, force: bool, print_config: bool, progress: bool | None,
           as_json: bool, labels_file: Path | None, label_names: Path | None,
-          init_from: Path | None, ignore_extra: bool, text_field: str,
+          init_from: Path | None, ignore_extra: bool, placement: str, backend: str,
+          consolidate: bool, text_field: str,
           label_field: str, label_sep: str, threads: int, **flags: Any) -> None:
     """Train a model: EmbeddingBag + MLP encoder, full or sampled softmax (MIDX).
 
@@ -178,6 +192,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     xmc train --resume runs/big                         # continue an interrupted run
     xmc train --print-config > cfg.json; xmc train --config cfg.json --data train.txt --out r
     xmc train --init-from runs/bibtex --data grown.txt --label-names names.txt --out runs/b2
+    torchrun --nproc-per-node 2 -m xmc_toolkit.train --data train.txt --out runs/sharded
 
     \b
     --out must be new or empty: a directory holding a model is refused unless --force
@@ -203,6 +218,14 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                 ignore_extra = ignore_extra or bool(saved_run.get("ignore_extra"))
             if saved_run.get("label_names"):
                 label_names = Path(saved_run["label_names"])
+    placement = resolve_placement(placement)
+    if placement == "sharded" and init_from is not None:
+        raise click.UsageError("--init-from is not available with the sharded placement "
+                               "(torchrun) yet; grow the model in one process "
+                               "(--placement local)")
+    if placement == "local" and (backend != "auto" or not consolidate):
+        raise click.UsageError("--backend and --no-consolidate apply to the sharded placement "
+                               "only (torchrun, or --placement sharded)")
     if init_from is not None:
         _train_init_from(init_from, data, val, out, config_file, resume, print_config, progress,
                          as_json, label_names, ignore_extra, flags)
@@ -252,6 +275,10 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     apply_threads(threads)
 
     text_data = is_text_file(data)
+    if placement == "sharded" and text_data:
+        raise click.UsageError("raw-text training data is not available with the sharded "
+                               "placement yet; featurize it first (xmc data convert) or train in "
+                               "one process")
     given = [("--" + k.replace("_", "-")) for k, v in feat_flags.items() if v is not None]
     if not text_data and given:
         raise click.UsageError(f"{', '.join(given)} apply only to raw-text training data "
@@ -285,14 +312,32 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         if event == "train_begin":
             atomic_write_text(out / RUN_FILE, run_doc)
 
+    ctx, place = None, None
+    if placement == "sharded":  # every rank runs this command; rank 0 reports
+        from xmc_toolkit.distributed import init_distributed
+        from xmc_toolkit.placement import ShardedPlacement
+
+        ctx = init_distributed(cfg.device, backend)
+        place = ShardedPlacement(ctx, consolidate)
+        show = show and ctx.is_main
+        if not ctx.is_main:
+            write_run = _ignore_events  # rank 0 writes run.json
     # the trainer locks --out, checks it (refused over earlier work unless --force) and the
     # resumed checkpoint's config and data, all before writing anything
     try:
-        result = Trainer(cfg, out_dir=out, callbacks=[write_run], featurizer=featurizer).fit(
+        result = Trainer(cfg, out_dir=out, callbacks=[write_run], featurizer=featurizer,
+                         placement=place).fit(
             train_ds, val_ds, show_progress=show, resume=resume is not None, force=force)
     except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: checkpoint saved, clean exit
         click.echo(str(exc), err=True)
         sys.exit(128 + exc.signum)  # 130 for SIGINT, 143 for SIGTERM
+    finally:
+        if ctx is not None and ctx.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if ctx is not None and not ctx.is_main:
+        return
     extra = None
     if featurizer is not None:
         extra = {"featurizer": {"num_features": featurizer.num_features,
@@ -300,7 +345,22 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
         if not as_json:
             click.echo(f"featurized {train_ds.num_points} texts: {featurizer.num_features} "
                        f"features, {train_ds.num_labels} labels")
+    if ctx is not None:
+        extra = {**(extra or {}), "world_size": ctx.world_size}
     _report(result, out, cfg, as_json, extra=extra)
+
+
+def resolve_placement(placement: str) -> str:
+    """``auto`` -> ``sharded`` under torchrun (``WORLD_SIZE > 1``), else ``local``."""
+    import os
+
+    if placement != "auto":
+        return placement
+    return "sharded" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+
+
+def _ignore_events(event: str, payload: dict[str, Any]) -> None:
+    """The callback of the ranks other than 0 (rank 0 writes run.json)."""
 
 
 def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: Path | None,
@@ -309,7 +369,8 @@ def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: 
                      ignore_extra: bool, flags: dict[str, Any]) -> None:
     """``xmc train --init-from DIR``: grow DIR's label set by --data's labels and fine-tune."""
     from xmc_toolkit import grow
-    from xmc_toolkit.train import TrainingInterrupted, load_model_dir
+    from xmc_toolkit.model_dir import load_model_dir
+    from xmc_toolkit.train import TrainingInterrupted
 
     if config_file is not None:
         raise click.UsageError("--config does not combine with --init-from: the grown model "
@@ -509,7 +570,7 @@ def _predict_texts(model_dir: Path, texts: tuple[str, ...], k: int, out: Path | 
     from xmc_toolkit.errors import DataFormatError
     from xmc_toolkit.evaluate import apply_threshold, predict_topk, probabilities
     from xmc_toolkit.inputs import featurize_texts
-    from xmc_toolkit.train import load_model_dir
+    from xmc_toolkit.model_dir import load_model_dir
 
     if "-" in texts and len(texts) > 1:
         raise click.UsageError("--text - (standard input) cannot be combined with other --text")

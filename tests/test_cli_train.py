@@ -139,12 +139,18 @@ def test_ignore_extra_drops_columns(files, trained):
     assert 0 <= json.loads(r.output[r.output.index("{"):])["P@1"] <= 1
 
 
-def test_python_module_entry_point_has_same_flags():
-    from xmc_toolkit.train import main
+def test_python_module_entry_point_has_same_flags(monkeypatch, capsys):
+    """`python -m xmc_toolkit.train FLAGS` is `xmc train FLAGS` (its __main__ guard is the one
+    place the library reaches cli)."""
+    import runpy
+    import sys
 
+    monkeypatch.setattr(sys, "argv", ["xmc_toolkit.train", "--print-config", "--epochs", "3"])
+    monkeypatch.delitem(sys.modules, "xmc_toolkit.train", raising=False)  # as a fresh script
     with pytest.raises(SystemExit) as exc:
-        main(["--print-config"])
+        runpy.run_module("xmc_toolkit.train", run_name="__main__")
     assert exc.value.code == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 3
 
 
 def test_cli_reference_lists_every_train_flag():

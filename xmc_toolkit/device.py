@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "set_threads"]
+__all__ = ["resolve_device", "set_threads", "amp_setup"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -47,3 +49,13 @@ def set_threads(num_threads: int) -> None:
         raise ConfigError(f"threads={num_threads} must be >= 0 (0: torch's default) (--threads)")
     if num_threads:
         torch.set_num_threads(int(num_threads))
+
+
+def amp_setup(mode: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """``(autocast dtype or None, GradScaler or None)`` of ``--amp mode`` on ``device``
+    (CPU: never; ``auto``: bf16 where the GPU has it, else fp16 with a scaler)."""
+    if device.type != "cuda" or mode == "off":
+        return None, None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")

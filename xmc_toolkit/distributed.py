@@ -37,8 +37,11 @@ function here also runs in one process (world size 1).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -46,7 +49,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .errors import ConfigError, SamplerError
+from .losses import MaskedLogSumExp
 
 __all__ = [
     "shard_range",
@@ -62,7 +67,8 @@ __all__ = [
     "merge_topk",
     "sharded_topk",
     "sum_allreduce_hook",
-    "main",
+    "DistContext",
+    "init_distributed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -262,71 +268,6 @@ def combine_logsumexp(local_lse: torch.Tensor, group: Any = None) -> torch.Tenso
     return m + _safe_log(s)
 
 
-# ------------------------------------------------------------------------------------------
-# chunked, masked log-sum-exp over one shard (custom autograd; never [N, L_r] at once)
-# ------------------------------------------------------------------------------------------
-def _chunk_scores(
-    q: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    c0: int,
-    c1: int,
-    hit_rows: torch.Tensor,
-    hit_cols: torch.Tensor,
-) -> torch.Tensor:
-    s = q @ w[c0:c1].t()  # [N, C]
-    if b is not None:
-        s = s + b[c0:c1]
-    sel = (hit_cols >= c0) & (hit_cols < c1)
-    if bool(sel.any()):
-        s[hit_rows[sel], hit_cols[sel] - c0] = _NEG_INF
-    return s
-
-
-class _MaskedShardLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        w: torch.Tensor,
-        b: torch.Tensor | None,
-        hit_rows: torch.Tensor,
-        hit_cols: torch.Tensor,
-        chunk_size: int,
-    ) -> torch.Tensor:
-        n, num = q.shape[0], w.shape[0]
-        lse = q.new_full((n,), _NEG_INF)
-        with torch.no_grad():
-            for c0 in range(0, num, chunk_size):
-                c1 = min(num, c0 + chunk_size)
-                s = _chunk_scores(q, w, b, c0, c1, hit_rows, hit_cols)  # [N, C]
-                lse = torch.logaddexp(lse, torch.logsumexp(s, dim=1))  # [N]
-        ctx.save_for_backward(q, w, b, hit_rows, hit_cols, lse)
-        ctx.chunk_size = chunk_size
-        ctx.has_bias = b is not None
-        return lse
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        q, w, b, hit_rows, hit_cols, lse = ctx.saved_tensors
-        finite = torch.isfinite(lse)
-        coef = torch.where(finite, g, torch.zeros_like(g))  # [N]
-        lse0 = torch.where(finite, lse, torch.zeros_like(lse))  # [N]
-        gq = torch.zeros_like(q)
-        gw = torch.zeros_like(w)
-        gb = torch.zeros_like(b) if b is not None else None
-        num = w.shape[0]
-        for c0 in range(0, num, ctx.chunk_size):
-            c1 = min(num, c0 + ctx.chunk_size)
-            s = _chunk_scores(q, w, b, c0, c1, hit_rows, hit_cols)  # [N, C]
-            p = torch.exp(s - lse0[:, None]) * coef[:, None]  # [N, C] d lse / d s, scaled
-            gq += p @ w[c0:c1]
-            gw[c0:c1] = p.t() @ q
-            if gb is not None:
-                gb[c0:c1] = p.sum(0)
-        return gq, gw, gb, None, None, None
-
-
 def _bias_at(bias: torch.Tensor, ids: torch.Tensor, sparse_grad: bool) -> torch.Tensor:
     """``bias[ids]``; a ``[L_r, 1]`` bias (an ``nn.Embedding(L_r, 1)`` weight) is looked up with
     ``F.embedding`` so that its gradient can be sparse."""
@@ -430,11 +371,10 @@ def sharded_full_softmax_loss(
     num_local = local_weight.shape[0]
     local_pos = pos_all - label_offset  # [N, P]
     own = mask_all & (local_pos >= 0) & (local_pos < num_local)  # [N, P]
-    hit_rows, hit_slot = own.nonzero(as_tuple=True)
-    hit_cols = local_pos[hit_rows, hit_slot]
     flat_bias = None if local_bias is None else local_bias.reshape(-1)  # [L_r]
-    lse_local = _MaskedShardLSE.apply(
-        q_all, local_weight, flat_bias, hit_rows, hit_cols, int(chunk_size)
+    # the one chunked masked log-sum-exp (that of the one-process full softmax) on this shard
+    lse_local = MaskedLogSumExp.apply(
+        q_all, local_weight, flat_bias, local_pos, own, int(chunk_size)
     )  # [N]
     lse_neg = combine_logsumexp(lse_local, group)  # [N]
     x_pos = replicated_all_reduce_sum(
@@ -485,19 +425,12 @@ def mixture_log_q(log_q_r: torch.Tensor, quota: int, total: int) -> torch.Tensor
 def _accidental_hits(neg_ids: torch.Tensor, pos_ids: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
     """``[N, M]`` bool: negative ``neg_ids[i, j]`` (or ``neg_ids[j]`` if 1-D) is a positive of row i.
 
-    Uses a per-row sorted search (``O(N M log P)`` time, ``[N, M]`` memory).
+    The kernel of the one-process losses (:func:`xmc_toolkit.losses._accidental_hits`: a per-row
+    sorted search, ``O(N M log P)`` time, ``[N, M]`` memory), argument order of this module.
     """
-    n = pos_ids.shape[0]
-    big = torch.iinfo(torch.int64).max
-    keyed = torch.where(pos_mask, pos_ids, torch.full_like(pos_ids, big))
-    sorted_pos, _ = torch.sort(keyed, dim=1)  # [N, P]
-    neg = neg_ids if neg_ids.dim() == 2 else neg_ids[None, :].expand(n, -1)  # [N, M]
-    neg = neg.contiguous()
-    if sorted_pos.shape[1] == 0:
-        return torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
-    where = torch.searchsorted(sorted_pos, neg)  # [N, M]
-    where = where.clamp_max(sorted_pos.shape[1] - 1)
-    return sorted_pos.gather(1, where) == neg
+    from .losses import _accidental_hits as accidental_hits
+
+    return accidental_hits(pos_ids, pos_mask, neg_ids)
 
 
 def sharded_sampled_softmax_loss(
@@ -628,7 +561,11 @@ def sharded_sampled_softmax_loss(
 def merge_topk(
     scores: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge per-shard top-k lists into the global top-k.
+    """Merge per-shard top-k lists into the global top-k, equal scores by increasing id.
+
+    The same order as :func:`xmc_toolkit.output_layer.chunked_topk` (the one top-k kernel, which
+    each shard runs on its own rows), so a sharded top-k equals the one-process top-k, ties
+    included.
 
     Args:
         scores: per shard ``[N, k_r] float`` (pad with ``-inf``).
@@ -636,30 +573,34 @@ def merge_topk(
         k: how many to keep.
 
     Returns:
-        ``(scores [N, k], ids [N, k])`` sorted by decreasing score.
+        ``(scores [N, k], ids [N, k])`` sorted by decreasing score, then increasing id.
     """
     s = torch.cat(list(scores), dim=1)  # [N, sum k_r]
     i = torch.cat(list(ids), dim=1)
     kk = min(k, s.shape[1])
-    top, where = torch.topk(s, kk, dim=1)  # [N, k]
-    return top, i.gather(1, where)
+    by_id = torch.sort(i, dim=1, stable=True).indices  # ties of the next sort: id order
+    s, i = s.gather(1, by_id), i.gather(1, by_id)
+    where = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk]  # [N, k]
+    return s.gather(1, where), i.gather(1, where)
 
 
 def _local_topk(
     q: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's top-``k`` (local ids) by :func:`~xmc_toolkit.output_layer.chunked_topk`,
+    padded with ``(-inf, -1)`` to ``k`` columns when the shard holds fewer rows."""
+    from .output_layer import chunked_topk
+
     n = q.shape[0]
-    best_s = q.new_full((n, k), _NEG_INF)
-    best_i = torch.full((n, k), -1, dtype=torch.int64, device=q.device)
-    for c0 in range(0, w.shape[0], chunk_size):
-        c1 = min(w.shape[0], c0 + chunk_size)
-        s = q @ w[c0:c1].t()  # [N, C]
-        if b is not None:
-            s = s + b[c0:c1]
-        kk = min(k, c1 - c0)
-        cs, ci = torch.topk(s, kk, dim=1)  # [N, kk]
-        best_s, best_i = merge_topk([best_s, cs], [best_i, ci + c0], k)
-    return best_s, best_i
+    kk = min(k, w.shape[0])
+    if kk == 0:
+        return q.new_full((n, k), _NEG_INF), torch.full((n, k), -1, dtype=torch.int64,
+                                                         device=q.device)
+    s, i = chunked_topk(q, w, b, kk, chunk_size=chunk_size)  # [N, kk]
+    if kk < k:
+        s = torch.cat([s, s.new_full((n, k - kk), _NEG_INF)], dim=1)
+        i = torch.cat([i, i.new_full((n, k - kk), -1)], dim=1)
+    return s, i
 
 
 @torch.no_grad()
@@ -718,6 +659,65 @@ def sharded_topk(
 
 
 # ------------------------------------------------------------------------------------------
+# process group
+# ------------------------------------------------------------------------------------------
+@dataclass
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size``, its device and backend."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto", backend: str = "auto") -> DistContext:
+    """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or run alone when ``WORLD_SIZE`` <= 1.
+
+    The device is chosen per ``LOCAL_RANK`` (``cuda:LOCAL_RANK`` when ``device`` resolves to
+    CUDA); the backend is NCCL on CUDA and gloo on CPU unless ``backend`` names one.
+    An already initialized default group is reused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices; "
+                "lower --nproc-per-node or use --device cpu"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev,
+                           str(dist.get_backend()))
+    if world <= 1:
+        return DistContext(0, 1, 0, dev, "none")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"backend={backend!r} is unknown; use auto, nccl or gloo (--backend)")
+    dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+
+# ------------------------------------------------------------------------------------------
 # DDP helper
 # ------------------------------------------------------------------------------------------
 def sum_allreduce_hook(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
@@ -740,24 +740,8 @@ sum_allreduce_hook.__annotations__ = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``torchrun --nproc-per-node N -m xmc_toolkit.distributed TRAIN --out DIR [xmc train flags]``.
+if __name__ == "__main__":  # pragma: no cover - `torchrun -m xmc_toolkit.distributed` (old name)
+    # the flags of `xmc train` (the only flag parser); imported, this module never imports cli
+    from cli.main import train_module_main
 
-    Delegates to :func:`xmc_toolkit.dist_train.main`; returns the training result.
-    """
-    from .dist_train import main as _main
-
-    return _main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover - command-line shell
-    import sys
-
-    from .errors import XMCError
-
-    logging.basicConfig(level=logging.INFO, format="[rank %(process)d] %(message)s")
-    try:
-        main()
-    except XMCError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
+    train_module_main()

@@ -24,7 +24,8 @@ import torch
 
 from .data.dataset import XMCDataset
 from .errors import DataFormatError
-from .train import LoadedModel, load_model_dir, predict_topk_network
+from .model_dir import LoadedModel, load_model_dir
+from .network import predict_topk_network
 
 __all__ = [
     "align_dataset",

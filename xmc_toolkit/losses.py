@@ -38,6 +38,7 @@ __all__ = [
     "LossInputError",
     "full_softmax_loss",
     "full_softmax_loss_from_scores",
+    "MaskedLogSumExp",
     "sampled_softmax_loss",
     "negative_sampling_loss",
     "FullSoftmaxLoss",
@@ -268,6 +269,106 @@ def _chunk_pos_mask(pos_ids: Tensor, pos_mask: Tensor, start: int, stop: int) ->
     return buf[:, :c]
 
 
+def _masked_chunk_lse(queries: Tensor, weight: Tensor, bias: Tensor | None, pos_ids: Tensor,
+                      pos_mask: Tensor, chunk_size: int, acc: torch.dtype) -> Tensor:
+    """``log sum_{c not in P_b} exp(q_b . w_c + b_c)`` over the rows of ``weight``, by chunks.
+
+    The one chunked masked log-sum-exp (the full softmax here and the sharded one of
+    :mod:`xmc_toolkit.distributed`, whose ``weight`` is a rank's rows and ``pos_ids`` local
+    ids: ids outside ``[0, L)`` are in no chunk, so they mask nothing).
+
+    Args:
+        queries: ``[B, d]``; weight ``[L, d]``; bias ``[L]`` or ``None``.
+        pos_ids: ``[B, P]`` int64 ids into ``weight``; pos_mask ``[B, P]`` bool.
+        chunk_size: labels scored at once (never ``[B, L]``).
+        acc: accumulation dtype.
+
+    Returns:
+        ``[B]`` in ``acc``; ``-inf`` for a row whose every label is a positive.
+    """
+    b = queries.shape[0]
+    num_labels = weight.shape[0]
+    log_n = torch.full((b,), _NEG_INF, dtype=acc, device=queries.device)  # [B]
+    for start in range(0, num_labels, chunk_size):
+        stop = min(start + chunk_size, num_labels)
+        s = _chunk_scores(queries, weight, bias, start, stop, acc)  # [B, C]
+        s = s.masked_fill(_chunk_pos_mask(pos_ids, pos_mask, start, stop), _NEG_INF)
+        log_n = torch.logaddexp(log_n, torch.logsumexp(s, dim=1))  # [B]
+    return log_n
+
+
+def _masked_chunk_lse_backward(queries: Tensor, weight: Tensor, bias: Tensor | None,
+                               pos_ids: Tensor, pos_mask: Tensor, chunk_size: int,
+                               log_n_safe: Tensor, coef: Tensor, grad_q: Tensor | None,
+                               grad_w: Tensor | None, grad_b: Tensor | None) -> None:
+    """Add ``coef_b * d log_n_b / d (queries, weight, bias)`` of :func:`_masked_chunk_lse`
+    into ``grad_q [B, d]``, ``grad_w [L, d]``, ``grad_b [L]`` (each optional), by chunks.
+
+    ``log_n_safe [B]``: the forward's result with ``-inf`` replaced by 0; ``coef [B]``.
+    ``grad_w`` / ``grad_b`` rows are *set* (each chunk is visited once), ``grad_q`` summed.
+    """
+    acc = log_n_safe.dtype
+    q_acc = queries.to(acc)
+    num_labels = weight.shape[0]
+    for start in range(0, num_labels, chunk_size):
+        stop = min(start + chunk_size, num_labels)
+        s = _chunk_scores(queries, weight, bias, start, stop, acc)  # [B, C]
+        s = s.masked_fill(_chunk_pos_mask(pos_ids, pos_mask, start, stop), _NEG_INF)
+        gc = torch.exp(s - log_n_safe.unsqueeze(1)) * coef.unsqueeze(1)  # [B, C]
+        if grad_q is not None:
+            grad_q += gc @ weight[start:stop].to(acc)  # [B, d]
+        if grad_w is not None:
+            grad_w[start:stop] = gc.t() @ q_acc  # [C, d]
+        if grad_b is not None:
+            grad_b[start:stop] = gc.sum(dim=0)  # [C]
+
+
+class MaskedLogSumExp(torch.autograd.Function):
+    """Differentiable :func:`_masked_chunk_lse` (``[B]``): the negatives' log-normalizer of a
+    (shard of the) label table, never ``[B, L]`` at once. ``apply(queries, weight, bias,
+    pos_ids, pos_mask, chunk_size)``; rows whose result is ``-inf`` pass no gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        queries: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        pos_ids: Tensor,
+        pos_mask: Tensor,
+        chunk_size: int,
+    ) -> Tensor:
+        acc = torch.float64 if torch.float64 in (queries.dtype, weight.dtype) else torch.float32
+        with torch.no_grad():
+            lse = _masked_chunk_lse(queries, weight, bias, pos_ids, pos_mask, chunk_size, acc)
+        ctx.save_for_backward(queries, weight, bias, pos_ids, pos_mask, lse)
+        ctx.chunk_size = chunk_size
+        return lse.to(queries.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        queries, weight, bias, pos_ids, pos_mask, lse = ctx.saved_tensors
+        finite = torch.isfinite(lse)
+        coef = torch.where(finite, g.to(lse.dtype), torch.zeros_like(lse))  # [B]
+        lse0 = torch.where(finite, lse, torch.zeros_like(lse))  # [B]
+        need_q, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_q = torch.zeros_like(queries, dtype=lse.dtype) if need_q else None
+        grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None
+        grad_b = (torch.zeros_like(bias, dtype=lse.dtype)
+                  if (need_b and bias is not None) else None)
+        _masked_chunk_lse_backward(queries, weight, bias, pos_ids, pos_mask, ctx.chunk_size,
+                                   lse0, coef, grad_q, grad_w, grad_b)
+        return (
+            None if grad_q is None else grad_q.to(queries.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
 class _ChunkedFullSoftmax(torch.autograd.Function):
     """Custom autograd for the chunked multi-label full softmax (see docs/losses.md)."""
 
@@ -282,20 +383,13 @@ class _ChunkedFullSoftmax(torch.autograd.Function):
         chunk_size: int,
     ) -> Tensor:
         acc = torch.float64 if torch.float64 in (queries.dtype, weight.dtype) else torch.float32
-        b = queries.shape[0]
-        num_labels = weight.shape[0]
         ids = torch.where(pos_mask, pos_ids, torch.zeros_like(pos_ids))  # [B, P]
         w_pos = weight[ids]  # [B, P, d]
         x_t = torch.einsum("bd,bpd->bp", queries, w_pos)  # [B, P]
         if bias is not None:
             x_t = x_t + bias[ids]
         x_t = x_t.to(acc)
-        log_n = torch.full((b,), _NEG_INF, dtype=acc, device=queries.device)  # [B]
-        for start in range(0, num_labels, chunk_size):
-            stop = min(start + chunk_size, num_labels)
-            s = _chunk_scores(queries, weight, bias, start, stop, acc)  # [B, C]
-            s = s.masked_fill(_chunk_pos_mask(pos_ids, pos_mask, start, stop), _NEG_INF)
-            log_n = torch.logaddexp(log_n, torch.logsumexp(s, dim=1))  # [B]
+        log_n = _masked_chunk_lse(queries, weight, bias, pos_ids, pos_mask, chunk_size, acc)
         loss_bt = -x_t + torch.logaddexp(x_t, log_n.unsqueeze(1))  # [B, P]
         count = int(pos_mask.sum())
         total = torch.where(pos_mask, loss_bt, torch.zeros_like(loss_bt)).sum()
@@ -326,19 +420,8 @@ class _ChunkedFullSoftmax(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
         q_acc = queries.to(acc)
-        num_labels = weight.shape[0]
-        chunk_size = ctx.chunk_size
-        for start in range(0, num_labels, chunk_size):
-            stop = min(start + chunk_size, num_labels)
-            s = _chunk_scores(queries, weight, bias, start, stop, acc)  # [B, C]
-            s = s.masked_fill(_chunk_pos_mask(pos_ids, pos_mask, start, stop), _NEG_INF)
-            gc = torch.exp(s - log_n_safe.unsqueeze(1)) * g_row.unsqueeze(1)  # [B, C]
-            if grad_q is not None:
-                grad_q += gc @ weight[start:stop].to(acc)  # [B, d]
-            if grad_w is not None:
-                grad_w[start:stop] = gc.t() @ q_acc  # [C, d]
-            if grad_b is not None:
-                grad_b[start:stop] = gc.sum(dim=0)  # [C]
+        _masked_chunk_lse_backward(queries, weight, bias, pos_ids, pos_mask, ctx.chunk_size,
+                                   log_n_safe, g_row, grad_q, grad_w, grad_b)
         # Positive-target terms.
         if grad_q is not None:
             grad_q += torch.einsum("bp,bpd->bd", gpos, weight[ids].to(acc))  # [B, d]

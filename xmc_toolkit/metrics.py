@@ -19,6 +19,7 @@ huge ``N`` chunk by chunk with the same results.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ __all__ = [
     "MetricsInputError",
     "MetricsAccumulator",
     "inverse_propensity",
+    "inverse_propensity_from_counts",
     "precision_at_k",
     "ndcg_at_k",
     "recall_at_k",
@@ -389,8 +391,23 @@ def inverse_propensity(Y_train: sp.spmatrix, A: float = 0.55, B: float = 1.5) ->
             f"> 0), got N={n}; pass the training labels (--train-labels)"
         )
     freq = np.bincount(Y.indices, minlength=Y.shape[1]).astype(np.float64)  # [L]
-    C = (np.log(n) - 1.0) * (B + 1.0) ** A
-    return 1.0 + C * np.power(freq + B, -A)
+    return inverse_propensity_from_counts(freq, n, A, B)
+
+
+def inverse_propensity_from_counts(counts: np.ndarray, num_points: int, A: float = 0.55,
+                                   B: float = 1.5) -> np.ndarray:
+    """Inverse propensities ``1 + C (N_l + B)^-A``, ``C = (ln N - 1)(B + 1)^A`` from label counts.
+
+    The one propensity formula (:func:`inverse_propensity` computes the counts from a label
+    matrix and calls this), from stored training label counts ``[L]`` and the number of
+    training points, so a saved model can compute PSP@k without its training data.
+
+    Returns:
+        float64 ``[L]``.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    C = (math.log(max(num_points, 1)) - 1.0) * (B + 1.0) ** A
+    return 1.0 + C * np.power(counts + B, -A)
 
 
 def _arrays(

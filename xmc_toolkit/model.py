@@ -18,14 +18,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from .data.dataset import XMCDataset
 from .errors import ConfigError, XMCError
-from .train import LoadedModel, TrainConfig, Trainer, TrainResult, load_model_dir, save_model_dir
+from .model_dir import LoadedModel, load_model_dir, save_model_dir
+from .train_config import TrainConfig
+
+if TYPE_CHECKING:  # the trainer is imported by fit / add_labels only: loading never needs it
+    from .train import Trainer, TrainResult
 
 __all__ = ["XMCModel"]
 
@@ -155,6 +159,8 @@ class XMCModel:
         val = None
         if X_val is not None and Y_val is not None:
             val = XMCDataset(_csr(X_val, "X_val"), _csr(Y_val, "Y_val"))
+        from .train import Trainer
+
         trainer = Trainer(self.config, out_dir=out_dir, callbacks=callbacks,
                           featurizer=featurizer)
         self.result = trainer.fit(XMCDataset(X, Y, label_names), val,
@@ -233,6 +239,8 @@ class XMCModel:
                     opt_state = grow.grow_optimizer_state(opt_state, L, n)
             ws = grow.WarmStart(growth.model.network.state_dict(), parent.preprocessor,
                                 opt_state, growth.model.sampler_state)
+            from .train import Trainer
+
             trainer = Trainer(cfg)
             self.result = trainer.fit(growth.data, show_progress=show_progress, init=ws)
             self._model = _loaded_from(trainer, self.result, growth.match.names,

@@ -27,7 +27,7 @@ def model_info(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         CheckpointError: ``model_dir`` is not a model directory.
     """
-    from .train import load_model_dir
+    from .model_dir import load_model_dir
 
     d = Path(model_dir)
     m = load_model_dir(d, device="cpu")

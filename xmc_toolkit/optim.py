@@ -23,8 +23,9 @@ a multiplier on the base learning rate (:func:`lr_multiplier`) and wrapped in
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ from .errors import ConfigError
 from .sparse_optim import RowAdam
 
 __all__ = [
+    "clip_grad_norm",
+    "ema_update_",
+    "averaged_weights",
     "LABEL_OPTIMIZERS",
     "SCHEDULES",
     "OptimizerBundle",
@@ -193,3 +197,87 @@ def build_optimizers(
 
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, fn) for k, o in optimizers.items()}
     return OptimizerBundle(optimizers, schedulers)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float, *,
+                   sharded: Sequence[torch.nn.Parameter] = (),
+                   all_reduce: Callable[[torch.Tensor], None] | None = None) -> float:
+    """Clip the global L2 norm of dense *and sparse* gradients (sparse ones are coalesced).
+
+    The one clipping kernel of the local and the sharded placement. ``params`` are the same on
+    every rank (the replicated encoder, or everything in one process); ``sharded`` are this
+    rank's part of a table split across ranks (label rows), whose squared norm ``all_reduce``
+    sums in place over the ranks. Every rank then scales by the same
+    ``min(1, max_norm / (norm + 1e-6))``. In one process (``all_reduce=None``) the norm is
+    that of ``params`` and ``sharded`` together, summed in that order.
+
+    Returns:
+        The global norm before clipping (a host float: one sync).
+    """
+    def squares(ps: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+        sq: list[torch.Tensor] = []
+        for p in ps:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g = g.coalesce()
+                p.grad = g
+                sq.append(g._values().float().pow(2).sum())
+            else:
+                sq.append(g.float().pow(2).sum())
+        return sq
+
+    mine, part = squares(params), squares(sharded)
+    if all_reduce is None:
+        if not mine and not part:
+            return 0.0
+        total = torch.stack(mine + part).sum().sqrt()
+    else:  # every rank takes part in the reduction, gradients or not
+        dev = next(iter([*params, *sharded])).device
+        shard_sq = torch.stack(part).sum() if part else torch.zeros((), device=dev)
+        all_reduce(shard_sq)
+        total = ((torch.stack(mine).sum() if mine else torch.zeros((), device=dev))
+                 + shard_sq).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in [*params, *sharded]:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g._values().mul_(scale.to(g.dtype))
+        else:
+            g.mul_(scale.to(g.dtype))
+    return float(total)
+
+
+@torch.no_grad()
+def ema_update_(ema: dict[str, torch.Tensor], network: torch.nn.Module, step: int,
+                ema_max: float) -> None:
+    """``ema <- d * ema + (1 - d) * w`` with ``d = min(ema_max, (1 + step) / (10 + step))``.
+
+    The weight average of ``--ema`` (both placements: ``ema`` holds the floating tensors of
+    ``network.state_dict()``, on a rank its own shard). The ramp keeps the early average from
+    being dominated by the random init; ``d`` depends only on the step, so a resumed run
+    averages exactly as an uninterrupted one.
+    """
+    decay = min(ema_max, (1.0 + step) / (10.0 + step))
+    current = network.state_dict()
+    keys = list(ema)
+    torch._foreach_lerp_([ema[k] for k in keys], [current[k] for k in keys], 1.0 - decay)
+
+
+@contextlib.contextmanager
+def averaged_weights(network: torch.nn.Module,
+                     ema: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily load the EMA weights into ``network`` (no-op when ``ema`` is ``None``)."""
+    if ema is None:
+        yield
+        return
+    backup = {k: v.detach().clone() for k, v in network.state_dict().items() if k in ema}
+    network.load_state_dict(ema, strict=False)
+    try:
+        yield
+    finally:
+        network.load_state_dict(backup, strict=False)
