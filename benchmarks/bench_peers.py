@@ -31,7 +31,8 @@ predictions are scored by ``xmc_toolkit.metrics.evaluate`` (propensities from th
 labels, A=0.55, B=1.5): P@1/3/5, nDCG@1/3/5, PSP@1/3/5. Also per method: training seconds,
 prediction milliseconds per test point (whole test set in one call, divided), model size on
 disk, and the child process's peak resident memory in MiB (``VmHWM``: loading its inputs,
-training and predicting, that method alone; ``ru_maxrss`` is recorded too but on Linux it
+training and predicting, that method alone; the load average before and after each method is in
+``load_average``, since a shared machine inflates times; ``ru_maxrss`` is recorded too but on Linux it
 carries the parent's RSS over ``execve``, see ``_peak_rss_mib``).
 
 Peers are installed with ``pip install omikuji napkinxc libpecos`` (the ``bench`` extra). libpecos
@@ -42,6 +43,7 @@ first on the PECOS subprocess's ``PYTHONPATH``. A peer that fails to import, tra
 runs past ``--timeout``) is recorded with its error and the table moves on.
 
     python benchmarks/bench_peers.py --threads 1                  # everything (hours on 2 cores)
+    python benchmarks/bench_peers.py --threads 1 --resume         # after a crash: only what is missing
     python benchmarks/bench_peers.py --datasets bibtex --methods xmc-midx,omikuji
     python benchmarks/bench_peers.py --quick
 """
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (xmc methods)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the (data set, method) rows already in --out that ran with the same "
+                         "settings and run only the missing ones (a long run survives a crash)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -356,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config["device"] = str(device)
     payload: dict[str, Any] = {"benchmark": NAME, "config": config,
                                "machine": machine_info(device), "datasets": {}, "results": []}
+    done = _resumable(out_path, config) if args.resume else {}
     scratch = Path(tempfile.mkdtemp(prefix="xmc_peers_")) if args.work is None else args.work
     rows: list[list[Any]] = []
     try:
@@ -372,7 +378,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Ytr, Yte = sp.load_npz(work / "Ytr.npz"), sp.load_npz(work / "Yte.npz")
             inv = inverse_propensity(Ytr)
             for method in methods:
+                if (name, method) in done:
+                    rec = done[(name, method)]
+                    rec["resumed"] = True
+                    payload["results"].append(rec)
+                    met = rec.get("metrics", {})
+                    rows.append([name, method, *[100 * met[k] if k in met else None
+                                                 for k in KEYS],
+                                 rec.get("train_s"), rec.get("predict_ms_per_point"),
+                                 None if rec.get("model_bytes") is None
+                                 else rec["model_bytes"] / 2**20, rec.get("peak_rss_mib"),
+                                 "resumed"])
+                    continue
+                load_before = os.getloadavg()[0]
                 rec = {"dataset": name, **_run_child(args, method, work)}
+                rec["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 topk = work / f"topk_{method}.npy"
                 if "error" not in rec and topk.exists():
                     import numpy as np
@@ -404,6 +424,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{rec['dataset']} / {rec['method']}: {rec['error']}")
     write_results(NAME, payload, out_path)
     return payload
+
+
+_RESUME_IGNORED = ("datasets", "methods", "resume", "timeout")
+
+
+def _resumable(out_path: Path, config: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The error-free rows of an earlier run in ``out_path`` whose settings match ``config``
+    (the data sets / methods asked for, ``--resume`` and ``--timeout`` may differ)."""
+    if not out_path.exists():
+        return {}
+    try:
+        old = json.loads(out_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    now = json.loads(json.dumps(config, default=str))  # as it is stored (paths as strings)
+    same = all(old.get("config", {}).get(k) == v for k, v in now.items()
+               if k not in _RESUME_IGNORED)
+    if not same:
+        raise SystemExit(f"--resume: {out_path} was written with other settings; drop --resume "
+                         "or pass another --out")
+    return {(r["dataset"], r["method"]): r for r in old.get("results", [])
+            if "error" not in r and "metrics" in r}
 
 
 if __name__ == "__main__":

@@ -89,6 +89,17 @@ def test_peers_quick(tmp_path: Path) -> None:
             assert 0 <= rec["metrics"]["nDCG@5"] <= 1
             assert rec["train_s"] > 0 and rec["model_bytes"] > 0
             assert rec["peak_rss_mib"] > 0
+            assert len(rec["load_average"]) == 2
+    # --resume keeps every finished row and runs nothing again
+    again = _load("bench_peers").main([*QUICK, "--out", str(out), "--resume"])
+    kept = {(r["dataset"], r["method"]): r for r in data["results"] if "error" not in r}
+    for rec in again["results"]:
+        if (rec["dataset"], rec["method"]) in kept:
+            assert rec.get("resumed") and rec["metrics"] == kept[rec["dataset"],
+                                                                 rec["method"]]["metrics"]
+    with pytest.raises(SystemExit, match="other settings"):
+        _load("bench_peers").main([*QUICK, "--out", str(out), "--resume",
+                                   "--peer-features", "raw"])
 
 
 def test_convergence_quick(tmp_path: Path) -> None:
