@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-__all__ = ["zero_based_option", "zero_based", "load_data", "no_verify_option"]
+__all__ = ["zero_based_option", "zero_based", "load_data", "no_verify_option",
+           "model_text_field_options", "given_fields"]
 
 _KEY = "xmc.zero_based"
 
@@ -51,3 +52,28 @@ def no_verify_option(func: Any) -> Any:
         "--no-verify", "no_verify", is_flag=True,
         help="Skip checking the model files against checksums.json (faster for big models; "
              "a corrupt file then goes unnoticed).")(func)
+
+
+def model_text_field_options(func: Any) -> Any:
+    """``--text-field``, ``--label-field``, ``--label-sep`` for commands that read text *for a
+    trained model* (eval, predict): unset, each is the name the model's training file used."""
+    for name, what in (("--label-sep", "TSV/CSV data: separator of the labels inside their "
+                                       "column"),
+                       ("--label-field", "Text data: JSON field (a list of strings) or column "
+                                         "of the labels"),
+                       ("--text-field", "Text data (.jsonl/.tsv/.csv): JSON field or column of "
+                                        "the text")):
+        func = click.option(name, name[2:].replace("-", "_"), default=None,
+                            help=f"{what} (default: as in the model's training file, else "
+                                 f"{_DEFAULT_FIELDS[name]!r}).")(func)
+    return func
+
+
+_DEFAULT_FIELDS = {"--text-field": "text", "--label-field": "labels", "--label-sep": "|"}
+
+
+def given_fields(text_field: str | None, label_field: str | None,
+                 label_sep: str | None) -> dict[str, str]:
+    """The field names given on the command line (the others come from the model)."""
+    given = {"text_field": text_field, "label_field": label_field, "label_sep": label_sep}
+    return {k: v for k, v in given.items() if v is not None}

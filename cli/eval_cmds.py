@@ -17,7 +17,8 @@ from typing import Any
 import click
 
 from cli._format import metrics_json, metrics_lines, metrics_table
-from cli._options import no_verify_option, zero_based, zero_based_option
+from cli._options import (given_fields, model_text_field_options, no_verify_option, zero_based,
+                          zero_based_option)
 
 __all__ = ["COMMANDS", "eval_"]
 
@@ -169,12 +170,7 @@ def _evaluate_model(
 @click.option("--data", type=_DATA,
               help="Test data set for --model: raw text (.jsonl/.tsv/.csv) for a model trained on "
                    "text, else the model's feature format.")
-@click.option("--text-field", default="text", show_default=True,
-              help="Text data: JSON field or column of the text (with --model).")
-@click.option("--label-field", default="labels", show_default=True,
-              help="Text data: JSON field (list of strings) or column of the labels.")
-@click.option("--label-sep", default="|", show_default=True,
-              help="TSV/CSV data: separator of the labels inside their column.")
+@model_text_field_options
 @click.option("--device", default=None, help="auto | cpu | cuda (with --model; default auto).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="Labels scored at once (with --model; lower it when out of memory).")
@@ -199,9 +195,9 @@ def eval_(
     device: str | None,
     chunk_size: int | None,
     ignore_extra: bool,
-    text_field: str,
-    label_field: str,
-    label_sep: str,
+    text_field: str | None,
+    label_field: str | None,
+    label_sep: str | None,
     threads: int,
     k: int,
     as_json: bool,
@@ -241,14 +237,12 @@ def eval_(
         if data is None:
             raise click.UsageError("--model needs --data (the test data set)")
         from xmc_toolkit.device import set_threads
-        from xmc_toolkit.inputs import TextFields
 
         set_threads(threads)
         metrics = _evaluate_model(
             model, data, k, device or "auto", chunk_size, ignore_extra,
             show_progress=not as_json and sys.stderr.isatty(), verify=not no_verify,
-            fields=None if (text_field, label_field, label_sep) == ("text", "labels", "|")
-            else TextFields(text_field, label_field, label_sep), labels=labels,
+            fields=given_fields(text_field, label_field, label_sep), labels=labels,
         )
     ks = range(1, k + 1)
     if as_json:

@@ -16,7 +16,8 @@ from typing import Any
 
 import click
 
-from cli._options import load_data, no_verify_option, zero_based, zero_based_option
+from cli._options import (given_fields, load_data, model_text_field_options, no_verify_option,
+                          zero_based, zero_based_option)
 from xmc_toolkit.errors import ConfigError
 
 __all__ = ["COMMANDS", "train", "predict", "export"]
@@ -500,14 +501,14 @@ def _report(result: Any, out: Path, cfg: Any, as_json: bool,
               help="Keep only the top-k labels whose probability (--probability, default "
                    "softmax) is at least this value.")
 @threads_option
-@text_field_options
+@model_text_field_options
 @no_verify_option
 @zero_based_option
 def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, out: Path | None,
             approx: bool, num_cells: int, device: str, chunk_size: int, ignore_extra: bool,
             progress: bool | None, probability: str | None, threshold: float | None,
-            threads: int, text_field: str, label_field: str, label_sep: str,
-            no_verify: bool) -> None:
+            threads: int, text_field: str | None, label_field: str | None,
+            label_sep: str | None, no_verify: bool) -> None:
     """Write the top-k labels of every point of --data, or of --text documents.
 
     \b
@@ -531,13 +532,12 @@ def predict(model: Path, data: Path | None, texts: tuple[str, ...], topk: int, o
                        probability, threshold, verify=not no_verify)
         return
     from xmc_toolkit.evaluate import predict_model_dir
-    from xmc_toolkit.inputs import TextFields
 
     show = sys.stderr.isatty() if progress is None else progress
     res = predict_model_dir(model, data, topk, approx=approx, num_cells=num_cells, device=device,
                             chunk_size=chunk_size, ignore_extra=ignore_extra,
                             show_progress=show,
-                            fields=TextFields(text_field, label_field, label_sep),
+                            fields=given_fields(text_field, label_field, label_sep),
                             probability=probability, threshold=threshold,
                             verify=not no_verify, zero_based=zero_based())
     extra = _probability_fields(res["probabilities"])

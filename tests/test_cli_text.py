@@ -397,3 +397,70 @@ def test_npz_pairs_under_any_names(tmp_path):
                                  str(tmp_path / "p.npz")])  # features only: no labels needed
     assert r.exit_code == 0, r.output
     assert sp.load_npz(tmp_path / "p.npz").shape == (60, 6)
+
+
+def _renamed(src: Path, dst: Path, text: str, labels: str) -> Path:
+    with open(src) as fi, open(dst, "w") as fo:
+        for line in fi:
+            rec = json.loads(line)
+            out = {"id": rec["id"], text: rec["text"]}
+            if "labels" in rec:
+                out[labels] = rec["labels"]
+            fo.write(json.dumps(out) + "\n")
+    return dst
+
+
+def test_field_names_are_kept_by_the_model(files, tmp_path):
+    """Trained with --text-field/--label-field, eval and predict read the same layout without
+    the flags; a flag still overrides; a file of another kind (TSV vs JSON) gets the defaults."""
+    train = _renamed(files / "train.jsonl", tmp_path / "tr.jsonl", "body", "tags")
+    test = _renamed(files / "test.jsonl", tmp_path / "te.jsonl", "body", "tags")
+    out = tmp_path / "m"
+    r = CliRunner().invoke(xmc, ["train", "--data", str(train), "--text-field", "body",
+                                 "--label-field", "tags", "--out", str(out), *FLAGS,
+                                 "--epochs", "3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "featurizer.json").read_text())["fields"] == {
+        "format": "json", "text_field": "body", "label_field": "tags", "label_sep": "|"}
+    r = CliRunner().invoke(xmc, ["eval", "--model", str(out), "--data", str(test), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["P@1"] > 0.5
+    r = CliRunner().invoke(xmc, ["predict", "--model", str(out), "--data", str(test), "--topk",
+                                 "2"])
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.strip().splitlines()) == 40
+    # an override of one name keeps the other stored one
+    other = _renamed(files / "test.jsonl", tmp_path / "te2.jsonl", "words", "tags")
+    r = CliRunner().invoke(xmc, ["eval", "--model", str(out), "--data", str(other),
+                                 "--text-field", "words", "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(xmc, ["eval", "--model", str(out), "--data", str(other), "--json"])
+    assert r.exit_code == 2 and "no text field 'body'" in r.output
+    # a TSV of the default layout is read with the defaults, not the JSON field names
+    tsv = tmp_path / "te.tsv"
+    with open(files / "test.jsonl") as fi, open(tsv, "w") as fo:
+        fo.write("text\tlabels\n")
+        for line in fi:
+            rec = json.loads(line)
+            fo.write(f"{rec['text']}\t{'|'.join(rec['labels'])}\n")
+    r = CliRunner().invoke(xmc, ["eval", "--model", str(out), "--data", str(tsv), "--json"])
+    assert r.exit_code == 0, r.output
+
+
+def test_resolve_fields_rules():
+    from types import SimpleNamespace
+
+    from xmc_toolkit.errors import XMCError
+    from xmc_toolkit.inputs import TextFields, resolve_fields
+
+    feat = SimpleNamespace(fields={"format": "table", "text_field": "t", "label_field": "l",
+                                   "label_sep": ";"})
+    model = SimpleNamespace(featurizer=feat)
+    assert resolve_fields(model, None, "a.tsv") == TextFields("t", "l", ";")
+    assert resolve_fields(model, None, "a.csv.gz") == TextFields("t", "l", ";")
+    assert resolve_fields(model, None, "a.jsonl") == TextFields()
+    assert resolve_fields(model, {"label_sep": ","}, "a.tsv") == TextFields("t", "l", ",")
+    assert resolve_fields(model, TextFields("x"), "a.tsv") == TextFields("x")
+    assert resolve_fields(SimpleNamespace(featurizer=None), None, "a.tsv") == TextFields()
+    with pytest.raises(XMCError, match="unknown text field"):
+        resolve_fields(model, {"txt": "a"}, "a.tsv")

@@ -250,8 +250,9 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
                        zero_based: bool | str = "auto") -> dict[str, float]:
     """Evaluate the model in ``model_dir`` on the data file ``data_path`` (exact top-k).
 
-    ``data_path`` may be raw text (``.jsonl``/``.tsv``/``.csv``, field names in ``fields``, a
-    :class:`~xmc_toolkit.inputs.TextFields`) for a model trained on text. ``labels_path``: the
+    ``data_path`` may be raw text (``.jsonl``/``.tsv``/``.csv``) for a model trained on text;
+    ``fields`` (:func:`~xmc_toolkit.inputs.resolve_fields`): ``None`` reads it with the field
+    names of the model's training file, a mapping overrides some of them. ``labels_path``: the
     label matrix of an ``.npz`` feature matrix ``data_path`` (PECOS / scipy pairs).
 
     Returns:
@@ -265,11 +266,11 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
         CheckpointError: ``model_dir`` is not a model directory (or a file is corrupt).
         DataFormatError: the data does not match the model (see ``ignore_extra``).
     """
-    from .inputs import TextFields, load_for_model
+    from .inputs import load_for_model
 
     model = load_model_dir(model_dir, device=device, verify=verify)
     ds = load_for_model(data_path, model, ignore_extra=ignore_extra,
-                        fields=fields or TextFields(), labels_from=labels_path,
+                        fields=fields, labels_from=labels_path,
                         zero_based=zero_based)
     with _naming(data_path):
         return evaluate_model(model, ds.X, ds.Y, ks=tuple(ks), chunk_size=chunk_size,
@@ -297,12 +298,12 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
         top-k (only with ``approx``). ``verify`` / ``zero_based`` as in
         :func:`evaluate_model_dir`.
     """
-    from .inputs import TextFields, load_for_model
+    from .inputs import load_for_model
     from .output_layer import recall_at_k_vs_exact
 
     model = load_model_dir(model_dir, device=device, verify=verify)
     ds = load_for_model(data_path, model, ignore_extra=ignore_extra, labels_required=False,
-                        fields=fields or TextFields(), zero_based=zero_based)
+                        fields=fields, zero_based=zero_based)
     with _naming(data_path):
         ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
                                    num_cells=num_cells, show_progress=show_progress)

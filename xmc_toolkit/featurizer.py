@@ -153,6 +153,9 @@ class Featurizer:
         if self.idf is not None and self.idf.shape[0] != self.num_features:
             raise ConfigError(f"idf has {self.idf.shape[0]} entries for {num_features} features")
         self._counter: Any = None
+        # where the training file kept its parts ({"text_field", "label_field", "label_sep"}):
+        # eval/predict read files of the same layout without the flags again; None = defaults
+        self.fields: dict[str, str] | None = None
 
     # -- fitting ----------------------------------------------------------------------------
     @classmethod
@@ -255,6 +258,8 @@ class Featurizer:
         meta = {"format": _FORMAT, "version": 1, "config": self.config.to_dict(),
                 "num_features": self.num_features, "has_idf": self.idf is not None,
                 "vocabulary": self.vocabulary}
+        if self.fields is not None:
+            meta["fields"] = dict(self.fields)
         written = []
         if self.idf is not None:
             idf = np.ascontiguousarray(self.idf)
@@ -288,7 +293,14 @@ class Featurizer:
                 from safetensors.numpy import load_file
 
                 idf = load_file(str(d / FEATURIZER_TENSORS))["idf"]
-            return cls(config, meta.get("vocabulary"), idf, int(meta["num_features"]))
+            feat = cls(config, meta.get("vocabulary"), idf, int(meta["num_features"]))
+            fields = meta.get("fields")
+            if fields is not None:
+                if not (isinstance(fields, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in fields.items())):
+                    raise ValueError(f"fields is {fields!r}, expected an object of strings")
+                feat.fields = fields
+            return feat
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
             raise CheckpointError(f"{str(d)!r}: the featurizer ({FEATURIZER_FILE}, "
                                   f"{FEATURIZER_TENSORS}) is missing or corrupt ({exc}); retrain "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +30,7 @@ from .data.text import label_vocabulary, read_text, text_dataset, text_format
 from .errors import XMCError
 from .featurizer import Featurizer, FeaturizerConfig
 
-__all__ = ["TextFields", "is_text_file", "load_training_data", "load_validation_data",
+__all__ = ["TextFields", "resolve_fields", "stored_fields", "is_text_file", "load_training_data", "load_validation_data",
            "load_for_model", "featurize_texts"]
 
 PathLike = str | os.PathLike
@@ -47,6 +49,45 @@ class TextFields:
     text_field: str = "text"
     label_field: str = "labels"
     label_sep: str = "|"
+
+
+def _family(fmt: str | None) -> str | None:
+    """JSON lines or a table (TSV and CSV share column names)."""
+    return None if fmt is None else ("json" if fmt == "jsonl" else "table")
+
+
+def stored_fields(fields: TextFields, path: PathLike) -> dict[str, str] | None:
+    """What a featurizer keeps of the training file's layout (``None``: all defaults)."""
+    if fields == TextFields():
+        return None
+    return {"format": _family(text_format(path)) or "", **dataclasses.asdict(fields)}
+
+
+def resolve_fields(model: Any, fields: TextFields | Mapping[str, str] | None,
+                   path: PathLike | None = None) -> TextFields:
+    """The field names to read the text file ``path`` with for ``model``.
+
+    ``fields`` may be a :class:`TextFields` (used as it is), ``None`` (the names the model's
+    training file used, kept by its featurizer, when ``path`` is of the same kind -- JSON lines,
+    or a TSV/CSV table -- else the defaults) or a mapping of some of the names
+    (``{"text_field": "body"}``) that override those.
+
+    Raises:
+        XMCError: a mapping names an unknown field.
+    """
+    if isinstance(fields, TextFields):
+        return fields
+    known = {f.name for f in dataclasses.fields(TextFields)}
+    overrides = dict(fields or {})
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise XMCError(f"unknown text field setting(s) {', '.join(bad)}; known: "
+                       f"{', '.join(sorted(known))}")
+    stored = dict(getattr(getattr(model, "featurizer", None), "fields", None) or {})
+    same_kind = path is None or stored.get("format") in (None, _family(text_format(path)))
+    merged = {k: v for k, v in stored.items() if k in known} if same_kind else {}
+    merged.update(overrides)
+    return TextFields(**merged)
 
 
 def is_text_file(path: PathLike) -> bool:
@@ -81,6 +122,7 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
         data = read_text(path, text_field=fields.text_field, label_field=fields.label_field,
                          label_sep=fields.label_sep)
         feat = Featurizer.fit(data.texts, featurizer)
+        feat.fields = stored_fields(fields, path)
         ds = text_dataset(data, feat, label_vocabulary(data.labels or []))
         ds.feature_names = feat.feature_names
         return ds, feat
@@ -115,14 +157,16 @@ def load_validation_data(path: PathLike, train: XMCDataset, featurizer: Featuriz
 
 
 def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
-                   labels_required: bool = True, fields: TextFields = TextFields(),
+                   labels_required: bool = True,
+                   fields: TextFields | Mapping[str, str] | None = None,
                    labels_from: PathLike | None = None,
                    zero_based: bool | str = "auto") -> XMCDataset:
     """Read ``path`` in the feature and label space of ``model`` (a ``LoadedModel``).
 
     Text files go through the model's featurizer and their labels are matched by name
     (unknown ones are an error, or dropped and counted with ``ignore_extra``); feature files
-    must have the model's dimensions (or are cut/padded with ``ignore_extra``). With
+    must have the model's dimensions (or are cut/padded with ``ignore_extra``). ``fields``:
+    :func:`resolve_fields` (``None``: the field names of the model's training file). With
     ``labels_required=False`` (prediction) the labels of the file play no part, and an
     ``.npz`` holding only a feature matrix is accepted. ``labels_from``: the label ``.npz`` of
     an ``.npz`` feature matrix; ``zero_based``: the id base of an svmlight file
@@ -139,6 +183,7 @@ def load_for_model(path: PathLike, model: Any, *, ignore_extra: bool = False,
             raise XMCError(f"{path} is raw text but this model was trained on feature vectors "
                            "(it has no featurizer); pass data in its feature format, or train "
                            "on text (xmc train --data train.jsonl)")
+        fields = resolve_fields(model, fields, path)
         data = read_text(path, text_field=fields.text_field, label_field=fields.label_field,
                          label_sep=fields.label_sep, labels_required=labels_required)
         if not labels_required:  # prediction: the file's labels play no part
