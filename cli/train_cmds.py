@@ -114,6 +114,15 @@ def apply_threads(threads: int) -> None:
     set_threads(threads)
 
 
+FEATURIZER_KEY = "featurizer"  # the featurizer settings' block in --print-config / --config
+
+
+def _is_text(path: Path) -> bool:
+    from xmc_toolkit.inputs import is_text_file
+
+    return is_text_file(path)
+
+
 def text_field_options(func: Any) -> Any:
     """``--text-field``, ``--label-field``, ``--label-sep`` of text data files."""
     func = click.option("--label-sep", "label_sep", default="|", show_default=True,
@@ -255,13 +264,29 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
             label_names = Path(run["label_names"])
         if run.get("labels") and labels_file is None:
             labels_file = Path(run["labels"])
+    feat_from_file = False
     if config_file is not None:
-        file_cfg = TrainConfig.from_json(config_file, validate=False)
+        from xmc_toolkit.config import read_config_json
+
+        raw = read_config_json(config_file)
+        feat_part = raw.pop(FEATURIZER_KEY, None)
+        file_cfg = TrainConfig.from_dict(raw, validate=False)
         base = base.merged(file_cfg.to_dict(), validate=False)
+        if feat_part is not None:
+            if not isinstance(feat_part, dict):
+                raise click.UsageError(f"{config_file}: {FEATURIZER_KEY!r} must be a JSON "
+                                       "object of featurizer settings (as --print-config writes)")
+            feat_base = feat_base.merged(FeaturizerConfig.from_dict(
+                feat_part, validate=False).to_dict(), validate=False)
+            feat_from_file = True
     cfg = base.merged(flags, validate=print_config or data is None)
     feat_cfg = feat_base.merged(feat_flags)
     if print_config:
-        click.echo(cfg.to_json())
+        printed = cfg.to_dict()
+        if (feat_from_file or any(v is not None for v in feat_flags.values())
+                or (data is not None and _is_text(data))):
+            printed[FEATURIZER_KEY] = feat_cfg.to_dict()
+        click.echo(json.dumps(printed, indent=2))
         return
     if data is None:
         raise click.UsageError("--data is required (the training data set)")
@@ -281,6 +306,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                                "placement yet; featurize it first (xmc data convert) or train in "
                                "one process")
     given = [("--" + k.replace("_", "-")) for k, v in feat_flags.items() if v is not None]
+    if feat_from_file:
+        given.append(f"the {FEATURIZER_KEY!r} block of {config_file}")
     if not text_data and given:
         raise click.UsageError(f"{', '.join(given)} apply only to raw-text training data "
                                "(.jsonl/.tsv/.csv)")

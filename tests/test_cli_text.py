@@ -464,3 +464,37 @@ def test_resolve_fields_rules():
     assert resolve_fields(SimpleNamespace(featurizer=None), None, "a.tsv") == TextFields()
     with pytest.raises(XMCError, match="unknown text field"):
         resolve_fields(model, {"txt": "a"}, "a.tsv")
+
+
+def test_print_config_and_config_carry_the_featurizer(files, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(xmc, ["train", "--print-config"])
+    assert r.exit_code == 0 and "featurizer" not in json.loads(r.stdout)  # vector data: as before
+    r = runner.invoke(xmc, ["train", "--data", str(files / "train.jsonl"), "--ngram-range",
+                            "1,2", "--print-config", *FLAGS])
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.stdout)
+    assert printed["featurizer"]["ngram_range"] == [1, 2] and printed["epochs"] == 10
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(r.stdout)
+    out = tmp_path / "m"
+    r = runner.invoke(xmc, ["train", "--config", str(cfg), "--data", str(files / "train.jsonl"),
+                            "--out", str(out), "--no-progress", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "featurizer.json").read_text())["config"]["ngram_range"] == [1, 2]
+    # the file's featurizer block on feature-vector data is refused, not ignored
+    from conftest import make_tiny_problem
+
+    from xmc_toolkit.data import XMCDataset, save
+
+    X, Y = make_tiny_problem(40)
+    save(XMCDataset(X, Y), tmp_path / "vec.txt")
+    r = runner.invoke(xmc, ["train", "--config", str(cfg), "--data", str(tmp_path / "vec.txt"),
+                            "--out", str(tmp_path / "v")])
+    assert r.exit_code == 2 and "featurizer" in r.output and "raw-text" in r.output
+    assert not (tmp_path / "v").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"featurizer": {"ngram_rang": [1, 2]}}))
+    r = runner.invoke(xmc, ["train", "--config", str(bad), "--data", str(files / "train.jsonl"),
+                            "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "ngram_rang" in r.output and "ngram_range" in r.output

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["ConfigBase"]
+__all__ = ["ConfigBase", "read_config_json"]
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -93,25 +93,34 @@ class ConfigBase:
 
     @classmethod
     def from_json(cls: type[T], path: str | Path, *, validate: bool = True) -> T:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {str(path)!r} does not exist (--config)") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
-                              f"{exc.start}); pass a JSON file such as `xmc train "
-                              "--print-config` writes") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
-        return cls.from_dict(data, validate=validate)
+        return cls.from_dict(read_config_json(path), validate=validate)
 
     def merged(self: T, overrides: Mapping[str, Any], *, validate: bool = True) -> T:
         """A copy with ``overrides`` applied (``None`` values are ignored), validated once."""
         base = self.to_dict()
         base.update({k: v for k, v in overrides.items() if v is not None})
         return type(self).from_dict(base, validate=validate)
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a config file (``--config``).
+
+    Raises:
+        ConfigError: the file is missing, not UTF-8, not JSON, or not a JSON object.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {str(path)!r} does not exist (--config)") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                          f"{exc.start}); pass a JSON file such as `xmc train "
+                          "--print-config` writes") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
+    return data
 
 
 def _plain(v: Any) -> Any:
