@@ -134,7 +134,7 @@ def _evaluate_model(
         "verify": verify,
         "zero_based": zero_based(),
     }
-    if fields is not None:  # only field names other than the defaults
+    if fields:  # only the field names given on the command line (else: the model's)
         kwargs["fields"] = fields
     if labels is not None:
         kwargs["labels_path"] = labels
