@@ -315,6 +315,64 @@ def test_train_init_from_honours_the_id_base_flag(world, tmp_path, monkeypatch):
     assert seen and all(v is True for v in seen), seen
 
 
+def test_labels_add_honours_the_id_base_flag(world, tmp_path, monkeypatch):
+    """``xmc labels add`` takes --zero-based/--one-based (the shared option) to the loader."""
+    import xmc_toolkit.data as data_mod
+
+    seen = []
+    real = data_mod.load
+
+    def spy(*a, **k):
+        seen.append(k.get("zero_based"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "load", spy)
+    base = ["labels", "add", "--model", str(world / "parent"), "--data",
+            str(world / "train.txt"), "--label-names", str(world / "names.txt")]
+    for flag, want in (("--zero-based", True), ("--one-based", False), (None, "auto")):
+        seen.clear()
+        out = tmp_path / f"a{want}"
+        r = CliRunner().invoke(xmc, base + ["--out", str(out)] + ([flag] if flag else []))
+        assert r.exit_code == 0, r.output  # XC text: its header fixes the base either way
+        assert seen and all(v == want for v in seen), (flag, seen)
+
+
+def test_train_init_from_with_config_file(world, tmp_path):
+    """--config with --init-from: the file's fields over the parent's config, flags over the
+    file, fine-tune defaults for the rest; network fields that differ: one line, exit 2."""
+    runner = CliRunner()
+    cfg = tmp_path / "ft.json"
+    cfg.write_text(json.dumps({"epochs": 1, "lr": 0.005, "weight_decay": 0.0}))
+    base = ["train", "--init-from", str(world / "parent"), "--data", str(world / "train.txt"),
+            "--label-names", str(world / "names.txt"), "--config", str(cfg)]
+    r = runner.invoke(xmc, base + ["--print-config", "--lr", "0.007"])
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.output)
+    assert (printed["epochs"], printed["lr"], printed["weight_decay"]) == (1, 0.007, 0.0)
+    assert printed["dim"] == 16  # the parent's
+    r = runner.invoke(xmc, base + ["--out", str(tmp_path / "c"), "--no-progress",
+                                   "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = load_model_dir(tmp_path / "c", device="cpu")
+    assert (m.config.epochs, m.config.lr, m.config.weight_decay) == (1, 0.005, 0.0)
+    assert m.num_labels == 6
+    # a file printed by --init-from --print-config round-trips (its network fields are the
+    # parent's)
+    full = tmp_path / "full.json"
+    full.write_text(runner.invoke(xmc, ["train", "--init-from", str(world / "parent"),
+                                        "--print-config"]).output)
+    r = runner.invoke(xmc, ["train", "--init-from", str(world / "parent"), "--config",
+                            str(full), "--print-config"])
+    assert r.exit_code == 0 and json.loads(r.output) == json.loads(full.read_text()), r.output
+    for bad, expect in (({"dim": 32}, "dim=32 (the parent has 16)"),
+                        ({"epoch": 1}, "unknown key 'epoch'")):
+        cfg.write_text(json.dumps(bad))
+        r = runner.invoke(xmc, base + ["--out", str(tmp_path / "bad")])
+        lines = [x for x in r.output.strip().splitlines() if x]
+        assert r.exit_code == 2 and len(lines) == 1 and expect in lines[0], r.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_init_from_by_id_and_resume(tmp_path):
     X, Y = make_tiny_problem(120, seed=2)
     save(XMCDataset(X, Y[:, :4]), tmp_path / "p.txt")
