@@ -104,6 +104,38 @@ def test_new_label_rows_match_slow_reference(direction, calibration):
     assert got.stats["calibration"] == calibration and got.stats["old_labels_used"] == L
 
 
+def test_new_label_rows_members_calibrates_each_member_on_its_own():
+    """Block i of a per-member row is new_label_rows on member i's queries (n x its slice of
+    the ensemble query) and old blocks; the bias is the members' mean, so the ensemble score
+    (mean of the member scores) is the mean of calibrated member scores."""
+    g = np.random.default_rng(5)
+    N, d, n_mem, L, n = 400, 6, 3, 9, 4
+    Qm = [g.normal(size=(N, d)) + 0.2 * i for i in range(n_mem)]  # member queries
+    Q = torch.tensor(np.concatenate(Qm, 1) / n_mem, dtype=torch.float32)  # [N, n * d]
+    Yo = sp.csr_matrix((g.random((N, L)) < np.linspace(0.05, 0.4, L)).astype(np.float32))
+    Yn = sp.csr_matrix((g.random((N, n)) < np.linspace(0.05, 0.3, n)).astype(np.float32))
+    W = torch.tensor(g.normal(size=(L, n_mem * d)) * 0.5, dtype=torch.float32)
+    b = torch.tensor(g.normal(size=L), dtype=torch.float32)
+    got = grow.new_label_rows_members(Q, Yn, W, b, Yo, members=n_mem)
+    assert got.weight.shape == (n, n_mem * d) and got.stats["members"] == n_mem
+    biases = []
+    for i in range(n_mem):
+        one = grow.new_label_rows(torch.tensor(Qm[i], dtype=torch.float32), Yn,
+                                  W[:, i * d:(i + 1) * d], b, Yo)
+        np.testing.assert_allclose(got.weight[:, i * d:(i + 1) * d].numpy(), one.weight.numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        biases.append(one.bias.numpy())
+    np.testing.assert_allclose(got.bias.numpy(), np.mean(biases, 0), rtol=1e-4, atol=1e-5)
+    # each member's new scores spread like its old ones (the calibration), unlike the rows
+    # calibrated on the ensemble query, whose member blocks are not calibrated at all
+    whole = grow.new_label_rows(Q, Yn, W, b, Yo)
+    assert not torch.allclose(whole.weight, got.weight, atol=1e-3)
+    one = grow.new_label_rows_members(Q, Yn, W, b, Yo, members=1)
+    np.testing.assert_array_equal(one.weight.numpy(), whole.weight.numpy())
+    with pytest.raises(ConfigError, match="multiple"):
+        grow.new_label_rows_members(Q[:, :-1], Yn, W[:, :-1], b, Yo, members=n_mem)
+
+
 def test_new_label_rows_fallbacks_and_errors():
     g = np.random.default_rng(0)
     Q = torch.tensor(g.normal(size=(50, 4)), dtype=torch.float32)
