@@ -84,6 +84,8 @@ FINE_TUNE_EPOCHS = 2  # epochs of `xmc train --init-from` without --epochs (docs
 FINE_TUNE_LR_SCALE = 0.3  # without --lr: the parent's learning rates times this
 FINE_TUNE_WARMUP = 0.1  # without --warmup-steps: this share of the fine-tune's steps (at most
                         # the parent's warm-up)
+# new-row init of `xmc train --init-from` (prepare_growth options; `labels add` uses the defaults)
+FINE_TUNE_INIT: dict[str, Any] = {}
 LINEAGE_FILE = "lineage.json"
 # fields that shape the network or its inputs: a grown model keeps its parent's
 FROZEN_FIELDS = ("dim", "hidden", "hidden_budget", "linear_only", "tfidf", "l2_normalize",
@@ -970,14 +972,19 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
                show_progress: bool = False, resume: bool = False,
                callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = (),
                before_training: Callable[["TrainConfig"], None] | None = None,
-               init_options: dict[str, Any] | None = None
+               init_options: dict[str, Any] | None = None,
+               on_trainer: Callable[[Any], None] | None = None
                ) -> tuple["TrainResult", Growth, Any]:
     """``xmc train --init-from``: grow the model in ``model_dir`` by ``train``'s new labels and
     fine-tune on ``train`` (every label) into ``out_dir``.
 
     Everything is checked (parent, features, label names, config, and by the trainer the
     output directory and its lock) before ``before_training`` is called (at the trainer's
-    ``train_begin`` event) and anything is written. Returns ``(TrainResult, Growth, Trainer)``.
+    ``train_begin`` event) and anything is written. ``init_options`` go to
+    :func:`prepare_growth` (``per_member=``, ``direction=``, ...; default: the fine-tune's
+    init, see :data:`FINE_TUNE_INIT`); ``on_trainer`` is called with the
+    :class:`~xmc_toolkit.train.Trainer` before it trains (its callbacks can then read
+    ``trainer.network``). Returns ``(TrainResult, Growth, Trainer)``.
     """
     from .train import Trainer, load_model_dir
 
@@ -988,7 +995,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
     cfg = child_config(parent.config, over, sampler_state=parent.sampler_state,
                        num_points=train.num_points)
     growth = prepare_growth(parent, train, ignore_extra=ignore_extra, path=data_path,
-                            refresh_index=False, config=cfg, **(init_options or {}))
+                            refresh_index=False, config=cfg,
+                            **(FINE_TUNE_INIT if init_options is None else init_options))
     val_ds = None if val is None else remap_validation(
         val, growth.match, parent.num_features, ignore_extra=ignore_extra, path=val_path)
     cfg.validate_for_data(growth.data.num_points, growth.data.num_features,
@@ -1008,6 +1016,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
 
         hooks.insert(0, begin)
     trainer = Trainer(cfg, out_dir=out_dir, callbacks=hooks, featurizer=parent.featurizer)
+    if on_trainer is not None:  # e.g. a benchmark's per-epoch evaluation of trainer.network
+        on_trainer(trainer)
     result = trainer.fit(growth.data, val_ds, show_progress=show_progress, resume=resume,
                          init=ws)
     kept = ", ".join(ws.kept) if ws.kept else "none"
