@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ft-set", default="{}", help="extra overrides of the fine-tunes, JSON")
     ap.add_argument("--ft-init", default="",
                     help="new-row init options of the fine-tunes (prepare_growth), JSON; "
-                         "default: grow.FINE_TUNE_INIT, what `train --init-from` uses")
+                         "default: prepare_growth's, what `train --init-from` uses")
     ap.add_argument("--no-scratch", action="store_true", help="skip (c)")
     ap.add_argument("--scratch-model", type=Path, default=None,
                     help="(c) is this existing model directory of `xmc train --data TRAIN` with "
@@ -228,6 +228,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = grow.add_labels_dir(work / "parent", train, fresh("add"))
     record("(a) labels add", work / "add", time.perf_counter() - t,
            labels_added=g.match.num_new)
+    parent_m = load_model_dir(work / "parent", device="cpu")
+    if parent_m.network.members > 1:  # the earlier init: rows fitted on the ensemble's query
+        t = time.perf_counter()
+        ge = grow.prepare_growth(parent_m, train, per_member=False)
+        ge.model.label_names = ge.match.names
+        res_e = group_metrics(ge.model, test, old_names)
+        rows.append({"method": "(a) labels add, rows on the ensemble query (per_member=False)",
+                     "seconds": round(time.perf_counter() - t, 2),
+                     **{f"{g_}/{k}": v for g_, d in res_e.items() for k, v in d.items()}})
+        print(f"(a) per_member=False: {json.dumps(res_e)}", flush=True)
     variants: list[dict[str, Any]] = []
     if args.init_variants:
         parent = load_model_dir(work / "parent", device="cpu")

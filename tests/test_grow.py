@@ -136,6 +136,32 @@ def test_new_label_rows_members_calibrates_each_member_on_its_own():
         grow.new_label_rows_members(Q[:, :-1], Yn, W[:, :-1], b, Yo, members=n_mem)
 
 
+def test_ensemble_parent_grows_per_member_rows_by_default(tmp_path):
+    """labels add / --init-from of a 2-member parent: the new rows are the per-member ones
+    (recorded in the lineage); per_member=False gives the rows fitted on the ensemble query."""
+    from xmc_toolkit.encoder import encode_csr
+
+    X, Y = make_tiny_problem(200, seed=4)
+    keep = np.flatnonzero(np.asarray(Y[:, :4].sum(1)).ravel() > 0)
+    Trainer(TrainConfig(**{**TINY, "ensemble": 2, "epochs": 2}), out_dir=tmp_path / "p").fit(
+        XMCDataset(X[keep], Y[keep][:, :4]))
+    parent = load_model_dir(tmp_path / "p", device="cpu")
+    assert parent.network.members == 2
+    g = grow.add_labels_dir(tmp_path / "p", XMCDataset(X, Y), tmp_path / "a")
+    assert grow.read_lineage(tmp_path / "a")[0]["init"]["members"] == 2
+    q = encode_csr(parent.network.encoder, parent.preprocessor.transform(X), batch_size=512)
+    Yc = sp.csc_matrix(Y)
+    want = grow.new_label_rows_members(q, Yc[:, 4:], parent.network.label_weight,
+                                       parent.network.label_bias, Yc[:, :4], members=2,
+                                       old_counts=np.asarray(parent.label_counts))
+    W = load_model_dir(tmp_path / "a", device="cpu").network.label_weight.detach()
+    np.testing.assert_allclose(W[4:].numpy(), want.weight.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g.rows.weight.numpy(), want.weight.numpy(), rtol=1e-4, atol=1e-6)
+    flat = grow.prepare_growth(parent, XMCDataset(X, Y), per_member=False)
+    assert "members" not in flat.rows.stats
+    assert not np.allclose(flat.rows.weight.numpy(), want.weight.numpy(), atol=1e-3)
+
+
 def test_new_label_rows_fallbacks_and_errors():
     g = np.random.default_rng(0)
     Q = torch.tensor(g.normal(size=(50, 4)), dtype=torch.float32)
