@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ft-set", default="{}", help="extra overrides of the fine-tunes, JSON")
     ap.add_argument("--ft-init", default="",
                     help="new-row init options of the fine-tunes (prepare_growth), JSON; "
-                         "default: prepare_growth's, what `train --init-from` uses")
+                         "default: what `train --init-from` uses (per_member=true)")
     ap.add_argument("--no-scratch", action="store_true", help="skip (c)")
     ap.add_argument("--scratch-model", type=Path, default=None,
                     help="(c) is this existing model directory of `xmc train --data TRAIN` with "
@@ -229,15 +229,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record("(a) labels add", work / "add", time.perf_counter() - t,
            labels_added=g.match.num_new)
     parent_m = load_model_dir(work / "parent", device="cpu")
-    if parent_m.network.members > 1:  # the earlier init: rows fitted on the ensemble's query
+    if parent_m.network.members > 1:  # the fine-tune's init: rows calibrated per member
         t = time.perf_counter()
-        ge = grow.prepare_growth(parent_m, train, per_member=False)
+        ge = grow.prepare_growth(parent_m, train, per_member=True)
         ge.model.label_names = ge.match.names
         res_e = group_metrics(ge.model, test, old_names)
-        rows.append({"method": "(a) labels add, rows on the ensemble query (per_member=False)",
+        rows.append({"method": "(a) labels add, rows per member (per_member=True)",
                      "seconds": round(time.perf_counter() - t, 2),
                      **{f"{g_}/{k}": v for g_, d in res_e.items() for k, v in d.items()}})
-        print(f"(a) per_member=False: {json.dumps(res_e)}", flush=True)
+        print(f"(a) per_member=True: {json.dumps(res_e)}", flush=True)
     variants: list[dict[str, Any]] = []
     if args.init_variants:
         parent = load_model_dir(work / "parent", device="cpu")

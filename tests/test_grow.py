@@ -136,9 +136,9 @@ def test_new_label_rows_members_calibrates_each_member_on_its_own():
         grow.new_label_rows_members(Q[:, :-1], Yn, W[:, :-1], b, Yo, members=n_mem)
 
 
-def test_ensemble_parent_grows_per_member_rows_by_default(tmp_path):
-    """labels add / --init-from of a 2-member parent: the new rows are the per-member ones
-    (recorded in the lineage); per_member=False gives the rows fitted on the ensemble query."""
+def test_ensemble_parent_fine_tune_starts_from_per_member_rows(tmp_path):
+    """A 2-member parent: --init-from (train_from) starts from the per-member rows (recorded in
+    the lineage); labels add keeps the rows fitted on the ensemble query (the served score)."""
     from xmc_toolkit.encoder import encode_csr
 
     X, Y = make_tiny_problem(200, seed=4)
@@ -148,17 +148,24 @@ def test_ensemble_parent_grows_per_member_rows_by_default(tmp_path):
     parent = load_model_dir(tmp_path / "p", device="cpu")
     assert parent.network.members == 2
     g = grow.add_labels_dir(tmp_path / "p", XMCDataset(X, Y), tmp_path / "a")
-    assert grow.read_lineage(tmp_path / "a")[0]["init"]["members"] == 2
+    assert "members" not in grow.read_lineage(tmp_path / "a")[0]["init"]
+    seen = []
+    _, g_ft, _ = grow.train_from(tmp_path / "p", XMCDataset(X, Y), tmp_path / "f",
+                                 {"epochs": 1},
+                                 on_trainer=lambda tr: seen.append(tr))
+    assert grow.read_lineage(tmp_path / "f")[0]["init"]["members"] == 2 and seen
     q = encode_csr(parent.network.encoder, parent.preprocessor.transform(X), batch_size=512)
     Yc = sp.csc_matrix(Y)
     want = grow.new_label_rows_members(q, Yc[:, 4:], parent.network.label_weight,
                                        parent.network.label_bias, Yc[:, :4], members=2,
                                        old_counts=np.asarray(parent.label_counts))
+    np.testing.assert_allclose(g_ft.rows.weight.numpy(), want.weight.numpy(), rtol=1e-4,
+                               atol=1e-6)
+    flat = grow.prepare_growth(parent, XMCDataset(X, Y))
     W = load_model_dir(tmp_path / "a", device="cpu").network.label_weight.detach()
-    np.testing.assert_allclose(W[4:].numpy(), want.weight.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(g.rows.weight.numpy(), want.weight.numpy(), rtol=1e-4, atol=1e-6)
-    flat = grow.prepare_growth(parent, XMCDataset(X, Y), per_member=False)
-    assert "members" not in flat.rows.stats
+    np.testing.assert_allclose(W[4:].numpy(), flat.rows.weight.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g.rows.weight.numpy(), flat.rows.weight.numpy(), rtol=1e-4,
+                               atol=1e-6)
     assert not np.allclose(flat.rows.weight.numpy(), want.weight.numpy(), atol=1e-3)
 
 

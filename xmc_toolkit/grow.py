@@ -84,6 +84,7 @@ FINE_TUNE_EPOCHS = 2  # epochs of `xmc train --init-from` without --epochs (docs
 FINE_TUNE_LR_SCALE = 0.3  # without --lr: the parent's learning rates times this
 FINE_TUNE_WARMUP = 0.1  # without --warmup-steps: this share of the fine-tune's steps (at most
                         # the parent's warm-up)
+FINE_TUNE_PER_MEMBER = True  # a fine-tune's new rows: calibrated per ensemble member
 LINEAGE_FILE = "lineage.json"
 # fields that shape the network or its inputs: a grown model keeps its parent's
 FROZEN_FIELDS = ("dim", "hidden", "hidden_budget", "linear_only", "tfidf", "l2_normalize",
@@ -767,15 +768,16 @@ class Growth:
 
 def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool = False,
                    path: str | None = None, refresh_index: bool = True,
-                   config: "TrainConfig | None" = None, per_member: bool = True,
+                   config: "TrainConfig | None" = None, per_member: bool = False,
                    **init_options: Any) -> Growth:
     """Grow ``parent`` by the labels of ``ds`` it does not know (``parent`` is not modified).
 
     The rows of ``ds`` are encoded by the parent; new labels get :func:`new_label_rows` calibrated
-    on the old labels present in ``ds``, for an ensemble parent each member on its own
-    (:func:`new_label_rows_members`; ``per_member=False``: on the ensemble's query, whose rows'
-    member blocks are not calibrated, and which fine-tuning, a loss per member, then undoes:
-    docs/growing-labels.md); the grown model's training label counts are the
+    on the old labels present in ``ds``: on the ensemble's query (the score served), or with
+    ``per_member`` for each member of an ensemble parent on its own
+    (:func:`new_label_rows_members`: what a fine-tune, one loss per member, trains; the rows
+    fitted on the ensemble query have uncalibrated member blocks, which fine-tuning first
+    undoes, docs/growing-labels.md; :func:`train_from` uses it); the grown model's training label counts are the
     parent's for old labels and ``ds``'s for new ones; a MIDX state is grown
     (:func:`grow_sampler_state`, refreshed when ``refresh_index``). ``init_options`` go to
     :func:`new_label_rows` (``direction=``, ``calibration=``, ``lda_shrinkage=``).
@@ -982,7 +984,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
     Everything is checked (parent, features, label names, config, and by the trainer the
     output directory and its lock) before ``before_training`` is called (at the trainer's
     ``train_begin`` event) and anything is written. ``init_options`` go to
-    :func:`prepare_growth` (``per_member=``, ``direction=``, ...); ``on_trainer`` is called with the
+    :func:`prepare_growth` (``direction=``, ...; ``per_member`` defaults to
+    :data:`FINE_TUNE_PER_MEMBER`); ``on_trainer`` is called with the
     :class:`~xmc_toolkit.train.Trainer` before it trains (its callbacks can then read
     ``trainer.network``). Returns ``(TrainResult, Growth, Trainer)``.
     """
@@ -995,7 +998,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
     cfg = child_config(parent.config, over, sampler_state=parent.sampler_state,
                        num_points=train.num_points)
     growth = prepare_growth(parent, train, ignore_extra=ignore_extra, path=data_path,
-                            refresh_index=False, config=cfg, **(init_options or {}))
+                            refresh_index=False, config=cfg,
+                            **{"per_member": FINE_TUNE_PER_MEMBER, **(init_options or {})})
     val_ds = None if val is None else remap_validation(
         val, growth.match, parent.num_features, ignore_extra=ignore_extra, path=val_path)
     cfg.validate_for_data(growth.data.num_points, growth.data.num_features,
