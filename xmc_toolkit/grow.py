@@ -777,8 +777,8 @@ def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool 
     ``per_member`` for each member of an ensemble parent on its own
     (:func:`new_label_rows_members`: what a fine-tune, one loss per member, trains; the rows
     fitted on the ensemble query have uncalibrated member blocks, which fine-tuning first
-    undoes, docs/growing-labels.md; :func:`train_from` uses it); the grown model's training label counts are the
-    parent's for old labels and ``ds``'s for new ones; a MIDX state is grown
+    undoes, docs/growing-labels.md; :func:`train_from` uses it); the grown model's training
+    label counts are the parent's for old labels and ``ds``'s for new ones; a MIDX state is grown
     (:func:`grow_sampler_state`, refreshed when ``refresh_index``). ``init_options`` go to
     :func:`new_label_rows` (``direction=``, ``calibration=``, ``lda_shrinkage=``).
 
