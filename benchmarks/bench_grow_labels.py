@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (apply_threads, machine_info, print_table,  # noqa: E402
@@ -116,6 +117,14 @@ def markdown(payload: dict[str, Any]) -> str:
                                      else "")
         out.append("| " + " | ".join([r["method"], t] + [pct(r.get(f"{g}/P@{k}")) for g in
                                                          groups for k in (1, 3, 5)]) + " |")
+    for r in payload["results"]:
+        if r.get("per_epoch"):
+            head = ["after epoch"] + [f"{g} P@{k}" for g in groups for k in (1, 3, 5)]
+            out += ["", f"{r['method']}, after each epoch:", "",
+                    "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for p in r["per_epoch"]:
+                out.append("| " + " | ".join([str(p["epoch"])] + [
+                    pct(p.get(f"{g}/P@{k}")) for g in groups for k in (1, 3, 5)]) + " |")
     if payload.get("init_variants"):
         head = ["direction", "calibration"] + [f"{g} P@{k}" for g in ("new", "all")
                                                for k in (1, 3, 5)]
@@ -135,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--epochs", default="1,2,3", help="fine-tune epochs of (b), comma-separated")
     ap.add_argument("--set", default="{}", help="TrainConfig overrides (parent and scratch), JSON")
     ap.add_argument("--ft-set", default="{}", help="extra overrides of the fine-tunes, JSON")
+    ap.add_argument("--ft-init", default="",
+                    help="new-row init options of the fine-tunes (prepare_growth), JSON; "
+                         "default: what `train --init-from` uses (per_member=true)")
     ap.add_argument("--no-scratch", action="store_true", help="skip (c)")
     ap.add_argument("--scratch-model", type=Path, default=None,
                     help="(c) is this existing model directory of `xmc train --data TRAIN` with "
@@ -146,6 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: reuse the parent and scratch models of an earlier run "
                          "there (and their recorded times) instead of training them again")
+    ap.add_argument("--val-split", type=float, default=0.0,
+                    help="tune instead of test: carve this share of TRAIN (seed --split-seed) "
+                         "as the evaluation set and use the rest as TRAIN (0: the test split)")
+    ap.add_argument("--split-seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny synthetic smoke configuration")
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from xmc_toolkit import grow
     from xmc_toolkit.data import XMCDataset
-    from xmc_toolkit.train import TrainConfig, Trainer, load_model_dir
+    from xmc_toolkit.train import TrainConfig, Trainer, _split, load_model_dir
 
     overrides = {"device": args.device, **json.loads(args.set)}
     ft_over = {"device": args.device, **json.loads(args.ft_set)}
@@ -164,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides = {"epochs": 2, "hidden": [32], "dim": 16, "ensemble": 1, **overrides}
         epochs = epochs[:1]
     train, test = _data(args)
+    if args.val_split > 0:  # choose settings on a slice of TRAIN, never on the test split
+        train, test = _split(train, args.val_split, args.split_seed)
     L = train.num_labels
     perm = np.random.default_rng(args.seed).permutation(L)
     old = np.sort(perm[: int(round(args.fraction * L))])
@@ -210,6 +228,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = grow.add_labels_dir(work / "parent", train, fresh("add"))
     record("(a) labels add", work / "add", time.perf_counter() - t,
            labels_added=g.match.num_new)
+    parent_m = load_model_dir(work / "parent", device="cpu")
+    if parent_m.network.members > 1:  # the fine-tune's init: rows calibrated per member
+        t = time.perf_counter()
+        ge = grow.prepare_growth(parent_m, train, per_member=True)
+        ge.model.label_names = ge.match.names
+        res_e = group_metrics(ge.model, test, old_names)
+        rows.append({"method": "(a) labels add, rows per member (per_member=True)",
+                     "seconds": round(time.perf_counter() - t, 2),
+                     **{f"{g_}/{k}": v for g_, d in res_e.items() for k, v in d.items()}})
+        print(f"(a) per_member=True: {json.dumps(res_e)}", flush=True)
     variants: list[dict[str, Any]] = []
     if args.init_variants:
         parent = load_model_dir(work / "parent", device="cpu")
@@ -223,14 +251,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  **{f"{g_}/{k}": v for g_, d in res_v.items()
                                     for k, v in d.items()}})
                 print(f"(a) {direction} / {calibration}: {json.dumps(res_v)}", flush=True)
+    init_opts = json.loads(args.ft_init) if args.ft_init else None
     for e in epochs:
+        per_epoch: list[dict[str, Any]] = []
+        holder: list[Any] = []
+        eval_s = [0.0]
+
+        def on_epoch(event: str, payload: dict[str, Any]) -> None:
+            """old / new / all P@k after every epoch of the longest fine-tune (the why)."""
+            if event != "epoch_end" or e != max(epochs) or not holder:
+                return
+            t_ev = time.perf_counter()
+            tr = holder[0]
+            net = tr.network
+            net.eval()
+            view = argparse.Namespace(label_names=tr.label_names,
+                                      preprocessor=tr.preprocessor, network=net)
+            with torch.no_grad():
+                r = group_metrics(view, test, old_names)
+            net.train()
+            per_epoch.append({"epoch": payload["epoch"], **{f"{g_}/{k}": v for g_, d in
+                                                            r.items() for k, v in d.items()}})
+            eval_s[0] += time.perf_counter() - t_ev
+
         t = time.perf_counter()
         res, _, trainer = grow.train_from(work / "parent", train, fresh(f"ft{e}"),
-                                          {**ft_over, "epochs": e})
-        record(f"(b) add + {e} epoch(s)", work / f"ft{e}", time.perf_counter() - t,
-               train_seconds=round(res.seconds, 2), epochs=e,
+                                          {**ft_over, "epochs": e}, callbacks=(on_epoch,),
+                                          init_options=init_opts, on_trainer=holder.append)
+        # the per-epoch evaluations are not part of the fine-tune's time
+        record(f"(b) add + {e} epoch(s)", work / f"ft{e}",
+               time.perf_counter() - t - eval_s[0],
+               train_seconds=round(res.seconds - eval_s[0], 2), epochs=e,
+               lr=trainer.config.lr, schedule=trainer.config.schedule,
                warmup_steps=trainer.config.warmup_steps,
-               optimizer_state=grow.read_lineage(work / f"ft{e}")[-1]["optimizer_state"])
+               optimizer_state=grow.read_lineage(work / f"ft{e}")[-1]["optimizer_state"],
+               **({"per_epoch": per_epoch} if per_epoch else {}))
     if args.scratch_model is not None:
         summ = json.loads((args.scratch_model / "summary.json").read_text())
         record("(c) from scratch", args.scratch_model, summ["seconds"],
@@ -247,13 +302,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        for r in rows])
     payload = {"config": {"data": args.data, "fraction": args.fraction, "seed": args.seed,
                           "epochs": epochs, "set": overrides, "ft_set": ft_over,
+                          "ft_init": init_opts,
                           "old_labels": int(len(old)), "new_labels": int(L - len(old)),
                           "parent_rows": int(len(keep)), "train_rows": train.num_points,
-                          "test_rows": test.num_points, "quick": args.quick},
+                          "test_rows": test.num_points, "quick": args.quick,
+                          "evaluated_on": (f"validation: {args.val_split} of TRAIN, seed "
+                                           f"{args.split_seed}" if args.val_split > 0
+                                           else "test")},
                "machine": machine_info(args.device), "results": rows,
                "init_variants": variants}
     print(markdown(payload))
-    name = f"grow_labels_{args.data}" + ("_quick" if args.quick else "")
+    name = f"grow_labels_{args.data}" + ("_val" if args.val_split > 0 else "") + (
+        "_quick" if args.quick else "")
     write_results(name, payload, args.out)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from cli._options import load_data, zero_based_option
+
 __all__ = ["COMMANDS", "labels", "add"]
 
 _DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -38,6 +40,7 @@ def labels() -> None:
               help="Cut (or pad) --data's feature columns to the model's instead of failing.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@zero_based_option
 def add(model: Path, data: Path, out: Path, label_names: Path | None, ignore_extra: bool,
         device: str, as_json: bool) -> None:
     """Add the labels of --data that the model does not know; no training step.
@@ -47,10 +50,9 @@ def add(model: Path, data: Path, out: Path, label_names: Path | None, ignore_ext
     xmc labels add --model runs/kjv --data train.txt --label-names labels.txt --out runs/kjv2
     """
     from xmc_toolkit import grow
-    from xmc_toolkit.data import load
 
     grow.check_out_dir(model, out)
-    ds = load(data, label_names_from=label_names)
+    ds = load_data(data, label_names_from=label_names)  # with --zero-based/--one-based
     g = grow.add_labels_dir(model, ds, out, ignore_extra=ignore_extra, path=str(data),
                             device=device)
     m = g.match

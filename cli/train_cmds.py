@@ -400,10 +400,11 @@ def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: 
     from xmc_toolkit.model_dir import load_model_dir
     from xmc_toolkit.train import TrainingInterrupted
 
-    if config_file is not None:
-        raise click.UsageError("--config does not combine with --init-from: the grown model "
-                               "takes its parent's config; change single values with flags")
     run: dict[str, Any] = {}
+    if config_file is not None:  # the file's fields over the parent's config, flags over both
+        parent_cfg = load_model_dir(init_from, device="cpu").config
+        flags = {**grow.config_file_overrides(config_file, parent_cfg),
+                 **{k: v for k, v in flags.items() if v is not None}}
     if resume is not None:
         run = _read_run(resume)
         if out is not None and Path(out) != Path(resume):

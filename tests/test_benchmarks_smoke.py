@@ -216,3 +216,16 @@ def test_grow_labels_quick(tmp_path: Path) -> None:
     assert methods[1:] == ["(a) labels add", "(b) add + 1 epoch(s)", "(c) from scratch"]
     assert all(0 <= r["all/P@1"] <= 1 for r in data["results"])
     assert len(data["init_variants"]) == 9
+
+
+def test_grow_labels_quick_on_a_validation_split(tmp_path: Path) -> None:
+    """--val-split evaluates on a slice of TRAIN; the longest fine-tune records every epoch."""
+    out = tmp_path / "grow_val.json"
+    _load("bench_grow_labels").main([*QUICK, "--out", str(out), "--val-split", "0.2",
+                                     "--no-scratch"])
+    data = _check_payload(out)
+    assert data["config"]["evaluated_on"].startswith("validation: 0.2 of TRAIN")
+    assert data["config"]["test_rows"] == 80  # 20 % of the 400 synthetic training rows
+    ft = [r for r in data["results"] if r["method"].startswith("(b)")]
+    assert len(ft) == 1 and [p["epoch"] for p in ft[0]["per_epoch"]] == [1]
+    assert ft[0]["per_epoch"][0]["all/P@1"] == ft[0]["all/P@1"]

@@ -104,6 +104,71 @@ def test_new_label_rows_match_slow_reference(direction, calibration):
     assert got.stats["calibration"] == calibration and got.stats["old_labels_used"] == L
 
 
+def test_new_label_rows_members_calibrates_each_member_on_its_own():
+    """Block i of a per-member row is new_label_rows on member i's queries (n x its slice of
+    the ensemble query) and old blocks; the bias is the members' mean, so the ensemble score
+    (mean of the member scores) is the mean of calibrated member scores."""
+    g = np.random.default_rng(5)
+    N, d, n_mem, L, n = 400, 6, 3, 9, 4
+    Qm = [g.normal(size=(N, d)) + 0.2 * i for i in range(n_mem)]  # member queries
+    Q = torch.tensor(np.concatenate(Qm, 1) / n_mem, dtype=torch.float32)  # [N, n * d]
+    Yo = sp.csr_matrix((g.random((N, L)) < np.linspace(0.05, 0.4, L)).astype(np.float32))
+    Yn = sp.csr_matrix((g.random((N, n)) < np.linspace(0.05, 0.3, n)).astype(np.float32))
+    W = torch.tensor(g.normal(size=(L, n_mem * d)) * 0.5, dtype=torch.float32)
+    b = torch.tensor(g.normal(size=L), dtype=torch.float32)
+    got = grow.new_label_rows_members(Q, Yn, W, b, Yo, members=n_mem)
+    assert got.weight.shape == (n, n_mem * d) and got.stats["members"] == n_mem
+    biases = []
+    for i in range(n_mem):
+        one = grow.new_label_rows(torch.tensor(Qm[i], dtype=torch.float32), Yn,
+                                  W[:, i * d:(i + 1) * d], b, Yo)
+        np.testing.assert_allclose(got.weight[:, i * d:(i + 1) * d].numpy(), one.weight.numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        biases.append(one.bias.numpy())
+    np.testing.assert_allclose(got.bias.numpy(), np.mean(biases, 0), rtol=1e-4, atol=1e-5)
+    # each member's new scores spread like its old ones (the calibration), unlike the rows
+    # calibrated on the ensemble query, whose member blocks are not calibrated at all
+    whole = grow.new_label_rows(Q, Yn, W, b, Yo)
+    assert not torch.allclose(whole.weight, got.weight, atol=1e-3)
+    one = grow.new_label_rows_members(Q, Yn, W, b, Yo, members=1)
+    np.testing.assert_array_equal(one.weight.numpy(), whole.weight.numpy())
+    with pytest.raises(ConfigError, match="multiple"):
+        grow.new_label_rows_members(Q[:, :-1], Yn, W[:, :-1], b, Yo, members=n_mem)
+
+
+def test_ensemble_parent_fine_tune_starts_from_per_member_rows(tmp_path):
+    """A 2-member parent: --init-from (train_from) starts from the per-member rows (recorded in
+    the lineage); labels add keeps the rows fitted on the ensemble query (the served score)."""
+    from xmc_toolkit.encoder import encode_csr
+
+    X, Y = make_tiny_problem(200, seed=4)
+    keep = np.flatnonzero(np.asarray(Y[:, :4].sum(1)).ravel() > 0)
+    Trainer(TrainConfig(**{**TINY, "ensemble": 2, "epochs": 2}), out_dir=tmp_path / "p").fit(
+        XMCDataset(X[keep], Y[keep][:, :4]))
+    parent = load_model_dir(tmp_path / "p", device="cpu")
+    assert parent.network.members == 2
+    g = grow.add_labels_dir(tmp_path / "p", XMCDataset(X, Y), tmp_path / "a")
+    assert "members" not in grow.read_lineage(tmp_path / "a")[0]["init"]
+    seen = []
+    _, g_ft, _ = grow.train_from(tmp_path / "p", XMCDataset(X, Y), tmp_path / "f",
+                                 {"epochs": 1},
+                                 on_trainer=lambda tr: seen.append(tr))
+    assert grow.read_lineage(tmp_path / "f")[0]["init"]["members"] == 2 and seen
+    q = encode_csr(parent.network.encoder, parent.preprocessor.transform(X), batch_size=512)
+    Yc = sp.csc_matrix(Y)
+    want = grow.new_label_rows_members(q, Yc[:, 4:], parent.network.label_weight,
+                                       parent.network.label_bias, Yc[:, :4], members=2,
+                                       old_counts=np.asarray(parent.label_counts))
+    np.testing.assert_allclose(g_ft.rows.weight.numpy(), want.weight.numpy(), rtol=1e-4,
+                               atol=1e-6)
+    flat = grow.prepare_growth(parent, XMCDataset(X, Y))
+    W = load_model_dir(tmp_path / "a", device="cpu").network.label_weight.detach()
+    np.testing.assert_allclose(W[4:].numpy(), flat.rows.weight.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g.rows.weight.numpy(), flat.rows.weight.numpy(), rtol=1e-4,
+                               atol=1e-6)
+    assert not np.allclose(flat.rows.weight.numpy(), want.weight.numpy(), atol=1e-3)
+
+
 def test_new_label_rows_fallbacks_and_errors():
     g = np.random.default_rng(0)
     Q = torch.tensor(g.normal(size=(50, 4)), dtype=torch.float32)
@@ -313,6 +378,64 @@ def test_train_init_from_honours_the_id_base_flag(world, tmp_path, monkeypatch):
                                  "--epochs", "1", "--zero-based", *FLAGS])
     assert r.exit_code == 0, r.output
     assert seen and all(v is True for v in seen), seen
+
+
+def test_labels_add_honours_the_id_base_flag(world, tmp_path, monkeypatch):
+    """``xmc labels add`` takes --zero-based/--one-based (the shared option) to the loader."""
+    import xmc_toolkit.data as data_mod
+
+    seen = []
+    real = data_mod.load
+
+    def spy(*a, **k):
+        seen.append(k.get("zero_based"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "load", spy)
+    base = ["labels", "add", "--model", str(world / "parent"), "--data",
+            str(world / "train.txt"), "--label-names", str(world / "names.txt")]
+    for flag, want in (("--zero-based", True), ("--one-based", False), (None, "auto")):
+        seen.clear()
+        out = tmp_path / f"a{want}"
+        r = CliRunner().invoke(xmc, base + ["--out", str(out)] + ([flag] if flag else []))
+        assert r.exit_code == 0, r.output  # XC text: its header fixes the base either way
+        assert seen and all(v == want for v in seen), (flag, seen)
+
+
+def test_train_init_from_with_config_file(world, tmp_path):
+    """--config with --init-from: the file's fields over the parent's config, flags over the
+    file, fine-tune defaults for the rest; network fields that differ: one line, exit 2."""
+    runner = CliRunner()
+    cfg = tmp_path / "ft.json"
+    cfg.write_text(json.dumps({"epochs": 1, "lr": 0.005, "weight_decay": 0.0}))
+    base = ["train", "--init-from", str(world / "parent"), "--data", str(world / "train.txt"),
+            "--label-names", str(world / "names.txt"), "--config", str(cfg)]
+    r = runner.invoke(xmc, base + ["--print-config", "--lr", "0.007"])
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.output)
+    assert (printed["epochs"], printed["lr"], printed["weight_decay"]) == (1, 0.007, 0.0)
+    assert printed["dim"] == 16  # the parent's
+    r = runner.invoke(xmc, base + ["--out", str(tmp_path / "c"), "--no-progress",
+                                   "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = load_model_dir(tmp_path / "c", device="cpu")
+    assert (m.config.epochs, m.config.lr, m.config.weight_decay) == (1, 0.005, 0.0)
+    assert m.num_labels == 6
+    # a file printed by --init-from --print-config round-trips (its network fields are the
+    # parent's)
+    full = tmp_path / "full.json"
+    full.write_text(runner.invoke(xmc, ["train", "--init-from", str(world / "parent"),
+                                        "--print-config"]).output)
+    r = runner.invoke(xmc, ["train", "--init-from", str(world / "parent"), "--config",
+                            str(full), "--print-config"])
+    assert r.exit_code == 0 and json.loads(r.output) == json.loads(full.read_text()), r.output
+    for bad, expect in (({"dim": 32}, "dim=32 (the parent has 16)"),
+                        ({"epoch": 1}, "unknown key 'epoch'")):
+        cfg.write_text(json.dumps(bad))
+        r = runner.invoke(xmc, base + ["--out", str(tmp_path / "bad")])
+        lines = [x for x in r.output.strip().splitlines() if x]
+        assert r.exit_code == 2 and len(lines) == 1 and expect in lines[0], r.output
+        assert not (tmp_path / "bad").exists()
 
 
 def test_init_from_by_id_and_resume(tmp_path):

@@ -63,10 +63,12 @@ __all__ = [
     "remap_labels",
     "align_features",
     "new_label_rows",
+    "new_label_rows_members",
     "grow_network",
     "grow_optimizer_state",
     "grow_sampler_state",
     "child_config",
+    "config_file_overrides",
     "prepare_growth",
     "read_optimizer_state",
     "add_labels_dir",
@@ -82,6 +84,7 @@ FINE_TUNE_EPOCHS = 2  # epochs of `xmc train --init-from` without --epochs (docs
 FINE_TUNE_LR_SCALE = 0.3  # without --lr: the parent's learning rates times this
 FINE_TUNE_WARMUP = 0.1  # without --warmup-steps: this share of the fine-tune's steps (at most
                         # the parent's warm-up)
+FINE_TUNE_PER_MEMBER = True  # a fine-tune's new rows: calibrated per ensemble member
 LINEAGE_FILE = "lineage.json"
 # fields that shape the network or its inputs: a grown model keeps its parent's
 FROZEN_FIELDS = ("dim", "hidden", "hidden_budget", "linear_only", "tfidf", "l2_normalize",
@@ -402,6 +405,45 @@ def new_label_rows(queries: torch.Tensor, Y_new: sp.spmatrix, old_weight: torch.
                    counts.astype(np.int64), stats)
 
 
+def new_label_rows_members(queries: torch.Tensor, Y_new: sp.spmatrix, old_weight: torch.Tensor,
+                           old_bias: torch.Tensor | None, Y_old: sp.spmatrix | None = None, *,
+                           members: int = 1, **options: Any) -> NewRows:
+    """:func:`new_label_rows` for each of an ensemble's ``members`` on its own.
+
+    An ensemble's query ``[N, n * d]`` is its members' queries side by side, divided by ``n``,
+    and its score the mean of the members' scores ``q_i . w_i + b`` (``q_i`` member ``i``'s
+    query, ``w_i`` block ``i`` of the row, one bias); the trainer gives every member its own
+    loss on its own score. Each member's block of a new row (and a bias ``b_i``) is calibrated
+    on that member's queries and old blocks; the new bias is the mean of the ``b_i``, so the
+    ensemble's score is the mean of the calibrated member scores. ``members=1`` is
+    :func:`new_label_rows`.
+
+    Args:
+        queries: ``[N, n * d]`` ensemble queries (eval mode).
+        members: ``n``; ``queries.shape[1]`` must be a multiple of it.
+        options: passed to :func:`new_label_rows`.
+
+    Returns:
+        :class:`NewRows` (``weight [n_new, n * d]``); ``stats`` are member 0's plus
+        ``members``.
+
+    Raises:
+        ConfigError: ``queries``' width is not a multiple of ``members``.
+    """
+    if members <= 1:
+        return new_label_rows(queries, Y_new, old_weight, old_bias, Y_old, **options)
+    width = queries.shape[1]
+    if width % members:
+        raise ConfigError(f"queries have width {width}, not a multiple of members={members}")
+    d = width // members
+    parts = [new_label_rows(queries[:, i * d:(i + 1) * d] * members, Y_new,
+                            old_weight[:, i * d:(i + 1) * d], old_bias, Y_old, **options)
+             for i in range(members)]
+    bias = None if parts[0].bias is None else torch.stack([p.bias for p in parts]).mean(0)
+    return NewRows(torch.cat([p.weight for p in parts], 1), bias, parts[0].counts,
+                   {**parts[0].stats, "members": members})
+
+
 # ------------------------------------------------------------------------------------------------
 # the grown network, optimizer state and MIDX state
 # ------------------------------------------------------------------------------------------------
@@ -598,6 +640,36 @@ def child_config(parent: "TrainConfig", overrides: dict[str, Any] | None = None,
     return parent.merged(over)
 
 
+def config_file_overrides(path: str | os.PathLike[str], parent: "TrainConfig") -> dict[str, Any]:
+    """The fields a ``--config`` JSON file sets, as overrides of a grown model's config.
+
+    With ``--init-from`` the file holds only what changes from the parent (a file written by
+    ``xmc train --init-from DIR --print-config`` works too: its network fields are the
+    parent's). Fields absent from the file keep the fine-tune defaults of
+    :func:`child_config`.
+
+    Raises:
+        ConfigError: the file is unreadable, not a JSON object, has unknown keys or wrong
+            types, or sets a field that shapes the network (:data:`FROZEN_FIELDS`) to another
+            value than the parent's.
+    """
+    from .train import TrainConfig
+
+    cfg = TrainConfig.from_json(path, validate=False)  # unknown keys, types: all at once
+    keys = json.loads(Path(path).read_text())
+    over = {k: v for k, v in cfg.to_dict().items() if k in keys}
+    bad = []
+    for k in FROZEN_FIELDS:
+        if k in over:
+            new = tuple(over[k]) if isinstance(over[k], list) else over[k]
+            if new != getattr(parent, k):
+                bad.append(f"{k}={over[k]!r} (the parent has {getattr(parent, k)!r})")
+    if bad:
+        raise ConfigError(f"config file {str(path)!r} sets {', '.join(bad)}: a grown model "
+                          "keeps its parent's network; remove these keys from the file")
+    return over
+
+
 @dataclass
 class WarmStart:
     """What :meth:`xmc_toolkit.train.Trainer.fit` takes from a parent model (``init=``).
@@ -696,12 +768,17 @@ class Growth:
 
 def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool = False,
                    path: str | None = None, refresh_index: bool = True,
-                   config: "TrainConfig | None" = None, **init_options: Any) -> Growth:
+                   config: "TrainConfig | None" = None, per_member: bool = False,
+                   **init_options: Any) -> Growth:
     """Grow ``parent`` by the labels of ``ds`` it does not know (``parent`` is not modified).
 
     The rows of ``ds`` are encoded by the parent; new labels get :func:`new_label_rows` calibrated
-    on the old labels present in ``ds``; the grown model's training label counts are the
-    parent's for old labels and ``ds``'s for new ones; a MIDX state is grown
+    on the old labels present in ``ds``: on the ensemble's query (the score served), or with
+    ``per_member`` for each member of an ensemble parent on its own
+    (:func:`new_label_rows_members`: what a fine-tune, one loss per member, trains; the rows
+    fitted on the ensemble query have uncalibrated member blocks, which fine-tuning first
+    undoes, docs/growing-labels.md; :func:`train_from` uses it); the grown model's training
+    label counts are the parent's for old labels and ``ds``'s for new ones; a MIDX state is grown
     (:func:`grow_sampler_state`, refreshed when ``refresh_index``). ``init_options`` go to
     :func:`new_label_rows` (``direction=``, ``calibration=``, ``lda_shrinkage=``).
 
@@ -721,8 +798,10 @@ def prepare_growth(parent: "LoadedModel", ds: XMCDataset, *, ignore_extra: bool 
     Xp = parent.preprocessor.transform(X)
     queries = encode_csr(net.encoder, Xp, batch_size=cfg.eval_batch_size)  # [N, n*d]
     Yc = sp.csc_matrix(Y)
-    rows = new_label_rows(queries, Yc[:, L:], net.label_weight, net.label_bias, Yc[:, :L],
-                          old_counts=np.asarray(parent.label_counts)[:L], **init_options)
+    rows = new_label_rows_members(queries, Yc[:, L:], net.label_weight, net.label_bias,
+                                  Yc[:, :L], members=int(net.members) if per_member else 1,
+                                  old_counts=np.asarray(parent.label_counts)[:L],
+                                  **init_options)
     child = grow_network(net, cfg, rows)
     counts = np.concatenate([np.asarray(parent.label_counts, dtype=np.int64)[:L],
                              rows.counts]).astype(np.int64)
@@ -895,14 +974,20 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
                data_path: str | None = None, val_path: str | None = None,
                show_progress: bool = False, resume: bool = False,
                callbacks: Sequence[Callable[[str, dict[str, Any]], None]] = (),
-               before_training: Callable[["TrainConfig"], None] | None = None
+               before_training: Callable[["TrainConfig"], None] | None = None,
+               init_options: dict[str, Any] | None = None,
+               on_trainer: Callable[[Any], None] | None = None
                ) -> tuple["TrainResult", Growth, Any]:
     """``xmc train --init-from``: grow the model in ``model_dir`` by ``train``'s new labels and
     fine-tune on ``train`` (every label) into ``out_dir``.
 
     Everything is checked (parent, features, label names, config, and by the trainer the
     output directory and its lock) before ``before_training`` is called (at the trainer's
-    ``train_begin`` event) and anything is written. Returns ``(TrainResult, Growth, Trainer)``.
+    ``train_begin`` event) and anything is written. ``init_options`` go to
+    :func:`prepare_growth` (``direction=``, ...; ``per_member`` defaults to
+    :data:`FINE_TUNE_PER_MEMBER`); ``on_trainer`` is called with the
+    :class:`~xmc_toolkit.train.Trainer` before it trains (its callbacks can then read
+    ``trainer.network``). Returns ``(TrainResult, Growth, Trainer)``.
     """
     from .train import Trainer, load_model_dir
 
@@ -913,7 +998,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
     cfg = child_config(parent.config, over, sampler_state=parent.sampler_state,
                        num_points=train.num_points)
     growth = prepare_growth(parent, train, ignore_extra=ignore_extra, path=data_path,
-                            refresh_index=False, config=cfg)
+                            refresh_index=False, config=cfg,
+                            **{"per_member": FINE_TUNE_PER_MEMBER, **(init_options or {})})
     val_ds = None if val is None else remap_validation(
         val, growth.match, parent.num_features, ignore_extra=ignore_extra, path=val_path)
     cfg.validate_for_data(growth.data.num_points, growth.data.num_features,
@@ -933,6 +1019,8 @@ def train_from(model_dir: str | os.PathLike[str], train: XMCDataset,
 
         hooks.insert(0, begin)
     trainer = Trainer(cfg, out_dir=out_dir, callbacks=hooks, featurizer=parent.featurizer)
+    if on_trainer is not None:  # e.g. a benchmark's per-epoch evaluation of trainer.network
+        on_trainer(trainer)
     result = trainer.fit(growth.data, val_ds, show_progress=show_progress, resume=resume,
                          init=ws)
     kept = ", ".join(ws.kept) if ws.kept else "none"

@@ -227,7 +227,9 @@ class XMCModel:
             raise LabelSetError("the model's labels have no names, so new labels cannot have "
                                 "them either; drop names=")
         growth = grow.prepare_growth(parent, XMCDataset(X, Y, data_names),
-                                     refresh_index=fine_tune_epochs <= 0)
+                                     refresh_index=fine_tune_epochs <= 0,
+                                     per_member=fine_tune_epochs > 0 and
+                                     grow.FINE_TUNE_PER_MEMBER)
         where = "none"
         if fine_tune_epochs > 0:
             cfg = grow.child_config(parent.config, {"epochs": int(fine_tune_epochs), **config},
