@@ -430,7 +430,9 @@ def test_train_init_from_with_config_file(world, tmp_path):
                             str(full), "--print-config"])
     assert r.exit_code == 0 and json.loads(r.output) == json.loads(full.read_text()), r.output
     for bad, expect in (({"dim": 32}, "dim=32 (the parent has 16)"),
-                        ({"epoch": 1}, "unknown key 'epoch'")):
+                        ({"epoch": 1}, "unknown key 'epoch'"),
+                        ({"featurizer": {"ngram_range": [1, 2]}},
+                         "keeps its parent's featurizer")):
         cfg.write_text(json.dumps(bad))
         r = runner.invoke(xmc, base + ["--out", str(tmp_path / "bad")])
         lines = [x for x in r.output.strip().splitlines() if x]

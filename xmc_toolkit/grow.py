@@ -653,10 +653,14 @@ def config_file_overrides(path: str | os.PathLike[str], parent: "TrainConfig") -
             types, or sets a field that shapes the network (:data:`FROZEN_FIELDS`) to another
             value than the parent's.
     """
+    from .config import read_config_json
     from .train import TrainConfig
 
-    cfg = TrainConfig.from_json(path, validate=False)  # unknown keys, types: all at once
-    keys = json.loads(Path(path).read_text())
+    keys = read_config_json(path)
+    if "featurizer" in keys:
+        raise ConfigError(f"config file {str(path)!r} has a 'featurizer' block: a grown model "
+                          "keeps its parent's featurizer; remove the block")
+    cfg = TrainConfig.from_dict(keys, validate=False)  # unknown keys, types: all at once
     over = {k: v for k, v in cfg.to_dict().items() if k in keys}
     bad = []
     for k in FROZEN_FIELDS:
