@@ -155,3 +155,12 @@ def test_grow_labels_quick(tmp_path: Path) -> None:
     assert methods[1:] == ["(a) labels add", "(b) add + 1 epoch(s)", "(c) from scratch"]
     assert all(0 <= r["all/P@1"] <= 1 for r in data["results"])
     assert len(data["init_variants"]) == 9
+
+
+def test_refresh_quick(tmp_path: Path) -> None:
+    out = tmp_path / "refresh.json"
+    _load("bench_refresh").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    assert all(r["refresh_kind"] == "incremental" for r in data["rounds"])
+    assert [p["refresh_kind"] for p in data["curve"]] == ["incremental"] * 3
+    assert data["summary"]["amortised_step_s"] > data["summary"]["midx_shared_step_s"]
