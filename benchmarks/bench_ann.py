@@ -36,7 +36,7 @@ from _common import (  # noqa: E402
 
 NAME = "ann"
 SWEEPS = {"hnsw": [8, 12, 16, 24, 32, 48, 64, 128], "faiss-ivf": [1, 2, 4, 8, 16, 32, 64],
-          "midx": [16, 64, 256, 1024]}
+          "midx": [16, 64, 256, 1024], "midx-adaptive": [1000, 3000, 10000, 30000]}
 
 
 def _ints(text: str) -> list[int]:
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--single-queries", type=int, default=200)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--backends", default="hnsw,faiss-ivf,midx")
+    ap.add_argument("--backends", default="faiss-ivf,midx,midx-adaptive,hnsw",
+                    help="midx: the index's best cells by codeword score; midx-adaptive: cells "
+                         "by codeword score + the cell's largest bias until a candidate budget "
+                         "is filled (the sweep's effort)")
     ap.add_argument("--hnsw-M", type=int, default=16)
     ap.add_argument("--hnsw-ef-construction", type=int, default=80)
     ap.add_argument("--build-threads", type=int, default=1,
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hnsw-ef", type=_ints, default=SWEEPS["hnsw"])
     ap.add_argument("--faiss-nprobe", type=_ints, default=SWEEPS["faiss-ivf"])
     ap.add_argument("--midx-cells", type=_ints, default=SWEEPS["midx"])
+    ap.add_argument("--midx-budgets", type=_ints, default=SWEEPS["midx-adaptive"])
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--target-ms", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=0)
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.synthetic, args.dim, args.queries, args.single_queries = 3000, 16, 100, 10
         args.hnsw_ef, args.faiss_nprobe, args.midx_cells = [8, 32], [1, 4], [4, 16]
+        args.midx_budgets = [100, 300]
     out_path = args.out or (RESULTS_DIR / f"{NAME}{'_quick' if args.quick else ''}.json")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
     payload: dict[str, Any] = {"benchmark": NAME, "config": config,
@@ -148,25 +153,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = payload["results"]
     avail = available_backends()
     payload["available_backends"] = avail
+    midx_index: Any = None
+    midx_build = 0.0
     for backend in [s.strip() for s in args.backends.split(",") if s.strip()]:
-        if backend != "midx" and backend not in avail:
+        if not backend.startswith("midx") and backend not in avail:
             payload.setdefault("skipped", []).append(f"{backend}: not installed")
             continue
         t = time.perf_counter()
-        if backend == "midx":
-            index: Any = None
-            if fitted is not None and fitted.sampler_state is not None:
-                from xmc_toolkit.evaluate import build_index
+        if backend.startswith("midx"):
+            if midx_index is None:
+                if fitted is not None and fitted.sampler_state is not None:
+                    from xmc_toolkit.evaluate import build_index
 
-                index = build_index(fitted)
+                    midx_index = build_index(fitted)
+                else:
+                    midx_index = MIDXSampler(L, min(64, L), seed=0)
+                    midx_index.update(w, b)
+                midx_build = time.perf_counter() - t
+            index = midx_index
+            build = {"seconds": midx_build, "K": index.num_codewords}
+            C = index.num_codewords ** 2
+            if backend == "midx":
+                efforts = [c for c in args.midx_cells if c <= C]
+
+                def run(x: Any, e: int = 0) -> Any:
+                    return approx_topk(x, w, b, index, k, num_cells=e)[1]
             else:
-                index = MIDXSampler(L, min(64, L), seed=0)
-                index.update(w, b)
-            build = {"seconds": time.perf_counter() - t, "K": index.num_codewords}
-            efforts = [c for c in args.midx_cells if c <= index.num_codewords ** 2]
+                efforts = [m for m in args.midx_budgets if m <= L]
 
-            def run(x: Any, e: int = 0) -> Any:
-                return approx_topk(x, w, b, index, k, num_cells=e)[1]
+                def run(x: Any, e: int = 0) -> Any:
+                    return approx_topk(x, w, b, index, k, num_cells=C, max_candidates=e,
+                                       bias_bound=True)[1]
         else:
             params: dict[str, Any] = {}
             if backend == "hnsw":

@@ -164,3 +164,12 @@ def test_refresh_quick(tmp_path: Path) -> None:
     assert all(r["refresh_kind"] == "incremental" for r in data["rounds"])
     assert [p["refresh_kind"] for p in data["curve"]] == ["incremental"] * 3
     assert data["summary"]["amortised_step_s"] > data["summary"]["midx_shared_step_s"]
+
+
+def test_ann_quick(tmp_path: Path) -> None:
+    out = tmp_path / "ann.json"
+    _load("bench_ann").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    backends = {r["backend"] for r in data["results"]}
+    assert {"midx", "midx-adaptive"} <= backends  # the libraries are optional
+    assert all(0.0 <= r["recall"] <= 1.0 for r in data["results"])

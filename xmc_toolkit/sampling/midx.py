@@ -310,6 +310,9 @@ class MIDXSampler(Sampler):
         cell_items: ``[L] int64`` labels sorted by cell id.
         cell_log_weight: ``[K*K]`` float32 ``log N[k1, k2]`` (``-inf`` for empty cells).
         item_log_weight: ``[L]`` float32 ``log w_i`` (zeros when unweighted).
+        cell_bias_max: ``[K*K]`` float32 largest bias among a cell's labels (0 without a bias,
+            ``-inf`` for empty cells): with the codeword scores, the bias part of an upper
+            bound on the cell's scores (``approx_topk(..., bias_bound=True)``).
     """
 
     needs_update = True
@@ -413,6 +416,7 @@ class MIDXSampler(Sampler):
         self.cell_items: Tensor | None = None
         self.cell_log_weight: Tensor | None = None
         self.item_log_weight: Tensor | None = None
+        self.cell_bias_max: Tensor | None = None
         self._residual: Tensor | None = None  # [L, d] (exact mode only)
         self._weighted = False
         self._cum: Tensor | None = None
@@ -634,6 +638,13 @@ class MIDXSampler(Sampler):
         if not weighted:
             self._cum = self._base = self._mass = None
 
+        if bias is None:
+            cb = torch.where(counts > 0, 0.0, -math.inf).to(device=device, dtype=torch.float32)
+        else:
+            cb = torch.full((k * k,), -math.inf, dtype=torch.float32, device=device)
+            cb = cb.scatter_reduce(0, cell, bias.detach().to(device=device, dtype=torch.float32),
+                                   reduce="amax")
+        self.cell_bias_max = cb  # [K^2] max bias of a cell's labels (-inf: empty cell)
         self.codebooks = (codebooks[0].float().contiguous(), codebooks[1].float().contiguous())
         self.codes = codes.long()
         self.cell_indptr = indptr
