@@ -173,3 +173,12 @@ def test_ann_quick(tmp_path: Path) -> None:
     backends = {r["backend"] for r in data["results"]}
     assert {"midx", "midx-adaptive"} <= backends  # the libraries are optional
     assert all(0.0 <= r["recall"] <= 1.0 for r in data["results"])
+
+
+def test_step_profile_quick(tmp_path: Path) -> None:
+    out = tmp_path / "sp.json"
+    _load("bench_step_profile").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    parts = {"sample", "gather+score", "loss", "backward", "optimizer", "step"}
+    assert parts <= set(data["results"])
+    assert all(data["results"][p]["bound_s"] > 0 for p in parts)
