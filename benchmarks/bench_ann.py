@@ -117,8 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG path ('' to skip)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="combine the results of earlier runs on the same model (JSON files) "
+                         "into --out and its plot instead of measuring")
     args = ap.parse_args(argv)
     apply_threads(args.threads)
+    if args.merge:
+        return _merge(args.merge, args.out or RESULTS_DIR / f"{NAME}.json", args.plot)
 
     import torch
 
@@ -206,13 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "recall": recall_at_k_vs_exact(ids, exact_ids)}
             res.append(rec)
             write_results(NAME, payload, out_path)
-    ok = [r for r in res if r["recall"] >= args.target_recall]
-    best = min(ok, key=lambda r: r["ms_single"]) if ok else None
-    payload["summary"] = {
-        "best_meeting_recall": best,
-        "target_met": bool(best and best["ms_single"] <= args.target_ms),
-        "target": f"recall@{k} >= {args.target_recall} at <= {args.target_ms} ms per query",
-    }
+    payload["summary"] = _summary(payload)
     print_table(f"approximate top-{k}: {payload['source']} ({q.shape[0]} queries)",
                 ["backend", "effort", "ms/query single", "ms/query batched", f"recall@{k}"],
                 [["exact", "-", ms1, msb, 1.0]]
@@ -222,6 +221,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 [[bk, v["seconds"], {a: c for a, c in v.items() if a != "seconds"}]
                  for bk, v in payload.get("build", {}).items()])
     write_results_and_plot(NAME, payload, out_path, args.plot, _plot)
+    return payload
+
+
+def _summary(payload: dict[str, Any]) -> dict[str, Any]:
+    c = payload["config"]
+    ok = [r for r in payload["results"] if r["recall"] >= c["target_recall"]]
+    best = min(ok, key=lambda r: r["ms_single"]) if ok else None
+    return {"best_meeting_recall": best,
+            "target_met": bool(best and best["ms_single"] <= c["target_ms"]),
+            "target": f"recall@{c['k']} >= {c['target_recall']} at <= {c['target_ms']} ms per "
+                      "query"}
+
+
+def _merge(paths: list[Path], out: Path, plot: Path | None) -> dict[str, Any]:
+    """One payload from several runs: the first run's exact timings and configuration, every
+    run's sweep rows (each tagged with its run), builds and machines."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    payload = dict(runs[0])
+    payload["results"] = [dict(r, run=i) for i, d in enumerate(runs) for r in d["results"]]
+    payload["build"] = {k: v for d in runs for k, v in d.get("build", {}).items()}
+    payload["runs"] = [{"file": str(p), "machine": d["machine"], "config": d["config"],
+                        "exact": d.get("exact")} for p, d in zip(paths, runs)]
+    payload["summary"] = _summary(payload)
+    write_results_and_plot(NAME, payload, out, plot, _plot)
     return payload
 
 
