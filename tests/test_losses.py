@@ -604,7 +604,3 @@ def test_shared_accidental_hits_match_brute_force():
         got = _accidental_hits(pos, mask, ids)
         assert torch.equal(got, want)
         assert torch.equal(got, _accidental_hits(pos, mask, ids.unsqueeze(0).expand(b, -1)))
-        # the branch-free path (the one used off the CPU), here on the CPU
-        from xmc_toolkit.losses import _shared_accidental_hits
-
-        assert torch.equal(_shared_accidental_hits(pos, mask, ids, branch_free=True), want)

@@ -196,45 +196,27 @@ def _accidental_hits(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor) -> Tens
     return found == ids
 
 
-def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor,
-                            branch_free: bool | None = None) -> Tensor:
+def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor) -> Tensor:
     """:func:`_accidental_hits` for shared ids ``[M]``: the ``B * P`` positives are looked up in
-    the once-sorted ids (``B * P`` binary searches instead of ``B * M``); each valid positive
-    marks the run ``[lo, hi)`` of equal sorted ids, so the work beyond one ``[B, M]`` fill is
-    ``O(B P log M + hits)``. ``branch_free`` (default: off the CPU) uses a difference array
-    and one ``[B, M]`` cumsum instead, with no host synchronisation.
+    the once-sorted ids (``B * P`` binary searches instead of ``B * M``), each marking the run
+    ``[lo, hi)`` of equal sorted ids through a difference array (one ``[B, M]`` cumsum). Static
+    shapes only: no tensor value is read on the host (no device synchronisation).
 
     Returns:
         ``[B, M]`` bool, True where ``ids[m]`` equals a valid positive of row ``b``.
     """
-    b, p = pos_ids.shape
+    b, _ = pos_ids.shape
     m = ids.numel()
     sorted_ids, perm = torch.sort(ids)  # [M]
     lo = torch.searchsorted(sorted_ids, pos_ids.contiguous())  # [B, P]
     hi = torch.searchsorted(sorted_ids, pos_ids.contiguous(), right=True)  # [B, P]
-    if branch_free is None:
-        branch_free = ids.device.type != "cpu"
-    if branch_free:
-        # no host synchronisation off the CPU: a difference array and one [B, M] cumsum
-        one = pos_mask.to(torch.int32)  # padding marks nothing
-        diff = torch.zeros(b, m + 1, dtype=torch.int32, device=ids.device)  # [B, M + 1]
-        diff.scatter_add_(1, lo, one)
-        diff.scatter_add_(1, hi, -one)
-        hit_sorted = torch.cumsum(diff[:, :m], dim=1) > 0  # [B, M] in sorted order
-        res = torch.empty_like(hit_sorted)
-        res[:, perm] = hit_sorted  # back to the draw order
-        return res
-    # CPU: mark the hits one by one (reading their count here costs no device sync)
-    run = torch.where(pos_mask, hi - lo, torch.zeros_like(lo)).flatten()  # [B P] run lengths
-    out = torch.zeros(b, m, dtype=torch.bool, device=ids.device)
-    total = run.sum()
-    rows = torch.arange(b, device=ids.device).repeat_interleave(p)  # [B P]
-    # one entry per hit: its row and its position in the sorted ids (runs laid end to end)
-    r = rows.repeat_interleave(run)  # [hits]
-    start = lo.flatten().repeat_interleave(run)  # [hits]
-    first = torch.cumsum(run, 0) - run  # [B P] offset of each run
-    offset = torch.arange(int(total), device=ids.device) - first.repeat_interleave(run)
-    out[r, perm[start + offset]] = True
+    one = pos_mask.to(torch.int32)  # padding marks nothing
+    diff = torch.zeros(b, m + 1, dtype=torch.int32, device=ids.device)  # [B, M + 1]
+    diff.scatter_add_(1, lo, one)
+    diff.scatter_add_(1, hi, -one)
+    hit_sorted = torch.cumsum(diff[:, :m], dim=1) > 0  # [B, M] in sorted order
+    out = torch.empty_like(hit_sorted)
+    out[:, perm] = hit_sorted  # back to the draw order
     return out
 
 
