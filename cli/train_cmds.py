@@ -427,7 +427,7 @@ def _report(result: Any, out: Path, cfg: Any, as_json: bool,
                    "the exact top-k of the same rows.")
 @click.option("--approx-backend", type=click.Choice(["auto", "hnsw", "faiss-ivf", "midx"]),
               default="auto", show_default=True,
-              help="auto: an ANN index (hnswlib, else faiss; pip install 'xmc-toolkit[ann]') "
+              help="auto: an ANN index (faiss, else hnswlib; pip install 'xmc-toolkit[ann]') "
                    "over the bias-folded label vectors, else the MIDX index.")
 @click.option("--approx-effort", type=click.IntRange(min=1), default=None,
               help="Search effort of hnsw (ef) / faiss-ivf (nprobe) with --approx.")

@@ -128,7 +128,7 @@ APPROX_BACKENDS = ("auto", "hnsw", "faiss-ivf", "midx")
 
 def resolve_approx_backend(backend: str = "auto") -> str:
     """The approximate top-k backend to use: ``auto`` = the first installed ANN library
-    (hnswlib, then faiss; :func:`xmc_toolkit.ann.available_backends`), else the MIDX index."""
+    (faiss, then hnswlib; :func:`xmc_toolkit.ann.available_backends`), else the MIDX index."""
     from .ann import available_backends
     from .errors import ConfigError
 
