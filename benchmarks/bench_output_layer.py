@@ -74,7 +74,8 @@ class Bench:
     """
 
     def __init__(self, L: int, d: int, B: int, M: int, P: int, device: Any, codewords: int,
-                 chunk: int, methods: list[str], full_optimizer: str, seed: int = 0) -> None:
+                 chunk: int, methods: list[str], full_optimizer: str, seed: int = 0,
+                 sparse_optimizer: str = "sparseadam") -> None:
         import numpy as np
         import torch
 
@@ -99,6 +100,7 @@ class Bench:
         self.sparse_opt: torch.optim.Optimizer | None = None
         self.full_opt: torch.optim.Optimizer | None = None
         self.full_optimizer = full_optimizer
+        self.sparse_optimizer = sparse_optimizer
         emb = self.table.label_embeddings()
         for m in methods:
             if m == "full":
@@ -117,7 +119,7 @@ class Bench:
                 sync(device)
                 self.build_s[base] = time.perf_counter() - t
                 t = time.perf_counter()
-                s.update(emb)
+                s.update(emb, full=True)  # a warm re-cluster (incremental: bench_refresh.py)
                 sync(device)
                 self.refresh_s[base] = time.perf_counter() - t
             self.samplers[base] = s
@@ -151,7 +153,12 @@ class Bench:
 
         def sampled_step() -> float:
             if self.sparse_opt is None:
-                self.sparse_opt = torch.optim.SparseAdam(list(table.parameters()), lr=1e-3)
+                if self.sparse_optimizer == "rowadam":  # the trainer's default
+                    from xmc_toolkit.sparse_optim import RowAdam
+
+                    self.sparse_opt = RowAdam(list(table.parameters()), lr=1e-3)
+                else:
+                    self.sparse_opt = torch.optim.SparseAdam(list(table.parameters()), lr=1e-3)
             self.sparse_opt.zero_grad(set_to_none=True)
             q.grad = None
             qd = q.detach()

@@ -229,3 +229,30 @@ def test_grow_labels_quick_on_a_validation_split(tmp_path: Path) -> None:
     ft = [r for r in data["results"] if r["method"].startswith("(b)")]
     assert len(ft) == 1 and [p["epoch"] for p in ft[0]["per_epoch"]] == [1]
     assert ft[0]["per_epoch"][0]["all/P@1"] == ft[0]["all/P@1"]
+
+
+def test_refresh_quick(tmp_path: Path) -> None:
+    out = tmp_path / "refresh.json"
+    _load("bench_refresh").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    assert all(r["refresh_kind"] == "incremental" for r in data["rounds"])
+    assert [p["refresh_kind"] for p in data["curve"]] == ["incremental"] * 3
+    assert data["summary"]["amortised_step_s"] > data["summary"]["midx_shared_step_s"]
+
+
+def test_ann_quick(tmp_path: Path) -> None:
+    out = tmp_path / "ann.json"
+    _load("bench_ann").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    backends = {r["backend"] for r in data["results"]}
+    assert {"midx", "midx-adaptive"} <= backends  # the libraries are optional
+    assert all(0.0 <= r["recall"] <= 1.0 for r in data["results"])
+
+
+def test_step_profile_quick(tmp_path: Path) -> None:
+    out = tmp_path / "sp.json"
+    _load("bench_step_profile").main([*QUICK, "--out", str(out)])
+    data = _check_payload(out)
+    parts = {"sample", "gather+score", "loss", "backward", "optimizer", "step"}
+    assert parts <= set(data["results"])
+    assert all(data["results"][p]["bound_s"] > 0 for p in parts)

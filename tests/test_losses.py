@@ -589,3 +589,18 @@ def test_negative_sampling_no_positives():
     scores, ps, pi, pm, plq, ns, ni, nlq = sampled_problem(8)
     loss = negative_sampling_loss(ps, pi, torch.zeros_like(pm), ns, ni)
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_shared_accidental_hits_match_brute_force():
+    """The shared-ids fast path equals the [B, M, P] comparison (duplicates, padding, misses)."""
+    from xmc_toolkit.losses import _accidental_hits
+
+    g = torch.Generator().manual_seed(0)
+    for b, p, m, n in [(5, 3, 40, 12), (1, 1, 1, 2), (8, 6, 200, 30), (3, 4, 10, 1000)]:
+        pos = torch.randint(n, (b, p), generator=g)
+        mask = torch.rand(b, p, generator=g) > 0.3
+        ids = torch.randint(n, (m,), generator=g)
+        want = ((ids.view(1, m, 1) == pos.view(b, 1, p)) & mask.view(b, 1, p)).any(-1)
+        got = _accidental_hits(pos, mask, ids)
+        assert torch.equal(got, want)
+        assert torch.equal(got, _accidental_hits(pos, mask, ids.unsqueeze(0).expand(b, -1)))

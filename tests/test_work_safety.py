@@ -650,7 +650,7 @@ def test_flags_that_did_nothing(trained: Path, data_file: Path, tmp_path: Path,
 def test_messages_name_the_cause(trained: Path, data_file: Path, tmp_path: Path,
                                  reliability) -> None:
     code, out = _cli("predict", "--model", trained, "--data", data_file, "--out",
-                     tmp_path / "p.txt", "--approx")
+                     tmp_path / "p.txt", "--approx", "--approx-backend", "midx")
     assert code == 0 and "no MIDX index" in out and "exhaustive" in out, out
     code, out = _cli("predict", "--model", trained, "--data", data_file, "--out",
                      tmp_path / "p.txt", "--topk", "99")

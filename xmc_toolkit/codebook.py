@@ -32,6 +32,8 @@ __all__ = [
     "product_quantize",
     "residual_quantize",
     "reconstruct",
+    "nearest_codes",
+    "codewords_from_cells",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,7 +194,9 @@ def _check_inputs(x: Tensor, k: int, init: Tensor | None) -> None:
         )
     if problems:
         raise ConfigError(problems)
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if x.numel() and not (
+        bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+    ):  # a finite sum proves every entry finite (see sampling.base._all_finite)
         raise ConfigError("kmeans input contains NaN or inf; clean the embeddings first")
 
 
@@ -376,3 +380,75 @@ def reconstruct(codebooks: tuple[Tensor, Tensor], codes: Tensor, quantizer: str)
     if quantizer == "rq":
         return c1[codes[:, 0]] + c2[codes[:, 1]]
     raise ConfigError(f"unknown quantizer {quantizer!r}; use 'pq' or 'rq'")
+
+
+def nearest_codes(
+    x: Tensor, codebooks: tuple[Tensor, Tensor], quantizer: str, chunk_size: int = 262144
+) -> Tensor:
+    """Codes of ``x`` against fixed codebooks: the nearest codeword of each half (pq), or of
+    the vector and then of its residual (rq).
+
+    Args:
+        x: ``[N, d]`` float points.
+        codebooks: ``(C1, C2)`` as in :class:`Quantization`.
+        quantizer: ``"pq"`` or ``"rq"``.
+        chunk_size: rows per distance chunk (see :func:`assign_nearest`).
+
+    Returns:
+        ``[N, 2] int64`` codes ``(k1, k2)``.
+    """
+    c1, c2 = codebooks
+    x = x.detach().to(c1.dtype)
+    if quantizer == "pq":
+        d1 = c1.shape[1]
+        k1, _ = assign_nearest(x[:, :d1].contiguous(), c1, chunk_size)
+        k2, _ = assign_nearest(x[:, d1:].contiguous(), c2, chunk_size)
+    elif quantizer == "rq":
+        k1, _ = assign_nearest(x, c1, chunk_size)
+        k2, _ = assign_nearest(x - c1[k1], c2, chunk_size)
+    else:
+        raise ConfigError(f"unknown quantizer {quantizer!r}; use 'pq' or 'rq'")
+    return torch.stack([k1, k2], dim=1)
+
+
+def codewords_from_cells(
+    cell_sums: Tensor, cell_counts: Tensor, codebooks: tuple[Tensor, Tensor], quantizer: str
+) -> tuple[Tensor, Tensor]:
+    """The Lloyd M-step of both codebooks from per-cell sums and counts.
+
+    ``cell_sums[k1 * K + k2]`` is the sum of the vectors in cell ``(k1, k2)``. pq: ``C1[k1]`` is
+    the mean first half of the vectors with code ``k1``, ``C2[k2]`` the mean second half of
+    those with code ``k2``. rq: ``C1[k1]`` is the mean vector of code ``k1``; ``C2[k2]`` the mean
+    residual ``x - C1[k1(x)]`` of code ``k2`` under the *new* ``C1``, which is
+    ``(sum_{k1} S[k1, k2] - sum_{k1} n[k1, k2] C1[k1]) / n2[k2]``. Codewords with no vector keep
+    their previous value.
+
+    Args:
+        cell_sums: ``[K * K, d]`` float per-cell vector sums.
+        cell_counts: ``[K * K]`` per-cell counts.
+        codebooks: the previous ``(C1, C2)`` (kept for empty codewords).
+        quantizer: ``"pq"`` or ``"rq"``.
+
+    Returns:
+        the new ``(C1, C2)``, same shapes and dtype as ``codebooks``.
+    """
+    c1, c2 = codebooks
+    k = c1.shape[0]
+    d = cell_sums.shape[1]
+    s = cell_sums.to(torch.float64).view(k, k, d)  # [K, K, d]
+    n = cell_counts.to(torch.float64).view(k, k)  # [K, K]
+    n1, n2 = n.sum(1), n.sum(0)  # [K], [K]
+    s1, s2 = s.sum(1), s.sum(0)  # [K, d] sums by k1, by k2
+    new1 = s1 / n1.clamp_min(1).unsqueeze(1)
+    if quantizer == "pq":
+        d1 = c1.shape[1]
+        new1 = new1[:, :d1]
+        new2 = (s2 / n2.clamp_min(1).unsqueeze(1))[:, d1:]
+    elif quantizer == "rq":
+        new1 = torch.where(n1.unsqueeze(1) > 0, new1, c1.double())
+        new2 = (s2 - n.t() @ new1) / n2.clamp_min(1).unsqueeze(1)
+    else:
+        raise ConfigError(f"unknown quantizer {quantizer!r}; use 'pq' or 'rq'")
+    new1 = torch.where(n1.unsqueeze(1) > 0, new1, c1.double()).to(c1.dtype)
+    new2 = torch.where(n2.unsqueeze(1) > 0, new2, c2.double()).to(c2.dtype)
+    return new1, new2

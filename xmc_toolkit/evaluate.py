@@ -124,9 +124,49 @@ def build_index(model: LoadedModel, device: torch.device | None = None) -> Any:
     return sampler
 
 
+APPROX_BACKENDS = ("auto", "hnsw", "faiss-ivf", "midx")
+
+
+def resolve_approx_backend(backend: str = "auto") -> str:
+    """The approximate top-k backend to use: ``auto`` = the first installed ANN library
+    (faiss, then hnswlib; :func:`xmc_toolkit.ann.available_backends`), else the MIDX index."""
+    from .ann import available_backends
+    from .errors import ConfigError
+
+    if backend not in APPROX_BACKENDS:
+        raise ConfigError(f"unknown approximate backend {backend!r}; use one of "
+                          f"{list(APPROX_BACKENDS)} (--approx-backend)")
+    if backend == "auto":
+        avail = available_backends()
+        return avail[0] if avail else "midx"
+    return backend
+
+
+def _encode(model: LoadedModel, Xp: sp.csr_matrix, batch_size: int) -> torch.Tensor:
+    """``[N, d]`` float32 query embeddings of preprocessed rows (the network in eval mode)."""
+    from .batching import csr_to_bag
+
+    network = model.network
+    device = next(network.parameters()).device
+    was = network.training
+    network.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for s in range(0, Xp.shape[0], batch_size):
+                idx, off, w = csr_to_bag(Xp[s: s + batch_size], device=device)
+                out.append(network(idx, off, w).float().cpu())
+    finally:
+        network.train(was)
+    d = network.labels.label_embeddings().shape[1]
+    return torch.cat(out) if out else torch.zeros(0, d)
+
+
 def predict_topk(model: LoadedModel, X: sp.spmatrix, k: int, *, chunk_size: int = 65536,
                  batch_size: int = 2048, approx: bool = False, num_cells: int = 16,
-                 show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 show_progress: bool = False, approx_backend: str = "midx",
+                 approx_effort: int | None = None, ann_index: Any = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k labels of raw feature rows (the model's TF-IDF / L2 preprocessing is applied).
 
     Args:
@@ -135,14 +175,34 @@ def predict_topk(model: LoadedModel, X: sp.spmatrix, k: int, *, chunk_size: int 
         k: labels per row.
         chunk_size: labels scored per block (exact path).
         batch_size: rows per block.
-        approx: approximate top-k through the MIDX index.
-        num_cells: cells probed per query with ``approx``.
+        approx: approximate top-k (``approx_backend``).
+        num_cells: cells probed per query with ``approx`` and the MIDX backend.
         show_progress: rich progress bar.
+        approx_backend: ``midx`` (the model's inverted multi-index; the default here),
+            ``hnsw`` / ``faiss-ivf`` (an ANN index over the bias-folded label vectors, built
+            now unless ``ann_index`` is given; :mod:`xmc_toolkit.ann`) or ``auto``
+            (:func:`resolve_approx_backend`).
+        approx_effort: hnsw ``ef`` / faiss ``nprobe`` (``None``: the index default).
+        ann_index: a prebuilt :class:`xmc_toolkit.ann.AnnIndex` to search.
 
     Returns:
         ``ids`` int64 ``[N, k]`` and ``scores`` float32 ``[N, k]``, best first.
     """
     Xp = model.preprocessor.transform(X)
+    backend = resolve_approx_backend(approx_backend) if approx else "midx"
+    if approx and (backend != "midx" or ann_index is not None):
+        if ann_index is None:
+            from .ann import build_ann_index
+
+            ann_index = build_ann_index(model.network.labels.label_embeddings(),
+                                        model.network.labels.bias_vector(), backend)
+        q = _encode(model, Xp, batch_size)  # [N, d]
+        parts = [ann_index.search(q[s: s + batch_size], k, effort=approx_effort)
+                 for s in range(0, q.shape[0], batch_size)]
+        if not parts:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return (torch.cat([p[1] for p in parts]).numpy().astype(np.int64),
+                torch.cat([p[0] for p in parts]).numpy().astype(np.float32))
     sampler = build_index(model) if approx else None
     return predict_topk_network(model.network, Xp, k, batch_size=batch_size,
                                 chunk_size=chunk_size, show_progress=show_progress,
@@ -278,7 +338,9 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pa
 
 
 def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.PathLike[str], k: int,
-                      *, approx: bool = False, num_cells: int = 16, device: str = "auto",
+                      *, approx: bool = False, num_cells: int = 16,
+                      approx_backend: str = "auto", approx_effort: int | None = None,
+                      device: str = "auto",
                       chunk_size: int = 65536, ignore_extra: bool = False,
                       show_progress: bool = False, fields: Any = None,
                       probability: str | None = None, threshold: float | None = None,
@@ -304,25 +366,46 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
     model = load_model_dir(model_dir, device=device, verify=verify)
     ds = load_for_model(data_path, model, ignore_extra=ignore_extra, labels_required=False,
                         fields=fields, zero_based=zero_based)
+    backend = resolve_approx_backend(approx_backend) if approx else None
+    ann_index = None
+    if backend is not None and backend != "midx":
+        from .ann import build_ann_index
+
+        ann_index = build_ann_index(model.network.labels.label_embeddings(),
+                                    model.network.labels.bias_vector(), backend)
     with _naming(data_path):
         ids, scores = predict_topk(model, ds.X, k, chunk_size=chunk_size, approx=approx,
-                                   num_cells=num_cells, show_progress=show_progress)
+                                   num_cells=num_cells, show_progress=show_progress,
+                                   approx_backend=backend or "midx", approx_effort=approx_effort,
+                                   ann_index=ann_index)
     recall = None
     note = None
     if approx:
+        # measured, never assumed: the exact top-k of the same rows
         exact_ids, _ = predict_topk(model, ds.X, k, chunk_size=chunk_size)
         recall = recall_at_k_vs_exact(torch.from_numpy(ids), torch.from_numpy(exact_ids))
         logger.info("approximate top-%d recall vs exact: %.4f", k, recall)
-        state = model.sampler_state
-        saved = state is not None and "codebook1" in state
-        K = (int(state["num_codewords"]) if saved else  # type: ignore[index]
-             model.config.resolved_codewords(model.num_labels))
-        parts = [] if saved else ["the model has no MIDX index (trained without MIDX): one "
-                                  f"was built now from its label embeddings ({K}x{K} cells)"]
-        if num_cells >= K * K:
-            parts.append(f"--num-cells {num_cells} probes all {K * K} cells, so the search is "
-                         "exhaustive (recall 1 by construction); lower --num-cells")
-        note = "; ".join(parts) or None
+        n = ids.shape[0]
+        if ann_index is not None:
+            eff = ann_index.describe() if approx_effort is None else \
+                f"{ann_index.describe()} searched with effort {approx_effort}"
+            parts = [f"{eff}, built in {ann_index.build_s:.1f} s; measured on {n} rows"]
+        else:
+            state = model.sampler_state
+            saved = state is not None and "codebook1" in state
+            K = (int(state["num_codewords"]) if saved else  # type: ignore[index]
+                 model.config.resolved_codewords(model.num_labels))
+            parts = [f"MIDX index, {min(num_cells, K * K)} of {K * K} cells probed; measured "
+                     f"on {n} rows"]
+            if not saved:
+                parts.append("the model has no MIDX index (trained without MIDX): one was "
+                             "built now from its label embeddings")
+            if num_cells >= K * K:
+                parts.append(f"--num-cells {num_cells} probes all {K * K} cells: this was an "
+                             "exhaustive, exact search, not an approximate one (recall 1 by construction); "
+                             "lower --num-cells, or install an ANN library (pip install "
+                             "'xmc-toolkit[ann]')")
+        note = "; ".join(parts)
     probs = None
     if probability is not None or threshold is not None:
         probs = probabilities(model, ds.X, scores, probability or "softmax",
@@ -331,4 +414,5 @@ def predict_model_dir(model_dir: str | os.PathLike[str], data_path: str | os.Pat
             ids = apply_threshold(ids, probs, threshold)
     return {"ids": ids, "scores": scores, "probabilities": probs,
             "label_names": model.label_names, "num_labels": model.num_labels,
-            "recall_vs_exact": recall, "approx_note": note, "path": str(Path(data_path))}
+            "recall_vs_exact": recall, "approx_note": note, "approx_backend": backend,
+            "path": str(Path(data_path))}

@@ -566,7 +566,10 @@ def grow_sampler_state(state: dict[str, torch.Tensor], config: "TrainConfig",
     x = weight.detach().float().cpu()
     codes_new = _assign_codes(x[L_old:], c1, c2, sampler.quantizer)
     codes = torch.cat([codes_old.cpu(), codes_new], 0)  # [L_new, 2]
-    full = {k: v.clone() for k, v in state.items()}
+    # the row fingerprints of incremental refreshes describe the old table: dropped, so the
+    # grown index's next update re-clusters (warm) over all rows
+    full = {k: v.clone() for k, v in state.items()
+            if k not in ("fingerprint", "updates_since_full")}
     full["num_labels"] = torch.tensor(L_new, dtype=torch.int64)
     full["codes"] = codes
     lw = torch.zeros(L_new, dtype=torch.float64)

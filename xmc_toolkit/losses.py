@@ -182,6 +182,8 @@ def _accidental_hits(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor) -> Tens
     """
     b, p = pos_ids.shape
     ids = neg_ids.to(pos_ids.dtype)
+    if ids.dim() == 1 and p > 0:
+        return _shared_accidental_hits(pos_ids, pos_mask, ids)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0).expand(b, -1)  # [B, M] view
     if p == 0:
@@ -193,6 +195,30 @@ def _accidental_hits(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor) -> Tens
     idx = torch.searchsorted(sorted_pos, ids.contiguous())  # [B, M]
     found = sorted_pos.gather(1, idx.clamp(max=p - 1))  # [B, M]
     return found == ids
+
+
+def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor) -> Tensor:
+    """:func:`_accidental_hits` for shared ids ``[M]``: the ``B * P`` positives are looked up in
+    the once-sorted ids (``B * P`` binary searches instead of ``B * M``), each marking the run
+    ``[lo, hi)`` of equal sorted ids through a difference array (one ``[B, M]`` cumsum). Static
+    shapes only: no tensor value is read on the host (no device synchronisation).
+
+    Returns:
+        ``[B, M]`` bool, True where ``ids[m]`` equals a valid positive of row ``b``.
+    """
+    b, _ = pos_ids.shape
+    m = ids.numel()
+    sorted_ids, perm = torch.sort(ids)  # [M]
+    lo = torch.searchsorted(sorted_ids, pos_ids.contiguous())  # [B, P]
+    hi = torch.searchsorted(sorted_ids, pos_ids.contiguous(), right=True)  # [B, P]
+    one = pos_mask.to(torch.int32)  # padding marks nothing
+    diff = torch.zeros(b, m + 1, dtype=torch.int32, device=ids.device)  # [B, M + 1]
+    diff.scatter_add_(1, lo, one)
+    diff.scatter_add_(1, hi, -one)
+    hit_sorted = torch.cumsum(diff[:, :m], dim=1) > 0  # [B, M] in sorted order
+    out = torch.empty_like(hit_sorted)
+    out[:, perm] = hit_sorted  # back to the draw order
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,6 +198,7 @@ def approx_topk(
     num_cells: int = 16,
     max_candidates: int | None = None,
     row_block: int | None = None,
+    bias_bound: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-``k`` through the MIDX inverted multi-index, re-ranked exactly.
 
@@ -217,6 +218,11 @@ def approx_topk(
         max_candidates: cap on candidates per query (``None``: no cap).
         row_block: queries re-ranked at once (``None``: chosen to keep the gathered
             ``[rows, candidates, d]`` block under about 16M floats on CPU, 64M on GPU).
+        bias_bound: rank the cells by ``a1 + a2 + max bias in the cell`` (the index's
+            ``cell_bias_max``) instead of ``a1 + a2``: labels with a large bias are no longer
+            hidden in cells whose codewords score low. With ``num_cells = K * K`` and a
+            ``max_candidates`` budget the probe is adaptive per query: cells are taken in that
+            order until the budget is filled.
 
     Returns:
         ``(scores [B, k], ids [B, k] int64)`` sorted by decreasing score (ties by id). Slots
@@ -244,6 +250,12 @@ def approx_topk(
         raise XMCError(
             f"cell_logits returned {tuple(logits.shape)}, expected {(queries.shape[0], C)}"
         )
+    if bias_bound:
+        cb = getattr(sampler, "cell_bias_max", None)
+        if cb is None or cb.shape != (C,):
+            raise XMCError("bias_bound=True needs the index's cell_bias_max [C] (an updated "
+                           "MIDXSampler); use bias_bound=False")
+        logits = logits + cb.to(dev)  # [B, C]
     nc = min(num_cells, C)
     cells = torch.topk(logits, nc, dim=1).indices  # [B, nc] best cells first
     counts = indptr[cells + 1] - indptr[cells]  # [B, nc] (empty cells: 0)

@@ -188,7 +188,23 @@ def _check_ids(ids: Tensor, num_labels: int, batch: int, check_range: bool = Tru
     return ids.long()
 
 
-def _check_embeddings(label_embeddings: Tensor, bias: Tensor | None, num_labels: int) -> None:
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, in one streaming pass: a sum is finite only when
+    every entry is (NaN and inf propagate); when it is not (a non-finite entry, or finite
+    entries whose sum overflows), the elementwise check decides. ``torch.isfinite(x).all()``
+    materialises an ``[L, d]`` bool tensor: about 15x slower on a 10^6 x 128 table."""
+    if x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _check_embeddings(
+    label_embeddings: Tensor, bias: Tensor | None, num_labels: int, *, finite: bool = True
+) -> None:
+    """Shape, dtype and (``finite=True``) NaN/inf checks of a label table and its bias; the
+    MIDX sampler passes ``finite=False`` and checks finiteness on its row fingerprints."""
     if not isinstance(label_embeddings, Tensor) or label_embeddings.dim() != 2:
         shape = (
             tuple(label_embeddings.shape)
@@ -205,7 +221,7 @@ def _check_embeddings(label_embeddings: Tensor, bias: Tensor | None, num_labels:
         raise SamplerError(f"label_embeddings must be floating point, got {label_embeddings.dtype}")
     if label_embeddings.shape[1] < 1:
         raise SamplerError("label_embeddings have dimension 0; pass [L, d] with d >= 1")
-    if not bool(torch.isfinite(label_embeddings).all()):
+    if finite and not _all_finite(label_embeddings):
         n_bad = int((~torch.isfinite(label_embeddings)).any(1).sum().item())
         raise SamplerError(
             f"label_embeddings contain NaN or inf in {n_bad} rows; training diverged? lower the "

@@ -25,18 +25,25 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..codebook import product_quantize, reconstruct, residual_quantize
+from ..codebook import (
+    codewords_from_cells,
+    nearest_codes,
+    product_quantize,
+    reconstruct,
+    residual_quantize,
+)
 from ..errors import CheckpointError, ConfigError, SamplerError
 from .base import Sampler, Samples, _check_embeddings, _check_queries
 from .static import _load_strict
 
-__all__ = ["MIDXSampler", "QUANTIZERS", "WITHIN_CELL"]
+__all__ = ["MIDXSampler", "QUANTIZERS", "WITHIN_CELL", "merge_cells", "cell_sums"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +223,56 @@ def _draw_in_cells(
     return items[pos]
 
 
+def merge_cells(items: Tensor, cell: Tensor, moved: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
+    """CSR of the labels by cell after some labels changed cell, without sorting all ``L``.
+
+    Args:
+        items: ``[L] int64`` labels sorted by (previous cell, label) -- the previous
+            ``cell_items``.
+        cell: ``[L] int64`` the *new* cell of every label.
+        moved: ``[R] int64`` distinct labels whose cell changed (every other label keeps its
+            previous cell).
+        num_cells: ``K * K``.
+
+    Returns:
+        ``(indptr [K^2 + 1], items [L])``: labels sorted by (new cell, label), i.e. exactly
+        ``torch.argsort(cell, stable=True)``, in ``O(L + R log L)``: the unmoved labels keep
+        their order, the moved ones are merged in by binary search on the key
+        ``cell * L + label``.
+    """
+    n = items.numel()
+    counts = torch.bincount(cell, minlength=num_cells)  # [K^2]
+    indptr = torch.zeros(num_cells + 1, dtype=torch.int64, device=items.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    if moved.numel() == 0:
+        return indptr, items
+    is_moved = torch.zeros(n, dtype=torch.bool, device=items.device)
+    is_moved[moved] = True
+    kept = items[~is_moved[items]]  # [L - R], still sorted by (cell, label)
+    mkeys, order = torch.sort(cell[moved] * n + moved)  # [R] by (new cell, label)
+    mv = moved[order]
+    kkeys = cell[kept] * n + kept  # [L - R] ascending
+    pos = torch.arange(mv.numel(), device=items.device) + torch.searchsorted(kkeys, mkeys)
+    out = torch.empty_like(items)
+    free = torch.ones(n, dtype=torch.bool, device=items.device)
+    free[pos] = False
+    out[pos] = mv
+    out[free] = kept
+    return indptr, out
+
+
+def cell_sums(indptr: Tensor, items: Tensor, x: Tensor) -> Tensor:
+    """``[K^2, d]`` sum of the rows of ``x [L, d]`` in every cell, one pass over ``x`` (a
+    sparse ``[K^2, L]`` membership matrix, the CSR ``(indptr, items)``, times ``x``)."""
+    ones = torch.ones(items.numel(), dtype=x.dtype, device=x.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        member = torch.sparse_csr_tensor(
+            indptr, items, ones, size=(indptr.numel() - 1, x.shape[0]), check_invariants=False
+        )
+        return member @ x
+
+
 # ---------------------------------------------------------------------------------------------
 # the sampler
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +294,13 @@ class MIDXSampler(Sampler):
         points_per_centroid: k-means trains on ``points_per_centroid * K`` sampled labels, then
             assigns every label once (``0`` or ``None``: train on all labels).
         chunk_size: rows per chunk of the k-means distance computation.
+        recluster_every: every ``recluster_every``-th :meth:`update` re-clusters fully (warm
+            k-means over all labels); the others are incremental: only the labels whose
+            embedding changed since the previous update are reassigned (against the current
+            codebooks), then the codewords take one Lloyd step from per-cell sums. ``1``: every
+            update re-clusters (the behaviour before incremental refreshes).
+        max_incremental_fraction: an update where more than this fraction of the labels changed
+            re-clusters fully instead.
 
     Attributes (after :meth:`update`; all on the label embeddings' device):
         codebooks: ``(C1, C2)`` float32.
@@ -246,6 +310,9 @@ class MIDXSampler(Sampler):
         cell_items: ``[L] int64`` labels sorted by cell id.
         cell_log_weight: ``[K*K]`` float32 ``log N[k1, k2]`` (``-inf`` for empty cells).
         item_log_weight: ``[L]`` float32 ``log w_i`` (zeros when unweighted).
+        cell_bias_max: ``[K*K]`` float32 largest bias among a cell's labels (0 without a bias,
+            ``-inf`` for empty cells): with the codeword scores, the bias part of an upper
+            bound on the cell's scores (``approx_topk(..., bias_bound=True)``).
     """
 
     needs_update = True
@@ -264,6 +331,8 @@ class MIDXSampler(Sampler):
         warm_start_iters: int = 5,
         points_per_centroid: int | None = 256,
         chunk_size: int = 262144,
+        recluster_every: int = 50,
+        max_incremental_fraction: float = 0.25,
     ) -> None:
         problems: list[str] = []
 
@@ -276,6 +345,12 @@ class MIDXSampler(Sampler):
         _pos_int("kmeans_iters", kmeans_iters, "--kmeans-iters")
         _pos_int("warm_start_iters", warm_start_iters, "--warm-start-iters")
         _pos_int("chunk_size", chunk_size, "chunk_size")
+        _pos_int("recluster_every", recluster_every, "recluster_every (1: always re-cluster)")
+        if not (isinstance(max_incremental_fraction, (int, float))
+                and 0.0 <= max_incremental_fraction <= 1.0):
+            problems.append(
+                f"max_incremental_fraction must be in [0, 1], got {max_incremental_fraction!r}"
+            )
         if quantizer not in QUANTIZERS:
             problems.append(f"quantizer must be one of {list(QUANTIZERS)}, got {quantizer!r}")
         if within_cell not in WITHIN_CELL:
@@ -323,6 +398,8 @@ class MIDXSampler(Sampler):
         self.warm_start_iters = int(warm_start_iters)
         self.points_per_centroid = points_per_centroid
         self.chunk_size = int(chunk_size)
+        self.recluster_every = int(recluster_every)
+        self.max_incremental_fraction = float(max_incremental_fraction)
         self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
@@ -339,12 +416,17 @@ class MIDXSampler(Sampler):
         self.cell_items: Tensor | None = None
         self.cell_log_weight: Tensor | None = None
         self.item_log_weight: Tensor | None = None
+        self.cell_bias_max: Tensor | None = None
         self._residual: Tensor | None = None  # [L, d] (exact mode only)
         self._weighted = False
         self._cum: Tensor | None = None
         self._base: Tensor | None = None
         self._mass: Tensor | None = None
         self._device_cache: dict[torch.device, dict[str, Tensor | None]] = {}
+        # incremental refreshes: a random projection of every indexed row (change detection)
+        self._fingerprint: Tensor | None = None  # [L] float32
+        self._since_full = 0  # updates since the last full re-cluster
+        self.last_refresh: dict[str, object] = {}
 
     # -- index construction -------------------------------------------------------------------
     @property
@@ -367,13 +449,34 @@ class MIDXSampler(Sampler):
         assert self.cell_indptr is not None
         return self.cell_indptr[1:] - self.cell_indptr[:-1]
 
-    def update(self, label_embeddings: Tensor, bias: Tensor | None = None) -> None:
+    def update(
+        self,
+        label_embeddings: Tensor,
+        bias: Tensor | None = None,
+        *,
+        rows: Tensor | None = None,
+        full: bool = False,
+    ) -> None:
         """(Re)build codebooks and index from ``label_embeddings [L, d]`` (and ``bias [L]``).
 
-        Later calls warm-start k-means from the previous codebooks (``warm_start_iters``
-        iterations). The index lives on the embeddings' device. Inputs are never modified.
+        The first call (and every ``recluster_every``-th, a call with ``full=True``, or one
+        where more than ``max_incremental_fraction`` of the rows changed) clusters with k-means,
+        warm-started from the previous codebooks (``warm_start_iters`` iterations) when there are
+        any. The other calls are incremental: the rows whose embedding changed since the
+        previous call (found by a fixed random projection of every row, or given as ``rows``)
+        are reassigned to their nearest codewords, the CSR index is merged rather than re-sorted,
+        and the codewords take one Lloyd step from per-cell sums over all rows. Either way the
+        index is rebuilt consistently (codes, cell weights, bias), so ``log q`` stays exact.
+        The index lives on the embeddings' device. Inputs are never modified.
+
+        Args:
+            label_embeddings: ``[L, d]`` float.
+            bias: optional ``[L]`` float (always taken in full: cheap, ``O(L)``).
+            rows: optional int64 ids of the rows that changed (skips the change detection; rows
+                that changed but are not listed keep their cell until a later update finds them).
+            full: re-cluster now.
         """
-        _check_embeddings(label_embeddings, bias, self.num_labels)
+        _check_embeddings(label_embeddings, bias, self.num_labels, finite=rows is not None)
         d = label_embeddings.shape[1]
         if self.quantizer == "pq" and d < 2:
             raise ConfigError(
@@ -382,31 +485,107 @@ class MIDXSampler(Sampler):
             )
         with torch.no_grad():
             x = label_embeddings.detach().to(torch.float32)  # [L, d]
-            k = self.num_codewords
-            init = self.codebooks if self.dim == d else None
-            iters = self.warm_start_iters if init is not None else self.kmeans_iters
-            if init is not None:
-                init = (init[0].to(x.device), init[1].to(x.device))
-            sample_size = None
-            if self.points_per_centroid:
-                sample_size = self.points_per_centroid * k
-                if sample_size >= self.num_labels:
-                    sample_size = None
-            quantize = product_quantize if self.quantizer == "pq" else residual_quantize
-            quant = quantize(
-                x,
-                k,
-                init=init,
-                iters=iters,
-                generator=self._generator,
-                sample_size=sample_size,
-                chunk_size=self.chunk_size,
+            fp_all = None
+            if rows is None:
+                # the fingerprints double as the NaN/inf check: x . r is finite for every row
+                # exactly when every entry is (no entry of r is 0)
+                fp_all = self._project(x)  # [L]
+                if not bool(torch.isfinite(fp_all).all()):
+                    _check_embeddings(label_embeddings, bias, self.num_labels)  # raises, names rows
+            can_increment = (
+                not full
+                and self.codebooks is not None
+                and self.dim == d
+                and self._fingerprint is not None
+                and self._fingerprint.device == x.device
+                and self._since_full + 1 < self.recluster_every
             )
-            logger.debug("MIDX index rebuilt: L=%d d=%d K=%d (%s)", self.num_labels, d, k, self.quantizer)
-            residual = None
-            if self.within_cell == "exact":
-                residual = x - reconstruct(quant.codebooks, quant.codes, self.quantizer)  # [L, d]
-            self._set_index(quant.codebooks, quant.codes, bias, residual)
+            if can_increment:
+                assert self._fingerprint is not None
+                if fp_all is not None:
+                    fp = fp_all
+                    changed = (fp != self._fingerprint).nonzero().flatten()
+                else:
+                    changed = torch.unique(torch.as_tensor(rows, dtype=torch.int64).to(x.device))
+                    if changed.numel() and (int(changed.min()) < 0 or int(changed.max()) >= self.num_labels):
+                        raise SamplerError(
+                            f"rows must lie in [0, {self.num_labels}); got ids from "
+                            f"{int(changed.min())} to {int(changed.max())}"
+                        )
+                    fp = self._fingerprint.clone()
+                    fp[changed] = self._project(x[changed])
+                if changed.numel() <= self.max_incremental_fraction * self.num_labels:
+                    self._incremental(x, bias, changed)
+                    self._fingerprint = fp
+                    self._since_full += 1
+                    return
+            self._full(x, bias)
+            self._fingerprint = self._project(x) if fp_all is None else fp_all
+            self._since_full = 0
+
+    def _project(self, x: Tensor) -> Tensor:
+        """``[N]`` float32 fingerprint ``x . r`` of rows ``x [N, d]`` (``r``: fixed, seeded)."""
+        g = torch.Generator().manual_seed(0x5EED)
+        r = torch.randn(x.shape[1], generator=g, dtype=torch.float64)
+        r = torch.where(r.abs() < 0.1, r.sign() + (r == 0).double(), r)  # no tiny or zero entry
+        return x @ r.to(device=x.device, dtype=x.dtype)
+
+    def _full(self, x: Tensor, bias: Tensor | None) -> None:
+        """Re-cluster: warm (or cold) k-means over all rows, then a fresh index."""
+        d = x.shape[1]
+        k = self.num_codewords
+        init = self.codebooks if self.dim == d else None
+        iters = self.warm_start_iters if init is not None else self.kmeans_iters
+        if init is not None:
+            init = (init[0].to(x.device), init[1].to(x.device))
+        sample_size = None
+        if self.points_per_centroid:
+            sample_size = self.points_per_centroid * k
+            if sample_size >= self.num_labels:
+                sample_size = None
+        quantize = product_quantize if self.quantizer == "pq" else residual_quantize
+        quant = quantize(
+            x,
+            k,
+            init=init,
+            iters=iters,
+            generator=self._generator,
+            sample_size=sample_size,
+            chunk_size=self.chunk_size,
+        )
+        logger.debug("MIDX index rebuilt: L=%d d=%d K=%d (%s)", self.num_labels, d, k, self.quantizer)
+        residual = None
+        if self.within_cell == "exact":
+            residual = x - reconstruct(quant.codebooks, quant.codes, self.quantizer)  # [L, d]
+        self._set_index(quant.codebooks, quant.codes, bias, residual)
+        self.last_refresh = {"kind": "full", "changed": self.num_labels, "moved": self.num_labels}
+
+    def _incremental(self, x: Tensor, bias: Tensor | None, changed: Tensor) -> None:
+        """Reassign the ``changed [R]`` rows, merge them into the CSR index, one Lloyd step."""
+        assert self.codebooks is not None and self.codes is not None
+        assert self.cell_items is not None
+        k = self.num_codewords
+        codebooks = (self.codebooks[0].to(x.device), self.codebooks[1].to(x.device))
+        codes = self.codes.to(x.device)
+        old_cell = codes[:, 0] * k + codes[:, 1]  # [L]
+        if changed.numel():
+            new = nearest_codes(x[changed], codebooks, self.quantizer, self.chunk_size)  # [R, 2]
+            codes = codes.clone()
+            codes[changed] = new
+        cell = codes[:, 0] * k + codes[:, 1]  # [L]
+        moved = changed[cell[changed] != old_cell[changed]]  # [R'] rows that changed cell
+        indptr, items = merge_cells(self.cell_items.to(x.device), cell, moved, k * k)
+        counts = indptr[1:] - indptr[:-1]  # [K^2]
+        new_books = codewords_from_cells(cell_sums(indptr, items, x), counts, codebooks, self.quantizer)
+        residual = None
+        if self.within_cell == "exact":
+            residual = x - reconstruct(new_books, codes, self.quantizer)  # [L, d]
+        self._set_index(new_books, codes, bias, residual, csr=(indptr, items))
+        self.last_refresh = {
+            "kind": "incremental", "changed": int(changed.numel()), "moved": int(moved.numel())
+        }
+        logger.debug("MIDX index refreshed incrementally: %d rows changed, %d moved cell",
+                     int(changed.numel()), int(moved.numel()))
 
     def _set_index(
         self,
@@ -414,14 +593,22 @@ class MIDXSampler(Sampler):
         codes: Tensor,
         bias: Tensor | None,
         residual: Tensor | None,
+        csr: tuple[Tensor, Tensor] | None = None,
     ) -> None:
+        """Install an index: codebooks, ``codes [L, 2]``, item weights from ``bias`` and the
+        popularity prior, and the CSR by cell (``csr = (indptr, items)`` when the caller has it
+        already, else ``argsort`` of the cell ids)."""
         device = codes.device
         k = self.num_codewords
         cell = codes[:, 0] * k + codes[:, 1]  # [L]
-        counts = torch.bincount(cell, minlength=k * k)  # [K^2]
-        indptr = torch.zeros(k * k + 1, dtype=torch.int64, device=device)
-        indptr[1:] = torch.cumsum(counts, 0)
-        items = torch.argsort(cell, stable=True)  # [L] labels sorted by cell
+        if csr is None:
+            counts = torch.bincount(cell, minlength=k * k)  # [K^2]
+            indptr = torch.zeros(k * k + 1, dtype=torch.int64, device=device)
+            indptr[1:] = torch.cumsum(counts, 0)
+            items = torch.argsort(cell, stable=True)  # [L] labels sorted by cell
+        else:
+            indptr, items = csr
+            counts = indptr[1:] - indptr[:-1]
 
         lw = torch.zeros(self.num_labels, dtype=torch.float64, device=device)  # log w_i
         weighted = False
@@ -451,6 +638,13 @@ class MIDXSampler(Sampler):
         if not weighted:
             self._cum = self._base = self._mass = None
 
+        if bias is None:
+            cb = torch.where(counts > 0, 0.0, -math.inf).to(device=device, dtype=torch.float32)
+        else:
+            cb = torch.full((k * k,), -math.inf, dtype=torch.float32, device=device)
+            cb = cb.scatter_reduce(0, cell, bias.detach().to(device=device, dtype=torch.float32),
+                                   reduce="amax")
+        self.cell_bias_max = cb  # [K^2] max bias of a cell's labels (-inf: empty cell)
         self.codebooks = (codebooks[0].float().contiguous(), codebooks[1].float().contiguous())
         self.codes = codes.long()
         self.cell_indptr = indptr
@@ -614,8 +808,10 @@ class MIDXSampler(Sampler):
 
     def state_dict(self) -> dict[str, Tensor]:
         """Hyper-parameters (int64 scalars), the k-means generator state and, once built, the
-        codebooks, codes, item log-weights (and exact-mode residuals). CSR arrays and cumulative
-        weights are derived and rebuilt by :meth:`load_state_dict`."""
+        codebooks, codes, item log-weights (and exact-mode residuals), and what the next
+        incremental update needs: the row fingerprints ``[L]`` and the count of updates since
+        the last full re-cluster (so a resumed run refreshes exactly like an uninterrupted one).
+        CSR arrays and cumulative weights are derived and rebuilt by :meth:`load_state_dict`."""
         state = {k: torch.tensor(v, dtype=torch.int64) for k, v in self._hparams().items()}
         state["generator_state"] = self._generator.get_state()
         if self.codebooks is not None:
@@ -627,9 +823,17 @@ class MIDXSampler(Sampler):
             state["weighted"] = torch.tensor(int(self._weighted), dtype=torch.int64)
             if self._residual is not None:
                 state["residual"] = self._residual.clone()
+            if self._fingerprint is not None:
+                state["fingerprint"] = self._fingerprint.detach().clone()
+                state["updates_since_full"] = torch.tensor(self._since_full, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` (strict; a state without fingerprints -- saved before
+        incremental refreshes -- loads too, and its next update re-clusters fully)."""
+        state = dict(state)
+        fingerprint = state.pop("fingerprint", None)
+        since_full = state.pop("updates_since_full", None)
         built = "codebook1" in state
         expected: dict[str, tuple[int, ...] | None] = {k: () for k in self._hparams()}
         expected["generator_state"] = None
@@ -658,6 +862,8 @@ class MIDXSampler(Sampler):
         if not built:
             self.codebooks = None
             self._device_cache = {}
+            self._fingerprint = None
+            self._since_full = 0
             return
         codes = state["codes"].long()
         device = codes.device
@@ -677,6 +883,13 @@ class MIDXSampler(Sampler):
             bias,
             None if residual is None else residual.to(device),
         )
+        if fingerprint is not None and tuple(fingerprint.shape) != (self.num_labels,):
+            raise CheckpointError(
+                f"sampler state: fingerprint has shape {list(fingerprint.shape)}, expected "
+                f"[{self.num_labels}] (was it saved by a sampler with the same num_labels?)"
+            )
+        self._fingerprint = None if fingerprint is None else fingerprint.to(device).float()
+        self._since_full = 0 if since_full is None else int(since_full.item())
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,149 @@
+"""Per-query MIDX training step at 10^6 labels, part by part, against memory-traffic bounds.
+
+One per-query sampled-softmax step of the label table (L = 1e6, d = 128, B = 256, M = 1024,
+P = 4, K = 64, RowAdam -- the trainer's default), split into its parts, each timed on its own
+(median of ``--reps``, interleaved), next to the time the part's unavoidable memory traffic takes
+at the streaming bandwidth measured in the same run (a ``[L, d]`` copy):
+
+* ``sample``: ``sampler.sample`` ([B, M] ids and log q) + ``log_prob`` of the positives;
+* ``gather+score``: ``LabelTable.score_ids`` of negatives and positives (reads B*M*d floats);
+* ``loss``: ``sampled_softmax_loss`` forward;
+* ``backward``: autograd to the sparse row gradients (writes B*M*d floats);
+* ``optimizer``: ``RowAdam.step`` (reads and writes each distinct row and its two moments);
+* ``full step``: all of it, and the full-softmax step once, for the ratio.
+
+    python benchmarks/bench_step_profile.py --threads 1
+    python benchmarks/bench_step_profile.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, apply_threads, machine_info, print_table, write_results  # noqa: E402
+
+NAME = "step_profile"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--negatives", type=int, default=1024)
+    ap.add_argument("--positives", type=int, default=4)
+    ap.add_argument("--codewords", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--full-reps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+
+    import torch
+    from bench_output_layer import Bench  # noqa: E402
+
+    from xmc_toolkit.losses import sampled_softmax_loss
+
+    if args.quick:
+        args.labels, args.dim, args.batch, args.negatives, args.codewords = 3000, 16, 32, 64, 8
+        args.reps = 2
+    device = torch.device(args.device)
+    L, d, B, M, P = args.labels, args.dim, args.batch, args.negatives, args.positives
+    bench = Bench(L, d, B, M, P, device, args.codewords, 65536, ["full", "midx-pq"], "adam",
+                  sparse_optimizer="rowadam")
+    sampler, table, q = bench.samplers["midx-pq"], bench.table, bench.queries
+    step = bench.step_fn("midx-pq")
+    full = bench.step_fn("full")
+    step()
+    step()  # optimizer state
+    # streaming bandwidth of this machine now: one [L, d] float32 copy (read + write)
+    src = table.weight.weight.detach()
+    dst = torch.empty_like(src)
+    bw = []
+    for _ in range(3):
+        t = time.perf_counter()
+        dst.copy_(src)
+        bw.append(2 * src.numel() * 4 / (time.perf_counter() - t))
+    bandwidth = statistics.median(bw)  # bytes / s
+    del dst
+    f4 = 4
+    parts: dict[str, list[float]] = {k: [] for k in ("sample", "gather+score", "loss",
+                                                      "backward", "optimizer", "step")}
+    distinct: list[int] = []
+    for _ in range(args.reps):
+        opt = bench.sparse_opt
+        assert opt is not None
+        opt.zero_grad(set_to_none=True)
+        qd = q.detach()
+        t0 = time.perf_counter()
+        s = sampler.sample(qd, M)
+        pos_lq = sampler.log_prob(qd, bench.pos_ids)
+        t1 = time.perf_counter()
+        pos_s = table.score_ids(q, bench.pos_ids)
+        neg_s = table.score_ids(q, s.ids)
+        t2 = time.perf_counter()
+        loss = sampled_softmax_loss(pos_s, bench.pos_ids, bench.pos_mask, pos_lq, neg_s, s.ids,
+                                    s.log_q)
+        t3 = time.perf_counter()
+        loss.backward()
+        t4 = time.perf_counter()
+        opt.step()
+        t5 = time.perf_counter()
+        for k, a, b in (("sample", t0, t1), ("gather+score", t1, t2), ("loss", t2, t3),
+                        ("backward", t3, t4), ("optimizer", t4, t5)):
+            parts[k].append(b - a)
+        distinct.append(int(torch.unique(torch.cat([s.ids.flatten(), bench.pos_ids.flatten()])).numel()))
+        t = time.perf_counter()
+        step()
+        parts["step"].append(time.perf_counter() - t)
+    full_t = []
+    for _ in range(args.full_reps):
+        t = time.perf_counter()
+        full()
+        full_t.append(time.perf_counter() - t)
+    u = statistics.median(distinct)
+    # bytes each part must move at least (float32): gather reads B*(M+P)*d, the backward writes
+    # as many gradient rows, the optimizer reads+writes U rows of weight, m and v and reads U
+    # gradient rows; the sampler reads the [B, K^2] cell weights a few times
+    bound_bytes = {
+        "sample": 3 * B * args.codewords ** 2 * f4,
+        "gather+score": B * (M + P) * d * f4,
+        "loss": 4 * B * M * f4,
+        "backward": B * (M + P) * d * f4,
+        "optimizer": 7 * u * d * f4,
+    }
+    bound_bytes["step"] = sum(bound_bytes.values())
+    rows = []
+    res: dict[str, Any] = {}
+    for k, v in parts.items():
+        med = statistics.median(v)
+        bound = bound_bytes[k] / bandwidth
+        res[k] = {"seconds": med, "bound_s": bound, "bytes": bound_bytes[k], "times": v}
+        rows.append([k, 1e3 * med, 1e3 * bound, med / bound])
+    full_s = statistics.median(full_t)
+    res["full_softmax_step_s"] = full_s
+    res["speedup_per_query_vs_full"] = full_s / res["step"]["seconds"]
+    res["distinct_rows"] = u
+    res["bandwidth_gb_s"] = bandwidth / 1e9
+    payload = {"benchmark": NAME, "config": {k: v for k, v in vars(args).items() if k != "out"},
+               "machine": machine_info(device), "results": res}
+    out = args.out or (RESULTS_DIR / f"{NAME}{'_quick' if args.quick else ''}.json")
+    write_results(NAME, payload, out)
+    print_table(f"per-query step, L={L}, B={B}, M={M}, d={d}: full softmax {full_s:.2f} s, "
+                f"{res['speedup_per_query_vs_full']:.1f}x; stream {bandwidth / 1e9:.2f} GB/s",
+                ["part", "ms", "memory bound ms", "x bound"], rows)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
