@@ -534,15 +534,15 @@ def _assign_codes(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, quantizer
 
 def make_sampler_for(config: "TrainConfig", num_labels: int, label_counts: np.ndarray,
                      num_codewords: int) -> Any:
-    """The MIDX sampler the trainer builds for ``config`` (with a given codeword count)."""
-    from .sampling import make_sampler
+    """The MIDX sampler the trainer builds for ``config``, with the parent's codeword count
+    (through the one config-to-sampler mapping, :func:`xmc_toolkit.objective.sampler_from_config`)."""
+    import dataclasses
 
-    name = config.sampler
-    return make_sampler(
-        "midx", num_labels, label_counts=np.asarray(label_counts, dtype=np.float64),
-        num_codewords=num_codewords,
-        quantizer=config.quantizer if name == "midx" else name.split("-")[1],
-        within_cell=config.within_cell, alpha=config.popularity_alpha, seed=config.seed)
+    from .objective import sampler_from_config
+
+    name = config.sampler if config.sampler.startswith("midx") else "midx"
+    cfg = dataclasses.replace(config, sampler=name, codewords=int(num_codewords))
+    return sampler_from_config(cfg, num_labels, label_counts)
 
 
 @torch.no_grad()
