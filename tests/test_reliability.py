@@ -116,7 +116,10 @@ def test_reliability_doc_is_current() -> None:
     if all(f"{c['category']} / {c['case']}" in obs for c in runnable):
         # slow / GPU cases not run here keep the observation already in the document
         merged = gen.previous_observations(doc, cases)
-        merged.update(obs)
+        # a measured peak depends on what ran earlier in the process (ru_maxrss is a
+        # high-water mark): its test asserts the bound; the document keeps the observation
+        # gen_reliability_doc.py recorded
+        merged.update({k: v for k, v in obs.items() if k not in (MEM_FAST.key, MEM_SLOW.key)})
         assert gen.render(cases, merged) == doc, f"docs/reliability.md is out of date; {fix}"
     else:
         for c in cases:
