@@ -426,12 +426,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return payload
 
 
-_RESUME_IGNORED = ("datasets", "methods", "resume", "timeout")
+_RESUME_IGNORED = ("datasets", "methods", "resume", "timeout", "pecos_path")  # not results
 
 
 def _resumable(out_path: Path, config: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     """The error-free rows of an earlier run in ``out_path`` whose settings match ``config``
-    (the data sets / methods asked for, ``--resume`` and ``--timeout`` may differ)."""
+    (the data sets / methods asked for, ``--resume``, ``--timeout`` and ``--pecos-path`` may
+    differ)."""
     if not out_path.exists():
         return {}
     try:
