@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 __all__ = ["zero_based_option", "zero_based", "load_data", "no_verify_option",
-           "model_text_field_options", "given_fields"]
+           "text_field_options", "model_text_field_options", "given_fields"]
 
 _KEY = "xmc.zero_based"
 
@@ -54,22 +54,31 @@ def no_verify_option(func: Any) -> Any:
              "a corrupt file then goes unnoticed).")(func)
 
 
-def model_text_field_options(func: Any) -> Any:
-    """``--text-field``, ``--label-field``, ``--label-sep`` for commands that read text *for a
-    trained model* (eval, predict): unset, each is the name the model's training file used."""
-    for name, what in (("--label-sep", "TSV/CSV data: separator of the labels inside their "
-                                       "column"),
-                       ("--label-field", "Text data: JSON field (a list of strings) or column "
-                                         "of the labels"),
-                       ("--text-field", "Text data (.jsonl/.tsv/.csv): JSON field or column of "
-                                        "the text")):
-        func = click.option(name, name[2:].replace("-", "_"), default=None,
-                            help=f"{what} (default: as in the model's training file, else "
-                                 f"{_DEFAULT_FIELDS[name]!r}).")(func)
+_TEXT_FIELDS = (  # flag, help, default of the training file
+    ("--label-sep", "TSV/CSV data: separator of the labels inside their column", "|"),
+    ("--label-field", "Text data: JSON field (a list of strings) or column of the labels",
+     "labels"),
+    ("--text-field", "Text data (.jsonl/.tsv/.csv): JSON field or column of the text", "text"),
+)
+
+
+def text_field_options(func: Any) -> Any:
+    """``--text-field``, ``--label-field``, ``--label-sep`` of a training file (defaults
+    ``text``, ``labels``, ``|``)."""
+    for name, what, default in _TEXT_FIELDS:
+        func = click.option(name, name[2:].replace("-", "_"), default=default,
+                            show_default=True, help=f"{what}.")(func)
     return func
 
 
-_DEFAULT_FIELDS = {"--text-field": "text", "--label-field": "labels", "--label-sep": "|"}
+def model_text_field_options(func: Any) -> Any:
+    """The same options for commands that read text *for a trained model* (eval, predict):
+    unset, each is the name the model's training file used."""
+    for name, what, default in _TEXT_FIELDS:
+        func = click.option(name, name[2:].replace("-", "_"), default=None,
+                            help=f"{what} (default: as in the model's training file, else "
+                                 f"{default!r}).")(func)
+    return func
 
 
 def given_fields(text_field: str | None, label_field: str | None,

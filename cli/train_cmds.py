@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cli._options import (given_fields, load_data, model_text_field_options, no_verify_option,
-                          zero_based, zero_based_option)
+                          text_field_options, zero_based, zero_based_option)
 from xmc_toolkit.errors import ConfigError
 
 __all__ = ["COMMANDS", "train", "predict", "export"]
@@ -115,25 +115,6 @@ def apply_threads(threads: int) -> None:
 
 
 FEATURIZER_KEY = "featurizer"  # the featurizer settings' block in --print-config / --config
-
-
-def _is_text(path: Path) -> bool:
-    from xmc_toolkit.inputs import is_text_file
-
-    return is_text_file(path)
-
-
-def text_field_options(func: Any) -> Any:
-    """``--text-field``, ``--label-field``, ``--label-sep`` of text data files."""
-    func = click.option("--label-sep", "label_sep", default="|", show_default=True,
-                        help="TSV/CSV data: separator of the labels inside their column.")(func)
-    func = click.option("--label-field", "label_field", default="labels", show_default=True,
-                        help="Text data: JSON field (a list of strings) or column of the "
-                             "labels.")(func)
-    func = click.option("--text-field", "text_field", default="text", show_default=True,
-                        help="Text data (.jsonl/.tsv/.csv): JSON field or column of the "
-                             "text.")(func)
-    return func
 
 
 @click.command("train")
@@ -282,9 +263,11 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     cfg = base.merged(flags, validate=print_config or data is None)
     feat_cfg = feat_base.merged(feat_flags)
     if print_config:
+        from xmc_toolkit.inputs import is_text_file
+
         printed = cfg.to_dict()
         if (feat_from_file or any(v is not None for v in feat_flags.values())
-                or (data is not None and _is_text(data))):
+                or (data is not None and is_text_file(data))):
             printed[FEATURIZER_KEY] = feat_cfg.to_dict()
         click.echo(json.dumps(printed, indent=2))
         return
