@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
 
     from xmc_toolkit.device import resolve_device
-    from xmc_toolkit.metrics import evaluate, inverse_propensity
+    from xmc_toolkit.metrics import inverse_propensity
 
     apply_threads(args.threads)
     if args.quick:
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config["device"] = str(device)
     payload: dict[str, Any] = {"benchmark": NAME, "config": config,
                                "machine": machine_info(device), "datasets": {}, "results": []}
-    done = _resumable(out_path, config) if args.resume else {}
+    done, done_datasets = _resumable(out_path, config) if args.resume else ({}, {})
     scratch = Path(tempfile.mkdtemp(prefix="xmc_peers_")) if args.work is None else args.work
     rows: list[list[Any]] = []
     try:
@@ -373,42 +373,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import scipy.sparse as sp
 
             work = scratch / name
-            payload["datasets"][name] = _prepare(name, *paths, work, args.peer_features,
-                                                 args.max_points or None)
-            Ytr, Yte = sp.load_npz(work / "Ytr.npz"), sp.load_npz(work / "Yte.npz")
-            inv = inverse_propensity(Ytr)
+            if all((name, m) in done for m in methods) and name in done_datasets:
+                payload["datasets"][name] = done_datasets[name]  # nothing to run: no preparing
+            else:
+                payload["datasets"][name] = _prepare(name, *paths, work, args.peer_features,
+                                                     args.max_points or None)
+                Ytr, Yte = sp.load_npz(work / "Ytr.npz"), sp.load_npz(work / "Yte.npz")
+                inv = inverse_propensity(Ytr)
             for method in methods:
                 if (name, method) in done:
-                    rec = done[(name, method)]
-                    rec["resumed"] = True
-                    payload["results"].append(rec)
-                    met = rec.get("metrics", {})
-                    rows.append([name, method, *[100 * met[k] if k in met else None
-                                                 for k in KEYS],
-                                 rec.get("train_s"), rec.get("predict_ms_per_point"),
-                                 None if rec.get("model_bytes") is None
-                                 else rec["model_bytes"] / 2**20, rec.get("peak_rss_mib"),
-                                 "resumed"])
-                    continue
-                load_before = os.getloadavg()[0]
-                rec = {"dataset": name, **_run_child(args, method, work)}
-                rec["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-                topk = work / f"topk_{method}.npy"
-                if "error" not in rec and topk.exists():
-                    import numpy as np
-
-                    ids = np.load(topk)
-                    m = evaluate(Yte, ids, ks=(1, 3, 5), inv_prop=inv)
-                    rec["metrics"] = {k: float(m[k]) for k in KEYS if k in m}
-                    rec["predict_ms_per_point"] = 1e3 * rec["predict_s"] / Yte.shape[0]
-                    topk.unlink()
+                    rec = {**done[(name, method)], "resumed": True}
+                else:
+                    rec = _run_and_score(args, name, method, work, Yte, inv)
                 payload["results"].append(rec)
                 met = rec.get("metrics", {})
+                note = ("resumed" if rec.get("resumed") else
+                        "error (below)" if "error" in rec else "")
                 rows.append([name, method, *[100 * met[k] if k in met else None for k in KEYS],
                              rec.get("train_s"), rec.get("predict_ms_per_point"),
                              None if rec.get("model_bytes") is None
-                             else rec["model_bytes"] / 2**20, rec.get("peak_rss_mib"),
-                             "error (below)" if "error" in rec else ""])
+                             else rec["model_bytes"] / 2**20, rec.get("peak_rss_mib"), note])
                 write_results(NAME, payload, out_path)
     finally:
         if args.work is None:
@@ -429,24 +413,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 _RESUME_IGNORED = ("datasets", "methods", "resume", "timeout", "pecos_path")  # not results
 
 
-def _resumable(out_path: Path, config: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+def _resumable(out_path: Path, config: dict[str, Any]
+               ) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
     """The error-free rows of an earlier run in ``out_path`` whose settings match ``config``
     (the data sets / methods asked for, ``--resume``, ``--timeout`` and ``--pecos-path`` may
-    differ)."""
+    differ), and its prepared data sets' descriptions."""
     if not out_path.exists():
-        return {}
+        return {}, {}
     try:
         old = json.loads(out_path.read_text())
     except (OSError, ValueError):
-        return {}
+        return {}, {}
     now = json.loads(json.dumps(config, default=str))  # as it is stored (paths as strings)
     same = all(old.get("config", {}).get(k) == v for k, v in now.items()
                if k not in _RESUME_IGNORED)
     if not same:
         raise SystemExit(f"--resume: {out_path} was written with other settings; drop --resume "
                          "or pass another --out")
-    return {(r["dataset"], r["method"]): r for r in old.get("results", [])
+    rows = {(r["dataset"], r["method"]): r for r in old.get("results", [])
             if "error" not in r and "metrics" in r}
+    datasets = {k: v for k, v in old.get("datasets", {}).items() if "skipped" not in v}
+    return rows, datasets
+
+
+def _run_and_score(args: argparse.Namespace, name: str, method: str, work: Path, Yte: Any,
+                   inv: Any) -> dict[str, Any]:
+    """Train and predict ``method`` in its own subprocess, then score its top-5 on ``Yte``."""
+    from xmc_toolkit.metrics import evaluate
+
+    load_before = os.getloadavg()[0]
+    rec = {"dataset": name, **_run_child(args, method, work)}
+    rec["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    topk = work / f"topk_{method}.npy"
+    if "error" not in rec and topk.exists():
+        import numpy as np
+
+        ids = np.load(topk)
+        m = evaluate(Yte, ids, ks=(1, 3, 5), inv_prop=inv)
+        rec["metrics"] = {k: float(m[k]) for k in KEYS if k in m}
+        rec["predict_ms_per_point"] = 1e3 * rec["predict_s"] / Yte.shape[0]
+        topk.unlink()
+    return rec
 
 
 if __name__ == "__main__":
