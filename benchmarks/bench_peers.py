@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--resume", action="store_true",
                     help="keep the (data set, method) rows already in --out that ran with the same "
-                         "settings and run only the missing ones (a long run survives a crash)")
+                         "settings and run only the missing ones (a long run survives a crash); "
+                         "rows of data sets / methods not asked for this time stay in the file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -346,8 +347,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     apply_threads(args.threads)
     if args.quick:
-        args.datasets, args.xmc_epochs, args.max_points = "emotions", 1, 200
-        args.methods = "xmc-default,xmc-midx,napkinxc-plt"
+        args.xmc_epochs, args.max_points = 1, 200
+        if args.datasets == ",".join(DATASETS):  # quick defaults; a --datasets / --methods given wins
+            args.datasets = "emotions"
+        if args.methods == ",".join(METHODS):
+            args.methods = "xmc-default,xmc-midx,napkinxc-plt"
     methods = [m for m in args.methods.split(",") if m]
     datasets = [d for d in args.datasets.split(",") if d]
     for kind, given, known in (("method", methods, METHODS), ("data set", datasets, DATASETS)):
@@ -362,6 +366,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"benchmark": NAME, "config": config,
                                "machine": machine_info(device), "datasets": {}, "results": []}
     done, done_datasets = _resumable(out_path, config) if args.resume else ({}, {})
+    # rows of data sets / methods this call does not ask for stay in the file (a --resume over
+    # a subset never drops finished rows); they follow this call's rows in every write
+    others = [r for (d, m), r in done.items() if d not in datasets or m not in methods]
+    other_sets = {d: v for d, v in done_datasets.items() if d not in datasets}
+
+    def save() -> None:
+        write_results(NAME, {**payload, "datasets": {**other_sets, **payload["datasets"]},
+                             "results": payload["results"] + others}, out_path)
     scratch = Path(tempfile.mkdtemp(prefix="xmc_peers_")) if args.work is None else args.work
     rows: list[list[Any]] = []
     try:
@@ -393,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              rec.get("train_s"), rec.get("predict_ms_per_point"),
                              None if rec.get("model_bytes") is None
                              else rec["model_bytes"] / 2**20, rec.get("peak_rss_mib"), note])
-                write_results(NAME, payload, out_path)
+                save()
     finally:
         if args.work is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -406,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rec in payload["results"]:
         if "error" in rec:
             print(f"{rec['dataset']} / {rec['method']}: {rec['error']}")
-    write_results(NAME, payload, out_path)
+    save()
     return payload
 
 

@@ -97,6 +97,10 @@ def test_peers_quick(tmp_path: Path) -> None:
         if (rec["dataset"], rec["method"]) in kept:
             assert rec.get("resumed") and rec["metrics"] == kept[rec["dataset"],
                                                                  rec["method"]]["metrics"]
+    # a resumed call over a subset of the methods keeps the other finished rows in the file
+    _load("bench_peers").main([*QUICK, "--out", str(out), "--resume", "--methods", "xmc-default"])
+    stored = json.loads(out.read_text())
+    assert {(r["dataset"], r["method"]) for r in stored["results"]} >= set(kept)
     with pytest.raises(SystemExit, match="other settings"):
         _load("bench_peers").main([*QUICK, "--out", str(out), "--resume",
                                    "--peer-features", "raw"])
