@@ -203,3 +203,49 @@ def test_cuda_row_adam_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(p.detach().cpu(), w_cpu.float(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU path: chunked row update, gradients sorted and distinct by construction not re-sorted
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_floats", [1, 8, 12, 1 << 20])  # 1 row, 2 rows, 3 rows, 1 chunk
+def test_chunked_row_update_equals_sparse_adam_with_repeated_rows(monkeypatch, chunk_floats):
+    """Several steps of uncoalesced float64 gradients (repeated rows, random order, the bias-like
+    [R, 1] shape too) in chunks of 1..all rows: the numbers of torch.optim.SparseAdam, and
+    bit-identical whatever the chunking."""
+    import xmc_toolkit.sparse_optim as so
+
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    tight = dict(rtol=1e-12, atol=1e-12)
+    for dim in (4, 1):
+        grads = _random_sparse_grads(30, dim, steps=6, seed=11, row0="repeated")
+        monkeypatch.setattr(so, "_CHUNK_FLOATS", 1 << 20)
+        w_one, s_one = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), grads, 30, dim)
+        monkeypatch.setattr(so, "_CHUNK_FLOATS", chunk_floats)
+        w_row, s_row = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), grads, 30, dim)
+        w_ref, s_ref = _apply(lambda ps: torch.optim.SparseAdam(ps, **kw), grads, 30, dim)
+        torch.testing.assert_close(w_row, w_ref, **tight)
+        assert torch.equal(w_row, w_one)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s_row[key], s_ref[key], **tight)
+            assert torch.equal(s_row[key], s_one[key])
+
+
+def test_sorted_distinct_gradient_is_not_coalesced_again(monkeypatch):
+    """A gradient with sorted distinct rows but no coalesced flag (what autograd stores as .grad)
+    skips coalesce(); an unsorted one, or one with a repeated row, is coalesced; same numbers."""
+    calls = []
+    orig = torch.Tensor.coalesce
+    monkeypatch.setattr(torch.Tensor, "coalesce",
+                        lambda self: (calls.append(1), orig(self))[1])
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    vals = torch.randn(3, 2, dtype=torch.float64)
+    cases = {"sorted": ([1, 4, 6], 0), "unsorted": ([4, 1, 6], 1), "repeated": ([1, 4, 4], 1)}
+    for name, (rows, n_calls) in cases.items():
+        calls.clear()
+        g = torch.sparse_coo_tensor(torch.tensor([rows]), vals, (8, 2), check_invariants=True)
+        assert not g.is_coalesced()
+        w, _ = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), [g], 8, 2)
+        assert len(calls) == n_calls, name
+        w_ref, _ = _apply(lambda ps: torch.optim.SparseAdam(ps, **kw), [g], 8, 2)
+        torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
