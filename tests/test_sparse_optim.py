@@ -249,3 +249,76 @@ def test_sorted_distinct_gradient_is_not_coalesced_again(monkeypatch):
         assert len(calls) == n_calls, name
         w_ref, _ = _apply(lambda ps: torch.optim.SparseAdam(ps, **kw), [g], 8, 2)
         torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# opt-in: one second moment per row (row_wise=True), against a slow reference
+# ---------------------------------------------------------------------------------------------
+def _row_wise_reference(p0: torch.Tensor, grads, lr, betas, eps) -> tuple[torch.Tensor, ...]:
+    """Partial row-wise Adam written out: m per element, v per row (mean of g^2 over the row),
+    SparseAdam's bias-corrected step; untouched rows keep their values and moments."""
+    b1, b2 = betas
+    p, m = p0.clone(), torch.zeros_like(p0)
+    v = torch.zeros(p0.shape[0], 1, dtype=p0.dtype)
+    for t, grad in enumerate(grads, start=1):
+        g = (grad if grad.is_sparse else grad.to_sparse(sparse_dim=1)).coalesce()
+        rows, gv = g.indices()[0], g.values()
+        for i, r in enumerate(rows.tolist()):
+            m[r] = b1 * m[r] + (1 - b1) * gv[i]
+            v[r] = b2 * v[r] + (1 - b2) * (gv[i] ** 2).mean()
+            step_size = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+            p[r] = p[r] - step_size * (m[r] / (v[r].sqrt() + eps))
+    return p, m, v
+
+
+@pytest.mark.parametrize("path", ["chunked-1-row", "chunked-all", "sync-free"])
+def test_row_wise_second_moment_equals_reference(monkeypatch, path):
+    import xmc_toolkit.sparse_optim as so
+
+    monkeypatch.setattr(so, "_CHUNK_FLOATS", 1 if path == "chunked-1-row" else 1 << 20)
+    rows, dim = 30, 4
+    grads = _random_sparse_grads(rows, dim, steps=6, seed=13, row0="repeated")
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    w, st = _apply(lambda ps: RowAdam(ps, sync_free=path == "sync-free", row_wise=True, **kw),
+                   grads, rows, dim)
+    p0 = torch.randn(rows, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w_ref, m_ref, v_ref = _row_wise_reference(p0, grads, **kw)
+    tight = dict(rtol=1e-12, atol=1e-12)
+    assert st["exp_avg_sq"].shape == (rows, 1)
+    torch.testing.assert_close(w, w_ref, **tight)
+    torch.testing.assert_close(st["exp_avg"], m_ref, **tight)
+    torch.testing.assert_close(st["exp_avg_sq"], v_ref, **tight)
+    # it is not Adam: the element-wise RowAdam ends elsewhere
+    w_adam, _ = _apply(lambda ps: RowAdam(ps, **kw), grads, rows, dim)
+    assert not torch.allclose(w, w_adam)
+
+
+def test_row_wise_dense_gradient_bias_rows_and_refusals():
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    p = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    p0 = p.detach().clone()
+    opt = RowAdam([p], row_wise=True, **kw)
+    dense = [torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+             for i in range(3)]
+    for g in dense:
+        p.grad = g
+        opt.step()
+    w_ref, _, v_ref = _row_wise_reference(p0, dense, **kw)
+    torch.testing.assert_close(p.detach(), w_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], v_ref, rtol=1e-12, atol=1e-12)
+    # rows of one number (a bias [R, 1]) and 1-D parameters: exactly the element-wise update
+    grads = _random_sparse_grads(12, 1, steps=4, seed=2, row0="absent")
+    a, _ = _apply(lambda ps: RowAdam(ps, row_wise=True, **kw), grads, 12, 1)
+    b, _ = _apply(lambda ps: RowAdam(ps, **kw), grads, 12, 1)
+    assert torch.equal(a, b)
+    # a state saved by the other mode is refused, not silently broadcast
+    q = torch.nn.Parameter(torch.randn(4, 2))
+    plain = RowAdam([q], lr=0.1)
+    q.grad = torch.ones(4, 2)
+    plain.step()
+    rw = RowAdam([q], lr=0.1, row_wise=True)
+    rw.load_state_dict(plain.state_dict())
+    with pytest.raises(ConfigError, match="row_wise"):
+        rw.step()
+    with pytest.raises(ConfigError, match="1-D or 2-D"):
+        RowAdam([torch.nn.Parameter(torch.zeros(2, 2, 2))], row_wise=True)
