@@ -412,11 +412,14 @@ class _PerQueryScores(torch.autograd.Function):
             if need_b:
                 grad_b = _sparse_rows(rows, weight.new_empty(0, 1), ctx.bias_shape)
         elif need_w or need_b:
-            srt, perm = torch.sort(ids.reshape(-1))  # [N] rows in order, and their entries
+            keys = ids.reshape(-1)  # [N]
+            if L <= torch.iinfo(torch.int32).max:  # int32 keys sort in half the time
+                keys = keys.to(torch.int32)
+            srt, perm = torch.sort(keys)  # [N] rows in order, and their entries
             new = torch.ones(n, dtype=torch.bool, device=ids.device)  # first entry of a row
             new[1:] = srt[1:] != srt[:-1]
             starts = new.nonzero().squeeze(1)  # [U] first sorted entry of each distinct row
-            rows = srt.index_select(0, starts)  # [U] sorted, distinct
+            rows = srt.index_select(0, starts).long()  # [U] sorted, distinct
             gs = g.reshape(-1).index_select(0, perm)  # [N] gradient of each sorted entry
             if need_w:  # grad_w[u] = sum over row u's entries of g[b, m] q_b: a bag of queries
                 qrow = torch.div(perm, M, rounding_mode="floor")  # [N] query of each entry
