@@ -161,6 +161,109 @@ def test_dense_option_and_no_bias():
     assert len(ei.value.problems) == 2
 
 
+
+# -- per-query scores on the CPU: coalesced row gradients by construction -------------------------
+def _embedding_reference(t: LabelTable, q: torch.Tensor, id_sets, weights):
+    """The same scores through plain nn.Embedding(sparse=False) lookups + bmm (dense grads)."""
+    W = torch.nn.Embedding.from_pretrained(t.weight.weight.detach().clone(), freeze=False)
+    b = torch.nn.Embedding.from_pretrained(t.bias.weight.detach().clone(), freeze=False)
+    q = q.detach().clone().requires_grad_(True)
+    outs = [torch.bmm(W(ids), q.unsqueeze(-1)).squeeze(-1) + b(ids).squeeze(-1) for ids in id_sets]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    return outs, W.weight.grad, b.weight.grad, q.grad
+
+
+@pytest.mark.parametrize("block", [1, 16, 1 << 17])  # one row, a few queries, all at once
+def test_per_query_scores_and_gradients_equal_nn_embedding(monkeypatch, block):
+    """Scores, weight / bias / query gradients of score_ids (per-query ids, repeated within and
+    across queries, scored twice as positives and negatives) equal nn.Embedding's dense ones; the
+    row gradients come out sorted and distinct (flagged coalesced before autograd stores them)."""
+    import xmc_toolkit.output_layer as ol
+
+    monkeypatch.setattr(ol, "_SCORE_BLOCK_FLOATS", block)
+    g = torch.Generator().manual_seed(3)
+    t = LabelTable(40, 5).double()
+    with torch.no_grad():
+        t.bias.weight.normal_(generator=g)
+    q = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    neg = torch.randint(0, 40, (6, 11), generator=g)
+    neg[1, :3] = neg[0, 0]  # a row repeated inside a query and across queries
+    pos = torch.randint(0, 40, (6, 2), generator=g)
+    pos[2, 0] = neg[0, 0]
+    wn = torch.randn(6, 11, dtype=torch.float64, generator=g)
+    wp = torch.randn(6, 2, dtype=torch.float64, generator=g)
+    seen = []
+    orig = ol._sparse_rows
+    monkeypatch.setattr(ol, "_sparse_rows", lambda *a: seen.append(orig(*a)) or seen[-1])
+    sn, sp = t.score_ids(q, neg), t.score_ids(q, pos)
+    assert type(sn.grad_fn).__name__ == "_PerQueryScoresBackward"
+    ((sn * wn).sum() + (sp * wp).sum()).backward()
+    (rn, rp), gw, gb, gq = _embedding_reference(t, q, (neg, pos), (wn, wp))
+    tight = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sn, rn, **tight)
+    torch.testing.assert_close(sp, rp, **tight)
+    assert t.weight.weight.grad.is_sparse and t.bias.weight.grad.is_sparse
+    torch.testing.assert_close(t.weight.weight.grad.to_dense(), gw, **tight)
+    torch.testing.assert_close(t.bias.weight.grad.to_dense(), gb, **tight)
+    torch.testing.assert_close(q.grad, gq, **tight)
+    assert len(seen) == 4  # weight and bias, negatives and positives
+    for grad in seen:
+        rows = grad._indices()[0]
+        assert grad.is_coalesced() and bool((rows[1:] > rows[:-1]).all())
+        assert torch.equal(grad.to_dense(), grad.coalesce().to_dense())
+    rows = t.weight.weight.grad._indices()[0]  # the sum of both: still sorted and distinct
+    assert bool((rows[1:] > rows[:-1]).all())
+    assert set(rows.tolist()) == set(neg.flatten().tolist()) | set(pos.flatten().tolist())
+
+
+def test_per_query_scores_edge_cases_and_fallbacks():
+    """No ids, frozen parameters, no bias, float32 with RowAdam against the nn.Embedding path
+    (SparseAdam over several steps), and the old path under CPU autocast."""
+    from xmc_toolkit.sparse_optim import RowAdam
+
+    t = LabelTable(10, 3)
+    q = torch.randn(2, 3, requires_grad=True)
+    s = t.score_ids(q, torch.zeros(2, 0, dtype=torch.long))
+    assert s.shape == (2, 0)
+    s.sum().backward()
+    assert t.weight.weight.grad._nnz() == 0 and torch.equal(q.grad, torch.zeros(2, 3))
+    t.weight.weight.requires_grad_(False)
+    t.bias.weight.requires_grad_(False)
+    t.score_ids(q, torch.tensor([[1, 2], [2, 2]])).sum().backward()  # only the queries' grad
+    nb = LabelTable(10, 3, bias=False)
+    ids = torch.tensor([[1, 2, 2], [9, 1, 0]])
+    nb.score_ids(q.detach(), ids).sum().backward()
+    dense = torch.zeros(10, 3).index_add_(0, ids.flatten(), q.detach().repeat_interleave(3, 0))
+    torch.testing.assert_close(nb.weight.weight.grad.to_dense(), dense)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = t.score_ids(q, ids)
+    assert type(s.grad_fn).__name__ != "_PerQueryScoresBackward"
+    # several training steps, float32: RowAdam on the fast path == SparseAdam on nn.Embedding's
+    torch.manual_seed(0)
+    a = LabelTable(50, 8)
+    with torch.no_grad():
+        a.bias.weight.normal_()
+    ref = {k: torch.nn.Embedding.from_pretrained(v.detach().clone(), freeze=False, sparse=True)
+           for k, v in (("w", a.weight.weight), ("b", a.bias.weight))}
+    opt_a = RowAdam(list(a.parameters()), lr=0.05)
+    opt_r = torch.optim.SparseAdam([ref["w"].weight, ref["b"].weight], lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        qq = torch.randn(7, 8, generator=g)
+        neg, pos = torch.randint(0, 50, (7, 30), generator=g), torch.randint(0, 50, (7, 2), generator=g)
+        for opt in (opt_a, opt_r):
+            opt.zero_grad()
+        (a.score_ids(qq, neg).logsumexp(1) - a.score_ids(qq, pos).sum(1)).sum().backward()
+        sc = [torch.bmm(ref["w"](i), qq.unsqueeze(-1)).squeeze(-1) + ref["b"](i).squeeze(-1)
+              for i in (neg, pos)]
+        (sc[0].logsumexp(1) - sc[1].sum(1)).sum().backward()
+        opt_a.step()
+        opt_r.step()
+    torch.testing.assert_close(a.weight.weight.detach(), ref["w"].weight.detach(),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.bias.weight.detach(), ref["b"].weight.detach(),
+                               rtol=1e-5, atol=1e-6)
+
 # -- approximate top-k through a cell index --------------------------------------------------------
 class FakeIndex:
     """A tiny stand-in for MIDXSampler: K x K cells from two 'codebooks' on halves of the vector."""

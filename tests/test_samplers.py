@@ -125,6 +125,32 @@ def test_midx_log_prob_matches_brute_force(quantizer, within_cell, use_bias, num
         assert (s.cell_counts == 0).any()  # the case really has empty cells
 
 
+
+@pytest.mark.parametrize("quantizer,within_cell,use_bias", [c for c in CASES if c[1] != "exact"])
+def test_per_query_sample_log_q_from_cells_equals_codes_lookup(quantizer, within_cell, use_bias,
+                                                              monkeypatch):
+    """The per-query draw takes the items' codes from the drawn cells instead of codes[ids]:
+    bit-identical log q, and the brute-force reference at the drawn ids (empty cells too)."""
+    w, g = _clustered(10, 5, 4, seed=7)
+    bias = torch.randn(10, generator=g) if use_bias else None
+    counts = torch.randint(0, 20, (10,), generator=g).float()
+    s = MIDXSampler(10, 5, quantizer=quantizer, within_cell=within_cell, label_counts=counts,
+                    alpha=0.6, seed=1)
+    s.update(w, bias)
+    q = torch.randn(4, 5, generator=g)
+    calls = []
+    orig = MIDXSampler._item_log_q
+    monkeypatch.setattr(MIDXSampler, "_item_log_q",
+                        staticmethod(lambda *a, **kw: calls.append((a, kw)) or orig(*a, **kw)))
+    smp = s.sample(q, 200, generator=torch.Generator().manual_seed(0))
+    (args, kw), = calls
+    assert kw["cells"] is not None
+    assert torch.equal(smp.log_q, orig(*args))  # the codes[ids] lookup: the same numbers
+    lw = reference_item_log_weight(10, within_cell, counts.tolist(), 0.6, 1.0,
+                                   None if bias is None else bias.tolist())
+    ref = reference_midx_log_prob(q, s.codebooks, s.codes, quantizer, lw)  # [B, L]
+    torch.testing.assert_close(smp.log_q.double(), ref.gather(1, smp.ids), atol=1e-4, rtol=1e-5)
+
 def test_exact_within_cell_equals_log_softmax_of_true_scores():
     w, g = _clustered(120, 8, 5, seed=3)
     bias = torch.randn(120, generator=g)

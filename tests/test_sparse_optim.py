@@ -203,3 +203,122 @@ def test_cuda_row_adam_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(p.detach().cpu(), w_cpu.float(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU path: chunked row update, gradients sorted and distinct by construction not re-sorted
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_floats", [1, 8, 12, 1 << 20])  # 1 row, 2 rows, 3 rows, 1 chunk
+def test_chunked_row_update_equals_sparse_adam_with_repeated_rows(monkeypatch, chunk_floats):
+    """Several steps of uncoalesced float64 gradients (repeated rows, random order, the bias-like
+    [R, 1] shape too) in chunks of 1..all rows: the numbers of torch.optim.SparseAdam, and
+    bit-identical whatever the chunking."""
+    import xmc_toolkit.sparse_optim as so
+
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    tight = dict(rtol=1e-12, atol=1e-12)
+    for dim in (4, 1):
+        grads = _random_sparse_grads(30, dim, steps=6, seed=11, row0="repeated")
+        monkeypatch.setattr(so, "_CHUNK_FLOATS", 1 << 20)
+        w_one, s_one = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), grads, 30, dim)
+        monkeypatch.setattr(so, "_CHUNK_FLOATS", chunk_floats)
+        w_row, s_row = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), grads, 30, dim)
+        w_ref, s_ref = _apply(lambda ps: torch.optim.SparseAdam(ps, **kw), grads, 30, dim)
+        torch.testing.assert_close(w_row, w_ref, **tight)
+        assert torch.equal(w_row, w_one)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s_row[key], s_ref[key], **tight)
+            assert torch.equal(s_row[key], s_one[key])
+
+
+def test_sorted_distinct_gradient_is_not_coalesced_again(monkeypatch):
+    """A gradient with sorted distinct rows but no coalesced flag (what autograd stores as .grad)
+    skips coalesce(); an unsorted one, or one with a repeated row, is coalesced; same numbers."""
+    calls = []
+    orig = torch.Tensor.coalesce
+    monkeypatch.setattr(torch.Tensor, "coalesce",
+                        lambda self: (calls.append(1), orig(self))[1])
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    vals = torch.randn(3, 2, dtype=torch.float64)
+    cases = {"sorted": ([1, 4, 6], 0), "unsorted": ([4, 1, 6], 1), "repeated": ([1, 4, 4], 1)}
+    for name, (rows, n_calls) in cases.items():
+        calls.clear()
+        g = torch.sparse_coo_tensor(torch.tensor([rows]), vals, (8, 2), check_invariants=True)
+        assert not g.is_coalesced()
+        w, _ = _apply(lambda ps: RowAdam(ps, sync_free=False, **kw), [g], 8, 2)
+        assert len(calls) == n_calls, name
+        w_ref, _ = _apply(lambda ps: torch.optim.SparseAdam(ps, **kw), [g], 8, 2)
+        torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# opt-in: one second moment per row (row_wise=True), against a slow reference
+# ---------------------------------------------------------------------------------------------
+def _row_wise_reference(p0: torch.Tensor, grads, lr, betas, eps) -> tuple[torch.Tensor, ...]:
+    """Partial row-wise Adam written out: m per element, v per row (mean of g^2 over the row),
+    SparseAdam's bias-corrected step; untouched rows keep their values and moments."""
+    b1, b2 = betas
+    p, m = p0.clone(), torch.zeros_like(p0)
+    v = torch.zeros(p0.shape[0], 1, dtype=p0.dtype)
+    for t, grad in enumerate(grads, start=1):
+        g = (grad if grad.is_sparse else grad.to_sparse(sparse_dim=1)).coalesce()
+        rows, gv = g.indices()[0], g.values()
+        for i, r in enumerate(rows.tolist()):
+            m[r] = b1 * m[r] + (1 - b1) * gv[i]
+            v[r] = b2 * v[r] + (1 - b2) * (gv[i] ** 2).mean()
+            step_size = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+            p[r] = p[r] - step_size * (m[r] / (v[r].sqrt() + eps))
+    return p, m, v
+
+
+@pytest.mark.parametrize("path", ["chunked-1-row", "chunked-all", "sync-free"])
+def test_row_wise_second_moment_equals_reference(monkeypatch, path):
+    import xmc_toolkit.sparse_optim as so
+
+    monkeypatch.setattr(so, "_CHUNK_FLOATS", 1 if path == "chunked-1-row" else 1 << 20)
+    rows, dim = 30, 4
+    grads = _random_sparse_grads(rows, dim, steps=6, seed=13, row0="repeated")
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    w, st = _apply(lambda ps: RowAdam(ps, sync_free=path == "sync-free", row_wise=True, **kw),
+                   grads, rows, dim)
+    p0 = torch.randn(rows, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w_ref, m_ref, v_ref = _row_wise_reference(p0, grads, **kw)
+    tight = dict(rtol=1e-12, atol=1e-12)
+    assert st["exp_avg_sq"].shape == (rows, 1)
+    torch.testing.assert_close(w, w_ref, **tight)
+    torch.testing.assert_close(st["exp_avg"], m_ref, **tight)
+    torch.testing.assert_close(st["exp_avg_sq"], v_ref, **tight)
+    # it is not Adam: the element-wise RowAdam ends elsewhere
+    w_adam, _ = _apply(lambda ps: RowAdam(ps, **kw), grads, rows, dim)
+    assert not torch.allclose(w, w_adam)
+
+
+def test_row_wise_dense_gradient_bias_rows_and_refusals():
+    kw = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    p = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    p0 = p.detach().clone()
+    opt = RowAdam([p], row_wise=True, **kw)
+    dense = [torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+             for i in range(3)]
+    for g in dense:
+        p.grad = g
+        opt.step()
+    w_ref, _, v_ref = _row_wise_reference(p0, dense, **kw)
+    torch.testing.assert_close(p.detach(), w_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], v_ref, rtol=1e-12, atol=1e-12)
+    # rows of one number (a bias [R, 1]) and 1-D parameters: exactly the element-wise update
+    grads = _random_sparse_grads(12, 1, steps=4, seed=2, row0="absent")
+    a, _ = _apply(lambda ps: RowAdam(ps, row_wise=True, **kw), grads, 12, 1)
+    b, _ = _apply(lambda ps: RowAdam(ps, **kw), grads, 12, 1)
+    assert torch.equal(a, b)
+    # a state saved by the other mode is refused, not silently broadcast
+    q = torch.nn.Parameter(torch.randn(4, 2))
+    plain = RowAdam([q], lr=0.1)
+    q.grad = torch.ones(4, 2)
+    plain.step()
+    rw = RowAdam([q], lr=0.1, row_wise=True)
+    rw.load_state_dict(plain.state_dict())
+    with pytest.raises(ConfigError, match="row_wise"):
+        rw.step()
+    with pytest.raises(ConfigError, match="1-D or 2-D"):
+        RowAdam([torch.nn.Parameter(torch.zeros(2, 2, 2))], row_wise=True)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import ConfigError, XMCError
 
@@ -339,6 +340,100 @@ def recall_at_k_vs_exact(approx_ids: torch.Tensor, exact_ids: torch.Tensor) -> f
     return float(hit.float().mean().item())
 
 
+# floats in one gathered block of label rows (``[rows, M, d]``) when scoring per-query ids on
+# the CPU: big enough that the per-block overhead vanishes, small enough to stay in cache
+_SCORE_BLOCK_FLOATS = 1 << 17
+
+
+def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """A row-sparse COO tensor of *sorted, distinct* ``rows [U]`` and ``values [U, ...]``."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, size, is_coalesced=True,
+                                   check_invariants=False)
+
+
+class _PerQueryScores(torch.autograd.Function):
+    """``s[b, m] = q_b . w[ids[b, m]] (+ bias[ids[b, m]])`` on the CPU, with coalesced row gradients.
+
+    Forward: the rows of a few queries at a time are gathered (a cache-sized ``[b, M, d]``
+    block) and scored by one ``bmm``; no ``[B, M, d]`` block is kept for the backward.
+    Backward: the ``B * M`` ids are sorted once; the weight gradient of each *distinct* row
+    (the sum over its entries of ``g[b, m] q_b``) is one weighted bag of queries, so one
+    ``embedding_bag`` over the sorted entries writes it straight into ``[U, d]`` (no ``[B, M,
+    d]`` block), returned as a COO tensor flagged coalesced (rows sorted and distinct by
+    construction): the optimizer never sorts the ``B * M`` gradient rows again. The bias
+    gradient is a segment sum of ``g`` (``[U, 1]``); the query gradient one weighted bag of
+    label rows per query (``embedding_bag`` again).
+
+    On CUDA the sort of the ids would need the number of distinct rows on the host (a sync),
+    so :meth:`LabelTable.score_ids` uses this only on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, queries: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        B, M = ids.shape
+        d = weight.shape[1]
+        out = torch.empty(B, M, dtype=weight.dtype, device=weight.device)  # [B, M]
+        if B and M:
+            step = max(1, _SCORE_BLOCK_FLOATS // (M * d))
+            for s in range(0, B, step):
+                e = min(B, s + step)
+                w = weight.index_select(0, ids[s:e].reshape(-1)).view(e - s, M, d)  # [b, M, d]
+                torch.bmm(w, queries[s:e].unsqueeze(-1), out=out[s:e].unsqueeze(-1))
+            if bias is not None:
+                out.add_(bias.view(-1).index_select(0, ids.reshape(-1)).view(B, M))
+        ctx.save_for_backward(queries, weight, ids)
+        ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else tuple(bias.shape)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        queries, weight, ids = ctx.saved_tensors
+        B, M = ids.shape
+        L, d = weight.shape
+        g = grad_out.contiguous()  # [B, M]
+        need_q, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
+            ctx.has_bias and ctx.needs_input_grad[2])
+        grad_q = grad_w = grad_b = None
+        n = B * M
+        if need_q:  # grad_q[b] = sum_m g[b, m] w[ids[b, m]]: one weighted bag of rows a query
+            if n:
+                offsets = torch.arange(0, n, M, device=ids.device)  # [B]
+                grad_q = F.embedding_bag(ids.reshape(-1), weight, offsets, mode="sum",
+                                         per_sample_weights=g.reshape(-1))  # [B, d]
+            else:
+                grad_q = torch.zeros_like(queries)
+        if (need_w or need_b) and n == 0:  # nothing scored: empty row gradients
+            rows = ids.new_empty(0)
+            if need_w:
+                grad_w = _sparse_rows(rows, weight.new_empty(0, d), (L, d))
+            if need_b:
+                grad_b = _sparse_rows(rows, weight.new_empty(0, 1), ctx.bias_shape)
+        elif need_w or need_b:
+            keys = ids.reshape(-1)  # [N]
+            if L <= torch.iinfo(torch.int32).max:  # int32 keys sort in half the time
+                keys = keys.to(torch.int32)
+            srt, perm = torch.sort(keys)  # [N] rows in order, and their entries
+            new = torch.ones(n, dtype=torch.bool, device=ids.device)  # first entry of a row
+            new[1:] = srt[1:] != srt[:-1]
+            starts = new.nonzero().squeeze(1)  # [U] first sorted entry of each distinct row
+            rows = srt.index_select(0, starts).long()  # [U] sorted, distinct
+            gs = g.reshape(-1).index_select(0, perm)  # [N] gradient of each sorted entry
+            if need_w:  # grad_w[u] = sum over row u's entries of g[b, m] q_b: a bag of queries
+                qrow = torch.div(perm, M, rounding_mode="floor")  # [N] query of each entry
+                vals = F.embedding_bag(qrow, queries, starts, mode="sum",
+                                       per_sample_weights=gs)  # [U, d]
+                grad_w = _sparse_rows(rows, vals, (L, d))
+            if need_b:
+                seg = new.cumsum(0) - 1  # [N] distinct row of each sorted entry
+                bvals = torch.zeros(rows.numel(), dtype=g.dtype, device=g.device)
+                bvals.index_add_(0, seg, gs)
+                grad_b = _sparse_rows(rows, bvals.view(-1, 1), ctx.bias_shape)
+        return grad_q, grad_w, grad_b, None
+
+
 class LabelTable(nn.Module):
     """Label embeddings ``[L, d]`` and biases ``[L]`` stored as sparse-gradient embeddings.
 
@@ -411,11 +506,22 @@ class LabelTable(nn.Module):
             raise XMCError(
                 f"ids {tuple(ids.shape)} must be [M] or [B, M] with B = {queries.shape[0]}"
             )
+        if self._coalesced_scores(queries, ids):
+            bias = None if self.bias is None else self.bias.weight
+            return _PerQueryScores.apply(queries, self.weight.weight, bias, ids)
         w = self.weight(ids)  # [B, M, d]
         s = torch.bmm(w, queries.unsqueeze(-1)).squeeze(-1)  # [B, M]
         if self.bias is not None:
             s = s + self.bias(ids).squeeze(-1)  # [B, M]
         return s
+
+    def _coalesced_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> bool:
+        """Whether per-query ``ids`` are scored by :class:`_PerQueryScores`: on the CPU, with
+        sparse gradients, outside autocast, queries of the table's dtype, int64 ids."""
+        w = self.weight.weight
+        return (w.device.type == "cpu" and queries.device.type == "cpu" and self.weight.sparse
+                and queries.dtype == w.dtype and ids.dtype == torch.int64
+                and not torch.is_autocast_enabled("cpu"))
 
     def full_scores(self, queries: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """All ``[B, L]`` scores (or ``[B, M]`` for shared ``ids [M]``); for small ``L`` only.

@@ -4,9 +4,12 @@
 10^5 rows a per-query sampled step touches (B = 256 queries x M = 1024 negatives) that dominated
 the whole training step. :class:`RowAdam` does the same update with dense row gathers and
 scatters over the touched rows only: ``index_select`` the moments of the ``U`` touched rows, update
-them, ``index_copy_`` them back and ``index_add_`` the step into the parameter. Rows not in the
+them, ``index_copy_`` them back and ``index_add_`` the step into the parameter, a cache-sized chunk
+of rows at a time (:func:`_row_adam_chunked_`: no ``[U, d]`` temporaries). Rows not in the
 gradient are left untouched (their moments are not decayed), exactly as in SparseAdam, and the
-numbers equal SparseAdam's (tested).
+numbers equal SparseAdam's (tested). A gradient whose rows are already sorted and distinct (the
+label table's per-query scores on the CPU build it so, see ``output_layer``) is not coalesced
+again.
 
 Coalescing a sparse gradient gives a tensor whose size (the number ``U`` of distinct rows) depends
 on the data, so on CUDA it waits for the device. On CUDA parameters :class:`RowAdam` therefore
@@ -39,6 +42,7 @@ def _sparse_row_adam_(
     beta2: float,
     eps: float,
     step: float,
+    row_wise: bool = False,
 ) -> None:
     """One SparseAdam row update from an *uncoalesced* row gradient, with no host sync.
 
@@ -60,6 +64,8 @@ def _sparse_row_adam_(
         values: ``[N, ...]`` gradient entries (entries of the same row are summed).
         lr, beta1, beta2, eps: Adam hyper-parameters.
         step: the Adam step count after this step (1 on the first), for the bias corrections.
+        row_wise: ``exp_avg_sq`` is ``[R, 1]``, one second moment a row (the mean of the
+            squared gradient over the row), see :class:`RowAdam`.
     """
     n = rows.shape[0]
     if n == 0:
@@ -76,12 +82,100 @@ def _sparse_row_adam_(
     m = exp_avg.index_select(0, urow)  # [N, ...]
     v = exp_avg_sq.index_select(0, urow)
     dm = (grad - m).mul_(1.0 - beta1).masked_fill_(pad, 0.0)  # m' - m, 0 on padding
-    dv = (grad.mul_(grad) - v).mul_(1.0 - beta2).masked_fill_(pad, 0.0)  # v' - v
+    g2 = grad.mul_(grad)  # [N, ...]
+    if row_wise:
+        g2 = g2.mean(dim=1, keepdim=True)  # [N, 1]
+    dv = (g2 - v).mul_(1.0 - beta2).masked_fill_(pad, 0.0)  # v' - v
     exp_avg.index_add_(0, urow, dm)
     exp_avg_sq.index_add_(0, urow, dv)
     update = m.add_(dm).div_(v.add_(dv).sqrt_().add_(eps)).masked_fill_(pad, 0.0)  # [N, ...]
     step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     param.index_add_(0, urow, update, alpha=-step_size)
+
+
+# rows of a chunk of the row update: ~2^16 floats (256 KiB for float32) per temporary, so the
+# five temporaries of a chunk stay in the core's cache and only the gathers and scatters of the
+# touched rows of the parameter and its moments go to memory
+_CHUNK_FLOATS = 1 << 16  # 2^15 .. 2^19 measured at U = 231k, d = 128: 2^16 best
+
+
+def _distinct_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [U], values [U, ...])`` of a row-sparse COO gradient, each row once, in order.
+
+    A gradient that is coalesced already, flagged or not, is taken as it is: autograd drops the
+    flag when it stores a gradient as ``.grad``, and the sum of two coalesced gradients (a table
+    scored twice in one step, e.g. positives and negatives) is sorted and distinct too. Checking
+    that the rows increase strictly reads ``N`` ints (a host read: the CPU path only); otherwise
+    the gradient is coalesced (a sort of its ``N`` rows).
+    """
+    if not grad.is_coalesced():
+        idx = grad._indices()[0]  # [N]
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            grad = grad.coalesce()
+    return grad._indices()[0], grad._values()
+
+
+def _row_adam_chunked_(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: float,
+    row_wise: bool = False,
+) -> None:
+    """One SparseAdam update of the distinct ``rows``, a chunk of rows at a time.
+
+    Per chunk: gather the rows' moments, update them (the same operations, in the same order,
+    as the one-block update: the numbers do not depend on the chunking), scatter them back and
+    add the step into the parameter. Each temporary is a chunk (cache-sized), not ``[U, ...]``:
+    no pass over a fresh ``[U, d]`` block (its page faults cost as much as the arithmetic).
+
+    Args:
+        param: ``[R, ...]`` parameter, updated in place.
+        exp_avg: ``[R, ...]`` first moments, updated in place on ``rows``.
+        exp_avg_sq: ``[R, ...]`` second moments, updated in place on ``rows``.
+        rows: ``[U]`` int64 *distinct* rows.
+        values: ``[U, ...]`` their gradients.
+        lr, beta1, beta2, eps: Adam hyper-parameters.
+        step: the Adam step count after this step (1 on the first).
+        row_wise: ``exp_avg_sq`` is ``[R, 1]`` (one second moment a row), see :class:`RowAdam`.
+    """
+    n = rows.shape[0]
+    if n == 0:
+        return
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    row_numel = max(1, values[0].numel())
+    if row_wise:  # the [R, 1] second moments: index a 1-D view
+        if row_numel == 1:
+            row_wise = False  # rows of one number: the same update
+        else:
+            exp_avg_sq = exp_avg_sq.view(-1)
+    if row_numel == 1 and all(t.is_contiguous() for t in (param, exp_avg, exp_avg_sq)):
+        # rows of one number (a bias [R, 1]): index 1-D views, not R rows of one element each
+        param, exp_avg, exp_avg_sq = param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
+        values = values.reshape(-1)
+    chunk = max(1, _CHUNK_FLOATS // row_numel)
+    for start in range(0, n, chunk):
+        r = rows[start:start + chunk]  # [c]
+        g = values[start:start + chunk]  # [c, ...]
+        m = exp_avg.index_select(0, r)  # [c, ...]
+        v = exp_avg_sq.index_select(0, r)
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        if row_wise:
+            v.mul_(beta2).add_(g.square().mean(dim=1), alpha=1.0 - beta2)  # [c]
+        else:
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        exp_avg.index_copy_(0, r, m)
+        exp_avg_sq.index_copy_(0, r, v)
+        den = v.sqrt_().add_(eps)
+        update = m.div_(den.unsqueeze(1) if row_wise else den)  # [c, ...] in place of the copies
+        param.index_add_(0, r, update, alpha=-step_size)
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -96,6 +190,12 @@ class RowAdam(torch.optim.Optimizer):
         sync_free: how a sparse gradient is applied: ``None`` (default) coalesces it on the CPU
             and uses the sync-free :func:`_sparse_row_adam_` on other devices; ``True`` /
             ``False`` force one or the other (not saved in the state dict).
+        row_wise: opt-in, *not* Adam's semantics: one second moment per row of a 2-D
+            parameter (``exp_avg_sq`` ``[R, 1]``: the running mean over the row of the squared
+            gradient, as FBGEMM's partial row-wise Adam), the first moment per element as
+            usual. The step then moves two ``[U, d]`` blocks fewer (the second moments' gather
+            and scatter) and the state is a third smaller. The second-moment shape shows the
+            mode: a state of the other mode is refused (not converted).
     """
 
     def __init__(
@@ -106,6 +206,7 @@ class RowAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         *,
         sync_free: bool | None = None,
+        row_wise: bool = False,
     ) -> None:
         problems = []
         if not lr >= 0.0:
@@ -118,6 +219,12 @@ class RowAdam(torch.optim.Optimizer):
             raise ConfigError(problems)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.sync_free = sync_free
+        self.row_wise = bool(row_wise)
+        if self.row_wise:
+            bad = [tuple(p.shape) for g in self.param_groups for p in g["params"] if p.dim() > 2]
+            if bad:
+                raise ConfigError(f"RowAdam(row_wise=True) takes 1-D or 2-D parameters; got "
+                                  f"shapes {bad}: use row_wise=False for them")
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -138,36 +245,43 @@ class RowAdam(torch.optim.Optimizer):
                     # on the CPU on every device: reading it is no device sync
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = (
+                        p.new_zeros(p.shape[0], 1) if self._row_wise_for(p)
+                        else torch.zeros_like(p, memory_format=torch.preserve_format))
                 elif state["step"].device.type != "cpu":  # a state dict loaded onto a device
                     state["step"] = state["step"].cpu()
                 state["step"] += 1
                 step = float(state["step"])
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                row_wise = self._row_wise_for(p)
+                want = (p.shape[0], 1) if row_wise else tuple(p.shape)
+                if tuple(exp_avg_sq.shape) != want:
+                    raise ConfigError(
+                        f"RowAdam state exp_avg_sq has shape {tuple(exp_avg_sq.shape)}, expected "
+                        f"{want} for row_wise={self.row_wise} (a state saved by the other mode); "
+                        "resume with the row_wise setting it was saved with")
                 sync_free = (p.device.type != "cpu") if self.sync_free is None else self.sync_free
                 if grad.is_sparse and grad.sparse_dim() == 1 and sync_free:
                     _sparse_row_adam_(p, exp_avg, exp_avg_sq, grad._indices()[0], grad._values(),
-                                      lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step)
+                                      lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
+                                      row_wise=row_wise)
                     continue
                 if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows = grad.indices()[0]  # [U] distinct touched rows
-                    values = grad.values()  # [U, ...]
-                    m = exp_avg.index_select(0, rows)  # [U, ...]
-                    v = exp_avg_sq.index_select(0, rows)
+                    rows, values = _distinct_rows(grad)  # [U], [U, ...]
+                    _row_adam_chunked_(p, exp_avg, exp_avg_sq, rows, values, lr=lr,
+                                       beta1=beta1, beta2=beta2, eps=eps, step=step,
+                                       row_wise=row_wise)
+                    continue
+                m, v = exp_avg, exp_avg_sq
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                if row_wise:
+                    v.mul_(beta2).add_(grad.square().mean(dim=1, keepdim=True), alpha=1.0 - beta2)
                 else:
-                    rows = None
-                    values = grad
-                    m, v = exp_avg, exp_avg_sq
-                m.mul_(beta1).add_(values, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(values, values, value=1.0 - beta2)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-                if rows is None:
-                    p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
-                else:
-                    exp_avg.index_copy_(0, rows, m)
-                    exp_avg_sq.index_copy_(0, rows, v)
-                    # the gathered copies are free now: build the update in place
-                    update = m.div_(v.sqrt_().add_(eps))  # [U, ...]
-                    p.index_add_(0, rows, update, alpha=-step_size)
+                p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
         return loss
+
+    def _row_wise_for(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` gets one second moment a row (2-D, more than one number a row)."""
+        return self.row_wise and p.dim() == 2 and p.shape[1] > 1

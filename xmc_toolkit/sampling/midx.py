@@ -734,7 +734,9 @@ class MIDXSampler(Sampler):
         ids = self._in_cells(s, cells, u)  # [B, M]
         # log Z from the weights at hand (sum >= 1: no underflow, no host sync)
         log_z = m.squeeze(1).double() + torch.log(weights.sum(1, dtype=torch.float64))  # [B]
-        return Samples(ids, self._item_log_q(s, a1, a2, log_z, ids))
+        # the drawn cells give the items' codes (cell = k1 * K + k2): no [B, M] random gather
+        # of codes[ids] for the log q (the same numbers)
+        return Samples(ids, self._item_log_q(s, a1, a2, log_z, ids, cells=cells, k=k))
 
     def _in_cells(self, s: dict[str, Tensor | None], cells: Tensor, u: Tensor) -> Tensor:
         return _draw_in_cells(
@@ -743,13 +745,23 @@ class MIDXSampler(Sampler):
 
     @staticmethod
     def _item_log_q(
-        s: dict[str, Tensor | None], a1: Tensor, a2: Tensor, log_z: Tensor, ids: Tensor
+        s: dict[str, Tensor | None], a1: Tensor, a2: Tensor, log_z: Tensor, ids: Tensor,
+        cells: Tensor | None = None, k: int = 0,
     ) -> Tensor:
-        """``log q(i | q_b) = a1[b, k1(i)] + a2[b, k2(i)] + log w_i - log Z_b`` for ids [B, M]."""
+        """``log q(i | q_b) = a1[b, k1(i)] + a2[b, k2(i)] + log w_i - log Z_b`` for ids [B, M].
+
+        ``cells`` (``[B, M]``, the cells the ids were drawn from, ``k1 * k + k2``) replaces the
+        lookup of ``codes[ids]``.
+        """
         codes, lw = s["codes"], s["lw"]
         assert codes is not None and lw is not None
-        c = codes[ids]  # [B, M, 2]
-        out = a1.double().gather(1, c[..., 0]) + a2.double().gather(1, c[..., 1])  # [B, M]
+        if cells is None:
+            c = codes[ids]  # [B, M, 2]
+            k1, k2 = c[..., 0], c[..., 1]
+        else:
+            k1 = torch.div(cells, k, rounding_mode="floor")  # [B, M]
+            k2 = cells - k1 * k
+        out = a1.double().gather(1, k1) + a2.double().gather(1, k2)  # [B, M]
         out = out + lw[ids].double() - log_z.unsqueeze(1)
         return out.float()
 
