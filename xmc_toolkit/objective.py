@@ -64,8 +64,15 @@ def compute_loss(network: XMCNetwork, queries: torch.Tensor, pos_ids: torch.Tens
         # gets the same exact log q (any full-support proposal keeps the estimator consistent)
         qd = queries.detach()
         smp = sampler.sample(qd, negatives, shared=shared, generator=generator)
-        pos_scores = member_score_ids(network.labels, queries, pos_ids, n)  # [B, P, n]
-        neg_scores = member_score_ids(network.labels, queries, smp.ids, n)  # [B, M, n]
+        if smp.ids.dim() == 2:
+            # per-query draws: positives and negatives in one scoring call, so the label table
+            # gets one coalesced sparse gradient instead of two that autograd must merge
+            both = member_score_ids(network.labels, queries,
+                                    torch.cat([pos_ids, smp.ids], 1), n)  # [B, P + M, n]
+            pos_scores, neg_scores = both.split([pos_ids.shape[1], smp.ids.shape[1]], dim=1)
+        else:
+            pos_scores = member_score_ids(network.labels, queries, pos_ids, n)  # [B, P, n]
+            neg_scores = member_score_ids(network.labels, queries, smp.ids, n)  # [M] ids: [B, M, n]
         if loss_name == "sampled":
             # the positives' log q under the law the negatives were drawn from: per query
             # q_b, or in shared mode the batch mixture qbar = (1/B) sum_b q_b (the estimator
