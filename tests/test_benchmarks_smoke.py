@@ -260,3 +260,29 @@ def test_step_profile_quick(tmp_path: Path) -> None:
     parts = {"sample", "gather+score", "loss", "backward", "optimizer", "step"}
     assert parts <= set(data["results"])
     assert all(data["results"][p]["bound_s"] > 0 for p in parts)
+
+
+def test_error_bands_compare_hand_case() -> None:
+    import numpy as np
+    import scipy.sparse as sp
+
+    eb = _load("error_bands")
+    # 2 rows, 4 labels: row 0 has {0, 1}, row 1 has {2}; lists of 10 padded with -1
+    Y = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 0, 1, 0]], dtype=np.float32))
+    pad = [-1] * 8
+    model = np.array([[0, 3] + pad, [2, 0] + pad])  # hits: row0 rank1, row1 rank1
+    peer = np.array([[1, 0] + pad, [3, 2] + pad])  # hits: row0 ranks 1-2, row1 rank2
+    freq = np.array([1, 40, 3, 2000])
+    r = eb.compare(model, peer, Y, freq, names=["a", "b", "c", "d"])
+    assert r["hit_rate_by_rank"]["model"][:3] == [100.0, 0.0, 0.0]
+    assert r["hit_rate_by_rank"]["peer"][:3] == [50.0, 100.0, 0.0]
+    assert r["top5_hits_total"] == {"model": 2, "peer": 3}
+    band = r["top5_correct_by_train_frequency"]
+    assert band["[1,2)"] == {"model_predicted": 2, "model_correct": 1,
+                             "peer_predicted": 1, "peer_correct": 1}
+    assert band["[30,1000)"]["peer_correct"] == 1 and band["[30,1000)"]["model_correct"] == 0
+    assert band["[1000,1000000000000)"]["model_predicted"] == 1
+    # label 1 ("b") is the only one the peer hits more often; it is in the model's top 10? no
+    assert [x["name"] for x in r["labels_peer_ahead"]] == ["b"]
+    assert r["peer_top5_hits_not_in_model_top10"] == 1
+    assert r["P@5_by_row_size"]["1-2"]["model"] == 20.0  # 2 hits / (2 rows x 5)
