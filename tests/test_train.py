@@ -322,6 +322,67 @@ def test_tfidf_auto_weights_counts_once_and_weighted_files_never_twice(tiny_xy, 
     assert explicit.preprocessor.idf is not None  # an explicit choice wins
 
 
+@pytest.mark.parametrize("scale, signed, multi, expect", [
+    (1.0, False, True, 1.0), (0.37, False, True, 0.5), (0.37, True, True, 1.0),
+    (0.37, False, False, 1.0)])
+def test_feature_power_auto_takes_square_roots_of_weighted_nonnegative_multilabel_inputs(
+        tiny_xy, tmp_path, scale, signed, multi, expect):
+    """auto: 0.5 on weighted values without negatives when rows have >= 2 labels on average;
+    counts, signed features and single-label rows unchanged; the saved model applies the same
+    transform (equal predictions after a reload)."""
+    from xmc_toolkit.model import XMCModel
+
+    X, Y = tiny_xy
+    X = sp.csr_matrix(X, dtype=np.float32)
+    X.data = np.ceil(X.data * 3.0) * scale
+    if signed:
+        X.data[::7] *= -1.0
+    Y = sp.csr_matrix(Y, dtype=np.float32)
+    n, L = Y.shape
+    if multi:  # every row also gets label (row + 1) mod L: >= 2 labels a row on average
+        Y = (Y + sp.csr_matrix((np.ones(n), (np.arange(n), (np.arange(n) + 1) % L)),
+                               shape=(n, L))).sign().tocsr()
+    else:  # one label a row
+        Y = sp.csr_matrix((np.ones(n), (np.arange(n), np.arange(n) % L)), shape=(n, L))
+    model = XMCModel(**{**TINY, "epochs": 1}).fit(X, Y)
+    assert model.fitted.preprocessor.power == expect
+    assert model.fitted.config.feature_power == expect  # saved resolved
+    ids, scores = model.predict_topk(X, k=3)
+    model.save(tmp_path / "m")
+    again = XMCModel.load(tmp_path / "m")
+    assert again.fitted.preprocessor.power == expect
+    ids2, scores2 = again.predict_topk(X, k=3)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(scores, scores2, rtol=1e-5)
+
+
+def test_preprocessor_power_before_idf_and_norm_and_refuses_negative_values():
+    from xmc_toolkit.batching import fit_idf, l2_normalize_rows, tfidf_transform
+    from xmc_toolkit.errors import DataFormatError
+    from xmc_toolkit.network import Preprocessor
+
+    X = sp.csr_matrix(np.array([[0.25, 0, 4.0], [0, 0.09, 0], [1.0, 0.5, 0]], np.float32))
+    before = X.copy()
+    pre = Preprocessor.fit(X, True, True, power=0.5)
+    ref = X.copy()
+    ref.data = np.sqrt(ref.data)
+    ref = l2_normalize_rows(tfidf_transform(ref, fit_idf(X)))
+    np.testing.assert_allclose(pre.transform(X).toarray(), ref.toarray(), rtol=1e-6)
+    np.testing.assert_array_equal(X.toarray(), before.toarray())  # the input is not modified
+    np.testing.assert_allclose(Preprocessor(None, False).transform(X).toarray(), X.toarray())
+    bad = sp.csr_matrix(np.array([[0.5, 0], [0, -2.0]], np.float32))
+    with pytest.raises(DataFormatError, match=r"row 2 .*-2\.0.*--feature-power 1"):
+        Preprocessor(None, True, 0.5).transform(bad)
+
+
+def test_feature_power_is_validated():
+    probs = TrainConfig(feature_power=0.0).problems() + TrainConfig(feature_power=1.5).problems()
+    assert sum("feature_power=" in p and "--feature-power" in p for p in probs) == 2
+    assert not TrainConfig(feature_power=0.5).problems()
+    assert TrainConfig(feature_power=0.5).resolved_for_data(10, weighted_input=False
+                                                            ).feature_power == 0.5  # explicit
+
+
 def test_tfidf_bool_configs_of_older_models_still_load():
     assert TrainConfig(tfidf=False).tfidf == "off"
     assert TrainConfig.from_dict({"tfidf": True}).tfidf == "on"

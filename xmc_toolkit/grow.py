@@ -87,8 +87,8 @@ FINE_TUNE_WARMUP = 0.1  # without --warmup-steps: this share of the fine-tune's 
 FINE_TUNE_PER_MEMBER = True  # a fine-tune's new rows: calibrated per ensemble member
 LINEAGE_FILE = "lineage.json"
 # fields that shape the network or its inputs: a grown model keeps its parent's
-FROZEN_FIELDS = ("dim", "hidden", "hidden_budget", "linear_only", "tfidf", "l2_normalize",
-                 "label_bias", "ensemble", "norm")
+FROZEN_FIELDS = ("dim", "hidden", "hidden_budget", "linear_only", "tfidf", "feature_power",
+                 "l2_normalize", "label_bias", "ensemble", "norm")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def save_model_dir(out_dir: str | os.PathLike[str], network: XMCNetwork, pre: Pr
     _save_tensors(out / MODEL_FILE, tensors)
     meta = {"format": "xmc-toolkit-model", "version": 1, "num_features": network.num_features,
             "num_labels": network.num_labels, "l2_normalize": pre.l2_normalize,
+            "feature_power": float(pre.power),
             "tfidf": pre.idf is not None, "train_config": config.to_dict()}
     _write_json(out / CONFIG_FILE, meta)
     _write_json(out / LABELS_FILE, {"label_names": label_names,
@@ -308,7 +309,8 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: str | torch.device
         raise CheckpointError(f"{str(d / MODEL_FILE)!r} does not match its config: {exc}") from exc
     network.to(dev).eval()
     idf = tensors.get("preprocess.idf")
-    pre = Preprocessor(None if idf is None else idf.numpy(), bool(meta.get("l2_normalize", True)))
+    pre = Preprocessor(None if idf is None else idf.numpy(), bool(meta.get("l2_normalize", True)),
+                       float(meta.get("feature_power", 1.0)))  # models saved before it: 1
     sampler_state = {k[len("sampler."):]: v for k, v in tensors.items()
                      if k.startswith("sampler.")} or None
     summary: dict[str, Any] = {}
@@ -430,6 +432,7 @@ def save_sharded(out_dir: str | os.PathLike[str], network: ShardedXMCNetwork, ct
                                                                ctx.world_size))],
             "encoder_file": ENCODER_FILE,
             "l2_normalize": bool(preprocessor.l2_normalize),
+            "feature_power": float(preprocessor.power),
             "train_config": config.to_dict(),
             "label_names": label_names,
             "label_counts": [int(c) for c in label_counts],
@@ -547,7 +550,8 @@ def consolidate(sharded_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     except RuntimeError as exc:
         raise CheckpointError(f"{str(d)!r} does not match its config ({exc})") from exc
     idf = enc.get("preprocess.idf")
-    pre = Preprocessor(None if idf is None else idf.numpy(), bool(man["l2_normalize"]))
+    pre = Preprocessor(None if idf is None else idf.numpy(), bool(man["l2_normalize"]),
+                       float(man.get("feature_power", 1.0)))
     counts = np.asarray(man.get("label_counts") or [0] * L, dtype=np.int64)
     return save_model_dir(out_dir, net, pre, cfg, label_names=man.get("label_names"),
                           label_counts=counts, num_train=int(man.get("num_train", 1)),

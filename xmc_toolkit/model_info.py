@@ -64,7 +64,8 @@ def model_info(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "linear_only": cfg.linear_only, "members": cfg.resolved_ensemble(m.num_train),
             "loss": cfg.resolved_loss(L), "sampler": cfg.sampler if cfg.resolved_loss(L) !=
             "full" else None, "label_bias": cfg.label_bias, "tfidf": m.preprocessor.idf is not None,
-            "l2_normalize": m.preprocessor.l2_normalize, "dropout": cfg.dropout,
+            "l2_normalize": m.preprocessor.l2_normalize,
+            "feature_power": m.preprocessor.power, "dropout": cfg.dropout,
             "bag_optimizer": cfg.resolved_bag_optimizer(D)},
         "labels": {"num_labels": L, "named": m.label_names is not None,
                    "first_names": (m.label_names or [])[:5]},

@@ -43,21 +43,26 @@ __all__ = [
 
 @dataclass
 class Preprocessor:
-    """TF-IDF scaling (with the training set's IDF) and row L2 normalization of inputs.
+    """A power of the stored values, TF-IDF scaling (with the training set's IDF) and row L2
+    normalization of inputs, in that order.
 
     Attributes:
         idf: float32 ``[D]`` or ``None`` (no TF-IDF).
         l2_normalize: normalize rows to unit L2 norm.
+        power: every stored value ``v`` becomes ``v ** power`` first (1: unchanged; below 1
+            needs non-negative values).
     """
 
     idf: np.ndarray | None
     l2_normalize: bool
+    power: float = 1.0
 
     @classmethod
-    def fit(cls, X: sp.csr_matrix, tfidf: bool, l2_normalize: bool) -> "Preprocessor":
+    def fit(cls, X: sp.csr_matrix, tfidf: bool, l2_normalize: bool,
+            power: float = 1.0) -> "Preprocessor":
         from .batching import fit_idf
 
-        return cls(fit_idf(X) if tfidf else None, l2_normalize)
+        return cls(fit_idf(X) if tfidf else None, l2_normalize, float(power))
 
     def transform(self, X: sp.spmatrix) -> sp.csr_matrix:
         """Return the transformed ``[N, D]`` float32 CSR (the input is not modified).
@@ -71,6 +76,18 @@ class Preprocessor:
 
         raw = X
         X = sp.csr_matrix(X, dtype=np.float32)
+        if self.power != 1.0:
+            if X.nnz and X.data.min() < 0:
+                from .errors import DataFormatError
+
+                bad = int(np.flatnonzero(X.data < 0)[0])
+                row = int(np.searchsorted(X.indptr, bad, side="right")) - 1
+                raise DataFormatError(None, None, f"input row {row + 1} (1-based) has the negative"
+                                      f" feature value {float(X.data[bad])!r}; the model raises"
+                                      f" feature values to the power {self.power} (feature_power),"
+                                      " which needs values >= 0; train with --feature-power 1")
+            X = X.copy() if X is raw else X  # never modify the caller's matrix
+            X.data = np.power(X.data, np.float32(self.power))
         if self.idf is not None:
             X = tfidf_transform(X, self.idf)
         if self.l2_normalize:

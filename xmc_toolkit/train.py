@@ -268,9 +268,16 @@ class Trainer:
         # kjv-strongs' validation split, docs/data-formats.md); files already weighted do not.
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
         weighted = self.featurizer is None and is_weighted(X_raw)
-        cfg = self.config = cfg.resolved_for_data(train.num_points, weighted_input=weighted)
+        signed = bool(X_raw.nnz) and float(X_raw.data.min()) < 0
+        cfg = cfg.resolved_for_data(train.num_points, weighted_input=weighted,
+                                    signed_input=signed,
+                                    labels_per_row=train.Y.nnz / max(1, train.num_points))
+        if init is not None:  # a fine-tune keeps its parent's input transform
+            cfg = dataclasses.replace(cfg, feature_power=init.preprocessor.power)
+        self.config = cfg
         self.preprocessor = (init.preprocessor if init is not None else
-                             Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize))
+                             Preprocessor.fit(X_raw, cfg.tfidf == "on", cfg.l2_normalize,
+                                              cfg.feature_power))
         X = self.preprocessor.transform(X_raw)
         Y = sp.csr_matrix(train.Y, dtype=np.float32)
         X_val = None if val is None else self.preprocessor.transform(val.X)
