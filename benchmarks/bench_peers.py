@@ -90,6 +90,28 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def markdown_table(payload: dict[str, Any]) -> str:
+    """The results of a ``bench_peers`` JSON as the Markdown table of ``docs/benchmarks.md``."""
+    head = ("| data set | method | P@1 | P@3 | P@5 | nDCG@5 | PSP@5 | train s | pred ms/pt | "
+            "size MiB | peak RSS MiB | load before-after |")
+    lines = [head, "|" + "---|" * 12]
+    for r in payload.get("results", []):
+        if "error" in r:
+            lines.append(f"| {r['dataset']} | {r['method']} | error: {r['error']} |")
+            continue
+        m = r["metrics"]
+        size = r.get("model_bytes")
+        load = r.get("load_average") or []
+        cells = [r["dataset"], r["method"], *(f"{100 * m[k]:.2f}" for k in
+                                              ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")),
+                 f"{r['train_s']:.1f}", f"{r.get('predict_ms_per_point', float('nan')):.3f}",
+                 "" if size is None else f"{size / 2**20:.1f}",
+                 f"{r.get('peak_rss_mib', float('nan')):.0f}",
+                 "-".join(f"{v:.2f}" for v in load)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     """``_common.print_table`` with the console as wide as the cells (no truncated names)."""
     from rich.console import Console
@@ -332,8 +354,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="keep the (data set, method) rows already in --out that ran with the same "
                          "settings and run only the missing ones (a long run survives a crash); "
                          "rows of data sets / methods not asked for this time stay in the file")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the rows of --out as a Markdown table and exit (runs nothing)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.markdown:
+        if args.out is None or not args.out.is_file():
+            ap.error("--markdown needs --out FILE of an earlier run")
+        print(markdown_table(json.loads(args.out.read_text())))
+        return {}
     if args.child:
         if args.child.startswith("xmc"):
             apply_threads(args.threads)  # torch; the peers' children never import it

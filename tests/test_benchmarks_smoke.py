@@ -90,6 +90,8 @@ def test_peers_quick(tmp_path: Path) -> None:
             assert rec["train_s"] > 0 and rec["model_bytes"] > 0
             assert rec["peak_rss_mib"] > 0
             assert len(rec["load_average"]) == 2
+    md = _load("bench_peers").markdown_table(data)  # the docs table: a header, a rule, the rows
+    assert md.count("\n") == len(data["results"]) + 1 and "| emotions | xmc-default |" in md
     # --resume keeps every finished row and runs nothing again
     again = _load("bench_peers").main([*QUICK, "--out", str(out), "--resume"])
     kept = {(r["dataset"], r["method"]): r for r in data["results"] if "error" not in r}
