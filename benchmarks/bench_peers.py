@@ -22,7 +22,8 @@ omikuji's training, ``threads`` of napkinXC's PLT and PECOS's indexer, training 
 (``0``: each library's own default, usually all cores). ``--threads 1`` gives a one-thread
 comparison.
 
-Inputs: the toolkit preprocesses raw features itself (row L2, and TF-IDF unless the file is
+Inputs: the toolkit preprocesses raw features itself (square roots of a weighted multi-label
+file's values, ``TrainConfig.feature_power = -1`` auto; row L2; and TF-IDF unless the file is
 already weighted: ``TrainConfig.tfidf = "auto"``; part of its model); the peers get the same rows
 (``--peer-features xmc``, fitted on the training split) so that the comparison is about the
 models (``tfidf-l2`` always applies an IDF, as the toolkit did before 2026-12-01; ``raw`` gives
@@ -277,12 +278,12 @@ def _prepare(name: str, tr_path: Path, te_path: Path, work: Path, peer_features:
         Xtr, Ytr = Xtr[:max_train], Ytr[:max_train]
         Xte, Yte = Xte[:max_train], Yte[:max_train]
     if peer_features == "xmc":
-        from xmc_toolkit.batching import is_weighted
         from xmc_toolkit.train import Preprocessor, TrainConfig
 
-        tfidf = TrainConfig().resolved_for_data(
-            Xtr.shape[0], weighted_input=is_weighted(Xtr)).tfidf == "on"
-        pre = Preprocessor.fit(sp.csr_matrix(Xtr, dtype=np.float32), tfidf, True)
+        # the rows the toolkit's defaults train on: the trainer's own auto resolution
+        X32 = sp.csr_matrix(Xtr, dtype=np.float32)
+        cfg = TrainConfig().resolved_for_rows(X32, sp.csr_matrix(Ytr))
+        pre = Preprocessor.fit(X32, cfg.tfidf == "on", cfg.l2_normalize, cfg.feature_power)
         Ptr, Pte = pre.transform(Xtr), pre.transform(Xte)
     elif peer_features == "tfidf-l2":
         idf = fit_idf(Xtr)

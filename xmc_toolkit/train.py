@@ -37,7 +37,6 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .batching import is_weighted
 from .data.dataset import XMCDataset
 from .device import amp_setup as _amp_setup
 from .device import resolve_device
@@ -267,11 +266,7 @@ class Trainer:
         # text featurizer keep the model's IDF on top of the featurizer's (the pair chosen on
         # kjv-strongs' validation split, docs/data-formats.md); files already weighted do not.
         X_raw = sp.csr_matrix(train.X, dtype=np.float32)
-        weighted = self.featurizer is None and is_weighted(X_raw)
-        signed = bool(X_raw.nnz) and float(X_raw.data.min()) < 0
-        cfg = cfg.resolved_for_data(train.num_points, weighted_input=weighted,
-                                    signed_input=signed,
-                                    labels_per_row=train.Y.nnz / max(1, train.num_points))
+        cfg = cfg.resolved_for_rows(X_raw, train.Y, featurized=self.featurizer is not None)
         if init is not None:  # a fine-tune keeps its parent's input transform
             cfg = dataclasses.replace(cfg, feature_power=init.preprocessor.power)
         self.config = cfg

@@ -501,6 +501,19 @@ class TrainConfig(ConfigBase):
                                                labels_per_row >= MULTI_LABEL_ROWS) else 1.0
         return dataclasses.replace(self, **changes) if changes else self
 
+    def resolved_for_rows(self, X: Any, Y: Any, *, featurized: bool = False) -> "TrainConfig":
+        """:meth:`resolved_for_data` for the training rows ``X [N, D]`` / ``Y [N, L]`` (sparse):
+        whether the values are weighted (:func:`xmc_toolkit.batching.is_weighted`; never for rows
+        of the text featurizer, ``featurized``) or signed, and the mean labels per row."""
+        from .batching import is_weighted
+
+        n = int(X.shape[0])
+        data = X.data if hasattr(X, "data") else None
+        return self.resolved_for_data(
+            n, weighted_input=not featurized and is_weighted(X),
+            signed_input=data is not None and data.size > 0 and float(data.min()) < 0,
+            labels_per_row=float(Y.nnz) / max(1, n))
+
     def resolved_ensemble(self, num_points: int) -> int:
         """Members after resolving ``ensemble=0`` (auto) for ``num_points`` training rows.
 
