@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     root = shared_data_dir()
     out_path = args.out or (RESULTS_DIR / f"{NAME}.json")
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "child", "work")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("out", "child", "work", "markdown")}  # not settings of the results
     config["device"] = str(device)
     payload: dict[str, Any] = {"benchmark": NAME, "config": config,
                                "machine": machine_info(device), "datasets": {}, "results": []}
