@@ -468,11 +468,12 @@ def _resumable(out_path: Path, config: dict[str, Any]
     except (OSError, ValueError):
         return {}, {}
     now = json.loads(json.dumps(config, default=str))  # as it is stored (paths as strings)
-    same = all(old.get("config", {}).get(k) == v for k, v in now.items()
-               if k not in _RESUME_IGNORED)
-    if not same:
-        raise SystemExit(f"--resume: {out_path} was written with other settings; drop --resume "
-                         "or pass another --out")
+    was = old.get("config", {})
+    diff = [f"{k}: {was.get(k, '(absent)')!r} there, {v!r} now" for k, v in now.items()
+            if k not in _RESUME_IGNORED and was.get(k) != v]
+    if diff:
+        raise SystemExit(f"--resume: {out_path} was written with other settings "
+                         f"({'; '.join(diff)}); drop --resume or pass another --out")
     rows = {(r["dataset"], r["method"]): r for r in old.get("results", [])
             if "error" not in r and "metrics" in r}
     datasets = {k: v for k, v in old.get("datasets", {}).items() if "skipped" not in v}
