@@ -31,6 +31,8 @@ __all__ = [
     "shared_data_dir",
     "auto_codewords",
     "apply_threads",
+    "add_model_split_args",
+    "model_and_split",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -224,6 +226,25 @@ def apply_threads(n: int) -> None:
         torch.set_num_threads(n)
         os.environ["OMP_NUM_THREADS"] = str(n)
         os.environ["MKL_NUM_THREADS"] = str(n)
+
+
+def add_model_split_args(ap: Any) -> None:
+    """The arguments of a study of a model trained on the ``1 - fraction`` part of TRAIN
+    (``tune_split.py --model-out``): ``--data``, ``--model``, ``--fraction``, ``--split-seed``."""
+    ap.add_argument("--data", type=Path, required=True, help="training data set (any format)")
+    ap.add_argument("--model", type=Path, required=True, help="model trained on the 85 % split")
+    ap.add_argument("--fraction", type=float, default=0.15)
+    ap.add_argument("--split-seed", type=int, default=12345)
+
+
+def model_and_split(args: Any) -> tuple[Any, Any, Any]:
+    """``(model, train, val)``: the saved model of :func:`add_model_split_args`' ``--model`` and
+    the split of ``--data`` it was trained on (the trainer's own ``_split``)."""
+    import xmc_toolkit as xt
+    from xmc_toolkit.train import _split
+
+    train, val = _split(xt.load(args.data), args.fraction, args.split_seed)
+    return xt.XMCModel.load(args.model), train, val
 
 
 def pyplot() -> Any | None:

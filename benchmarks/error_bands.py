@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, apply_threads, machine_info, write_results  # noqa: E402
+from _common import (RESULTS_DIR, add_model_split_args, apply_threads,  # noqa: E402
+                     machine_info, model_and_split, write_results)
 
 BANDS = ((1, 2), (2, 5), (5, 30), (30, 1000), (1000, 10**12))
 ROW_SIZES = ((1, 3), (3, 6), (6, 11), (11, 21), (21, 10**9))
@@ -94,10 +95,7 @@ def compare(model_ids: Any, peer_ids: Any, Y: Any, freq: Any, names: list[str] |
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="training data set (any format)")
-    ap.add_argument("--model", type=Path, required=True, help="model trained on the 85 % split")
-    ap.add_argument("--fraction", type=float, default=0.15)
-    ap.add_argument("--split-seed", type=int, default=12345)
+    add_model_split_args(ap)
     ap.add_argument("--label-names", type=Path, default=None, help="one label name a line")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -109,12 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import scipy.sparse as sp
     from sklearn.preprocessing import normalize
 
-    import xmc_toolkit as xt
     from xmc_toolkit.data import XMCDataset, save
-    from xmc_toolkit.train import _split
 
-    train, val = _split(xt.load(args.data), args.fraction, args.split_seed)
-    model = xt.XMCModel.load(args.model)
+    model, train, val = model_and_split(args)
     pre = model.fitted.preprocessor
     Xt = sp.csr_matrix(normalize(pre.transform(train.X)), dtype=np.float32)
     Xv = sp.csr_matrix(normalize(pre.transform(val.X)), dtype=np.float32)

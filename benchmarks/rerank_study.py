@@ -25,16 +25,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, apply_threads, machine_info, write_results  # noqa: E402
+from _common import (RESULTS_DIR, add_model_split_args, apply_threads,  # noqa: E402
+                     machine_info, model_and_split, write_results)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="training data set (any format)")
-    ap.add_argument("--model", type=Path, required=True, help="model trained on the 85 % split")
-    ap.add_argument("--fraction", type=float, default=0.15)
-    ap.add_argument("--split-seed", type=int, default=12345)
+    add_model_split_args(ap)
     ap.add_argument("--top", type=int, default=100, help="candidates re-ranked per row")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -46,12 +44,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from sklearn.preprocessing import normalize
 
-    import xmc_toolkit as xt
     from xmc_toolkit.metrics import evaluate
-    from xmc_toolkit.train import _split
 
-    train, val = _split(xt.load(args.data), args.fraction, args.split_seed)
-    model = xt.XMCModel.load(args.model)
+    model, train, val = model_and_split(args)
     top = min(args.top, model.fitted.num_labels)
     ids, scores = model.predict_topk(val.X, k=top)  # [Nv, top] each
     Yv = sp.csr_matrix(val.Y)
