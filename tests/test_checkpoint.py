@@ -261,3 +261,29 @@ def test_cuda_tensors_save_and_load_to_device(tmp_path):
     load_into_module(m2, tensors["model"])
     assert torch.equal(m2.labels.weight.weight, m.labels.weight.weight)
     restore_rng_state(tensors["rng"])
+
+
+def test_disk_full_inside_safetensors_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... (os error 28)"): the writer turns
+    it into the disk-full OutputError, leaves no staging folder and keeps the last checkpoint."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from xmc_toolkit.errors import OutputError
+
+    root = tmp_path / "ck"
+    first = save_checkpoint(root, {"model": {"w": torch.ones(3)}}, step=1)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OutputError, match=r"disk is full.*previous checkpoint .*ckpt-00000001"):
+        save_checkpoint(root, {"model": {"w": torch.zeros(3)}}, step=2)
+    assert list_checkpoints(root) == [first]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging left
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        lambda *a, **k: (_ for _ in ()).throw(SafetensorError("bad dtype")))
+    with pytest.raises(SafetensorError, match="bad dtype"):  # not an I/O error: unchanged
+        save_checkpoint(root, {"model": {"w": torch.zeros(3)}}, step=3)

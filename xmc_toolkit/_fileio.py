@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from types import TracebackType
 from .errors import OutputError
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file",
-           "fsync_dir", "set_default_mode", "output_error", "OutputLock", "LOCK_FILE"]
+           "fsync_dir", "set_default_mode", "output_error", "save_safetensors", "OutputLock",
+           "LOCK_FILE"]
 
 LOCK_FILE = ".xmc.lock"
 
@@ -46,6 +48,32 @@ def output_error(path: str | os.PathLike[str], exc: OSError, what: str = "write"
     reason = exc.strerror or str(exc)
     hint = _HINTS.get(exc.errno or -1, "check the path")
     return OutputError(f"cannot {what} {str(path)!r}: {reason} ({hint})")
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None, *, numpy: bool = False) -> None:
+    """``safetensors.torch.save_file`` (``safetensors.numpy`` with ``numpy``), with its I/O
+    failures raised as the ``OSError`` they are.
+
+    safetensors reports a failed write (disk full, permissions) as ``SafetensorError("... (os
+    error 28)")``; callers that turn an ``OSError`` into an actionable message (the checkpoint
+    writer's "disk full; the previous checkpoint is kept") get one with the right ``errno``.
+    """
+    if numpy:
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:
+        m = _OS_ERROR.search(str(exc))
+        if type(exc).__name__ != "SafetensorError" or m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def _umask() -> int:

@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._fileio import atomic_write_bytes, fsync_dir, output_error, set_default_mode, sha256_file
+from ._fileio import (atomic_write_bytes, fsync_dir, output_error, save_safetensors,
+                      set_default_mode, sha256_file)
 from .errors import CheckpointError, ConfigError, OutputError
 
 __all__ = [
@@ -181,8 +182,6 @@ def save_checkpoint(
 
 def _save_checkpoint(root: Path, tensors: Mapping[str, Mapping[str, torch.Tensor]],
                      meta_bytes: bytes, step: int, keep: int) -> Path:
-    from safetensors.torch import save_file
-
     root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:08d}"
     stage = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -193,7 +192,7 @@ def _save_checkpoint(root: Path, tensors: Mapping[str, Mapping[str, torch.Tensor
             prepared = _prepare_tensors(group, group_tensors)
             fname = f"{group}.safetensors"
             tmp = stage / f".{fname}.tmp"
-            save_file(prepared, str(tmp), metadata={"format": FORMAT, "group": group})
+            save_safetensors(prepared, tmp, metadata={"format": FORMAT, "group": group})
             set_default_mode(tmp)  # safetensors creates 0600 files
             _fsync_file(tmp)
             os.replace(tmp, stage / fname)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._fileio import atomic_write
+from ._fileio import atomic_write, save_safetensors
 from .errors import DataFormatError, XMCError
 
 __all__ = [
@@ -108,8 +108,6 @@ def export_embeddings(
     Raises:
         XMCError: bad suffix, not 2-D, NaN/inf values, wrong number of names.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     _check_suffix(path)
     E = _to_numpy(embeddings)
@@ -137,7 +135,7 @@ def export_embeddings(
             normalized=str(bool(normalize)).lower(),
             has_names=str(names is not None).lower(),
         )
-        atomic_write(path, lambda p: save_file({"embeddings": E}, str(p), metadata=header),
+        atomic_write(path, lambda p: save_safetensors({"embeddings": E}, p, header, numpy=True),
                      make_parents=True)
     side = names_path(path)
     if names is not None:

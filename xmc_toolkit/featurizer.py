@@ -249,9 +249,7 @@ class Featurizer:
     def save(self, directory: str | os.PathLike[str]) -> list[str]:
         """Write ``featurizer.json`` (+ ``featurizer.safetensors`` with the idf) into a folder,
         each file atomically; returns the names written."""
-        from safetensors.numpy import save_file
-
-        from ._fileio import atomic_write, atomic_write_text
+        from ._fileio import atomic_write, atomic_write_text, save_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -263,7 +261,7 @@ class Featurizer:
         written = []
         if self.idf is not None:
             idf = np.ascontiguousarray(self.idf)
-            atomic_write(d / FEATURIZER_TENSORS, lambda p: save_file({"idf": idf}, str(p)))
+            atomic_write(d / FEATURIZER_TENSORS, lambda p: save_safetensors({"idf": idf}, p, numpy=True))
             written.append(FEATURIZER_TENSORS)
         else:  # no stale idf of an earlier featurizer
             (d / FEATURIZER_TENSORS).unlink(missing_ok=True)

@@ -367,11 +367,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Atomic safetensors save (:func:`xmc_toolkit._fileio.atomic_write`)."""
-    from safetensors.torch import save_file
+    from ._fileio import atomic_write, save_safetensors
 
-    from ._fileio import atomic_write
-
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    atomic_write(path, lambda p: save_safetensors(tensors, p))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
