@@ -297,7 +297,8 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     fields = TextFields(text_field, label_field, label_sep)
     train_ds, featurizer = load_training_data(
         data, feat_cfg if text_data else None, fields=fields, label_names_from=label_names,
-        labels_from=labels_file, zero_based=base_choice)
+        labels_from=labels_file, zero_based=base_choice,
+        holdout=(cfg.val_fraction, cfg.seed) if val is None else None)
     # every config problem, data-dependent ones included, at once and before any work
     cfg.validate_for_data(train_ds.num_points, train_ds.num_features, train_ds.num_labels)
     val_ds = None if val is None else load_validation_data(val, train_ds, featurizer,

@@ -498,3 +498,21 @@ def test_print_config_and_config_carry_the_featurizer(files, tmp_path):
     r = runner.invoke(xmc, ["train", "--config", str(bad), "--data", str(files / "train.jsonl"),
                             "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "ngram_rang" in r.output and "ngram_range" in r.output
+
+
+def test_val_fraction_fits_the_featurizer_on_the_training_part_only(tmp_path):
+    """--val-fraction on text: the validation texts shape neither vocabulary nor IDF."""
+    from xmc_toolkit.data.dataset import split_rows
+
+    texts, labels = make_texts(60, 3)
+    _, val_rows = split_rows(60, 0.25, 0)  # the split --val-fraction 0.25 --seed 0 carves
+    for i in val_rows:
+        texts[i] += " zebraword"  # a word that occurs in validation rows only
+    data = write_jsonl(tmp_path / "t.jsonl", texts, labels)
+    out = tmp_path / "m"
+    r = CliRunner().invoke(xmc, ["train", "--data", str(data), "--out", str(out), *FLAGS,
+                                 "--epochs", "1", "--val-fraction", "0.25", "--seed", "0"])
+    assert r.exit_code == 0, r.output
+    vocab = json.loads((out / "featurizer.json").read_text())
+    words = json.dumps(vocab)
+    assert "zebraword" not in words and "harbour" in words

@@ -99,7 +99,8 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
                        fields: TextFields = TextFields(),
                        label_names_from: PathLike | None = None,
                        labels_from: PathLike | None = None,
-                       zero_based: bool | str = "auto"
+                       zero_based: bool | str = "auto",
+                       holdout: tuple[float, int] | None = None
                        ) -> tuple[XMCDataset, Featurizer | None]:
     """Read a training file; fit the featurizer on it when it is a text file.
 
@@ -111,6 +112,10 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
             label-id order (stored with the model).
         labels_from: ``.npz`` features only: the label matrix in its own ``.npz`` file.
         zero_based: svmlight only: the id base (:func:`xmc_toolkit.data.load`).
+        holdout: ``(fraction, seed)`` of the validation split the trainer will carve from these
+            rows (``--val-fraction``, ``--seed``): a text featurizer is fitted on the other rows
+            only (:func:`xmc_toolkit.data.dataset.split_rows`), so the validation texts do not
+            shape its vocabulary or IDF.
 
     Returns:
         ``(dataset, featurizer)``; ``featurizer`` is ``None`` for feature-vector data.
@@ -121,7 +126,13 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
                            "--label-names / --labels")
         data = read_text(path, text_field=fields.text_field, label_field=fields.label_field,
                          label_sep=fields.label_sep)
-        feat = Featurizer.fit(data.texts, featurizer)
+        fit_texts = data.texts
+        if holdout is not None and holdout[0] > 0:
+            from .data.dataset import split_rows
+
+            tr_rows, _ = split_rows(len(data.texts), holdout[0], holdout[1])
+            fit_texts = [data.texts[i] for i in tr_rows]
+        feat = Featurizer.fit(fit_texts, featurizer)
         feat.fields = stored_fields(fields, path)
         ds = text_dataset(data, feat, label_vocabulary(data.labels or []))
         ds.feature_names = feat.feature_names

@@ -746,10 +746,9 @@ class Trainer:
 
 
 def _split(ds: XMCDataset, fraction: float, seed: int) -> tuple[XMCDataset, XMCDataset]:
-    n = ds.num_points
-    n_val = max(1, int(round(n * fraction)))
-    perm = np.random.default_rng([seed, 7919]).permutation(n)
-    val_rows, tr_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    from .data.dataset import split_rows
+
+    tr_rows, val_rows = split_rows(ds.num_points, fraction, seed)
     return ds.subset(tr_rows), ds.subset(val_rows)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["XMCDataset"]
+__all__ = ["XMCDataset", "split_rows"]
 
 
 @dataclass
@@ -64,3 +64,13 @@ class XMCDataset:
     def subset(self, rows: np.ndarray) -> "XMCDataset":
         """The data set restricted to ``rows`` (an index array or boolean mask)."""
         return XMCDataset(self.X[rows], self.Y[rows], self.label_names, self.feature_names)
+
+
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, val_rows)``: sorted row indices of the validation split that
+    ``--val-fraction`` carves from ``n`` training rows (``max(1, round(n * fraction))`` rows, a
+    permutation seeded by ``seed``). The trainer's split and the text featurizer's fit (on the
+    training part only) use this one function, so both see the same rows."""
+    n_val = max(1, int(round(n * fraction)))
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
