@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cli._options import load_data, zero_based_option
+from cli._options import load_data, text_field_options, zero_based_option
 from xmc_toolkit.data.formats import FORMATS, dataset_stats, save
 
 __all__ = ["DATA_COMMANDS", "info", "convert", "render_stats"]
@@ -66,10 +66,24 @@ def render_stats(stats: dict[str, Any], title: str) -> Table:
               help="ARFF: the Mulan label XML (default: the .xml beside the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 @zero_based_option
-def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool) -> None:
-    """Print size and label statistics of the data set at PATH."""
-    ds = load_data(path, fmt, label_xml=label_xml)
-    stats = dataset_stats(ds)
+@text_field_options
+def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool,
+         text_field: str, label_field: str, label_sep: str) -> None:
+    """Print size and label statistics of the data set at PATH.
+
+    A raw-text file (.jsonl/.tsv/.csv) is featurized with the default featurizer settings (what
+    a plain `xmc train` fits), so its features (D) are that vocabulary.
+    """
+    from xmc_toolkit.featurizer import FeaturizerConfig
+    from xmc_toolkit.inputs import TextFields, is_text_file, load_training_data
+
+    if fmt is None and is_text_file(path):
+        ds, _ = load_training_data(path, FeaturizerConfig(),
+                                   fields=TextFields(text_field, label_field, label_sep))
+        stats = dataset_stats(ds)
+    else:
+        ds = load_data(path, fmt, label_xml=label_xml)
+        stats = dataset_stats(ds)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
     else:

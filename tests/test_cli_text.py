@@ -516,3 +516,15 @@ def test_val_fraction_fits_the_featurizer_on_the_training_part_only(tmp_path):
     vocab = json.loads((out / "featurizer.json").read_text())
     words = json.dumps(vocab)
     assert "zebraword" not in words and "harbour" in words
+
+
+def test_data_info_describes_a_text_file(files):
+    """`xmc data info` on raw text: the label statistics and the default featurizer's D."""
+    r = CliRunner().invoke(xmc, ["data", "info", str(files / "train.jsonl"), "--json"])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.output)
+    assert stats["num_points"] == 160 and stats["num_labels"] == 6
+    assert 0 < stats["num_features"] <= len(set(" ".join(TOPICS.values()).split()) | set(FILLER))
+    r = CliRunner().invoke(xmc, ["data", "info", str(files / "train.tsv"), "--label-field",
+                                 "tags"])
+    assert r.exit_code == 0 and "labels (L)" in r.output, r.output
