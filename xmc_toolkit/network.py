@@ -74,29 +74,29 @@ class Preprocessor:
         """
         from .batching import l2_normalize_rows, tfidf_transform
 
+        from .errors import DataFormatError
+
+        def first_row(bad: np.ndarray) -> tuple[int, int]:  # (entry, row) of the first True
+            entry = int(np.flatnonzero(bad)[0])
+            return entry, int(np.searchsorted(X.indptr, entry, side="right")) - 1
+
         raw = X
         X = sp.csr_matrix(X, dtype=np.float32)
         if self.power != 1.0:
             if X.nnz and X.data.min() < 0:
-                from .errors import DataFormatError
-
-                bad = int(np.flatnonzero(X.data < 0)[0])
-                row = int(np.searchsorted(X.indptr, bad, side="right")) - 1
+                entry, row = first_row(X.data < 0)
                 raise DataFormatError(None, None, f"input row {row + 1} (1-based) has the negative"
-                                      f" feature value {float(X.data[bad])!r}; the model raises"
+                                      f" feature value {float(X.data[entry])!r}; the model raises"
                                       f" feature values to the power {self.power} (feature_power),"
                                       " which needs values >= 0; train with --feature-power 1")
-            X = X.copy() if X is raw else X  # never modify the caller's matrix
+            # a new data array (rebinding, not writing in place): the caller's matrix is untouched
             X.data = np.power(X.data, np.float32(self.power))
         if self.idf is not None:
             X = tfidf_transform(X, self.idf)
         if self.l2_normalize:
             X = l2_normalize_rows(X)
         if X.nnz and not np.isfinite(X.data).all():
-            from .errors import DataFormatError
-
-            bad = int(np.flatnonzero(~np.isfinite(X.data))[0])
-            row = int(np.searchsorted(X.indptr, bad, side="right")) - 1
+            _, row = first_row(~np.isfinite(X.data))
             vals = sp.csr_matrix(raw)[row].data
             big = float(np.max(np.abs(vals))) if len(vals) else float("nan")
             raise DataFormatError(None, None, f"input row {row + 1} (1-based) has feature values "

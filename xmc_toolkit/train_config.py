@@ -508,10 +508,9 @@ class TrainConfig(ConfigBase):
         from .batching import is_weighted
 
         n = int(X.shape[0])
-        data = X.data if hasattr(X, "data") else None
         return self.resolved_for_data(
             n, weighted_input=not featurized and is_weighted(X),
-            signed_input=data is not None and data.size > 0 and float(data.min()) < 0,
+            signed_input=X.nnz > 0 and float(X.data.min()) < 0,
             labels_per_row=float(Y.nnz) / max(1, n))
 
     def resolved_ensemble(self, num_points: int) -> int:
