@@ -322,3 +322,47 @@ def test_row_wise_dense_gradient_bias_rows_and_refusals():
         rw.step()
     with pytest.raises(ConfigError, match="1-D or 2-D"):
         RowAdam([torch.nn.Parameter(torch.zeros(2, 2, 2))], row_wise=True)
+
+
+# the floor of the second moments before sqrt (sqrt of 0 / subnormals is slow on x86): it must
+# leave every number bit for bit as it was
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-8, 1e-6, 1e-3])
+def test_sqrt_floor_gives_eps_back_exactly(dtype, eps):
+    from xmc_toolkit.sparse_optim import _sqrt_floor
+
+    floor = _sqrt_floor(eps, dtype)
+    assert floor >= torch.finfo(dtype).tiny  # a normal number: sqrt of it is fast
+    tiny = torch.finfo(dtype).tiny
+    below = torch.tensor([0.0, tiny / 4, tiny, floor / 3, floor * 0.999, floor], dtype=dtype)
+    torch.testing.assert_close(below.sqrt() + eps, torch.full_like(below, eps), rtol=0, atol=0)
+    # and just above the floor the sum moves off eps eventually (the floor is not absurdly high)
+    assert (torch.tensor(floor * 1e6, dtype=dtype).sqrt() + eps) != eps
+    assert _sqrt_floor(1e-30, torch.float32) == 0.0  # its floor would be subnormal: no clamp
+
+
+@pytest.mark.parametrize("path", ["chunked", "sync-free", "dense"])
+@pytest.mark.parametrize("row_wise", [False, True])
+def test_sqrt_floor_changes_no_number(monkeypatch, path, row_wise):
+    import xmc_toolkit.sparse_optim as so
+
+    def run() -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(3)
+        p = torch.nn.Parameter(torch.randn(40, 16, generator=g))
+        opt = RowAdam([p], lr=0.01, eps=1e-8, sync_free=path == "sync-free", row_wise=row_wise)
+        for _ in range(8):
+            vals = torch.randn(12, 16, generator=g) * 10.0 ** torch.randint(-30, 0, (12, 1),
+                                                                             generator=g)
+            vals[torch.rand(12, 16, generator=g) < 0.5] = 0.0  # columns of ReLU units that were off
+            rows = torch.randperm(40, generator=g)[:12]
+            grad = torch.sparse_coo_tensor(rows[None], vals, (40, 16))
+            p.grad = grad.to_dense() if path == "dense" else grad.coalesce()
+            opt.step()
+        st = opt.state[p]
+        return p.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone()
+
+    with_floor = run()
+    monkeypatch.setattr(so, "_sqrt_floor", lambda eps, dtype: 0.0)
+    without = run()
+    for a, b in zip(with_floor, without):
+        assert torch.equal(a, b)
