@@ -201,6 +201,7 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
     feat_base = FeaturizerConfig()
     run: dict[str, Any] = {}
     base_choice = zero_based()
+    saved_run: dict[str, Any] | None = None  # run.json of --resume, read once
     if resume is not None and (init_from is None and label_names is None):
         if (resume / RUN_FILE).is_file():
             saved_run = _read_run(resume)
@@ -219,12 +220,12 @@ def train(data: Path | None, val: Path | None, out: Path | None, config_file: Pa
                                "only (torchrun, or --placement sharded)")
     if init_from is not None:
         _train_init_from(init_from, data, val, out, config_file, resume, print_config, progress,
-                         as_json, label_names, ignore_extra, flags)
+                         as_json, label_names, ignore_extra, flags, saved_run)
         return
     if ignore_extra:
         raise click.UsageError("--ignore-extra applies only with --init-from")
     if resume is not None:
-        run = _read_run(resume)
+        run = saved_run if saved_run is not None else _read_run(resume)
         if base_choice == "auto" and run.get("zero_based") in (True, False):
             base_choice = run["zero_based"]
         saved = dict(run.get("config", {}))
@@ -378,8 +379,12 @@ def _ignore_events(event: str, payload: dict[str, Any]) -> None:
 def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: Path | None,
                      config_file: Path | None, resume: Path | None, print_config: bool,
                      progress: bool | None, as_json: bool, label_names: Path | None,
-                     ignore_extra: bool, flags: dict[str, Any]) -> None:
-    """``xmc train --init-from DIR``: grow DIR's label set by --data's labels and fine-tune."""
+                     ignore_extra: bool, flags: dict[str, Any],
+                     saved_run: dict[str, Any] | None = None) -> None:
+    """``xmc train --init-from DIR``: grow DIR's label set by --data's labels and fine-tune.
+
+    ``saved_run``: ``--resume``'s ``run.json`` when the caller has read it already.
+    """
     from xmc_toolkit import grow
     from xmc_toolkit.model_dir import load_model_dir
     from xmc_toolkit.train import TrainingInterrupted
@@ -390,7 +395,7 @@ def _train_init_from(init_from: Path, data: Path | None, val: Path | None, out: 
         flags = {**grow.config_file_overrides(config_file, parent_cfg),
                  **{k: v for k, v in flags.items() if v is not None}}
     if resume is not None:
-        run = _read_run(resume)
+        run = saved_run if saved_run is not None else _read_run(resume)
         if out is not None and Path(out) != Path(resume):
             raise click.UsageError("--resume DIR writes to DIR; drop --out")
         out = resume
