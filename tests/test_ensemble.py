@@ -154,8 +154,8 @@ def test_ensemble_midx_training_runs():
 def test_auto_resolves_by_training_rows_and_is_saved(tmp_path):
     cfg = TrainConfig()
     assert cfg.ensemble == 0 and cfg.resolved_ensemble(4880) == 3
-    assert cfg.resolved_ensemble(10_000) == 3 and cfg.resolved_ensemble(10_001) == 2
-    assert cfg.resolved_ensemble(100_000) == 2 and cfg.resolved_ensemble(100_001) == 1
+    assert cfg.resolved_ensemble(24_879) == 3  # kjv-strongs (docs/training.md)
+    assert cfg.resolved_ensemble(100_000) == 3 and cfg.resolved_ensemble(100_001) == 1
     assert TrainConfig(ensemble=2).resolved_ensemble(10 ** 7) == 2  # explicit wins
     assert TrainConfig(ensemble_max_points=0).resolved_ensemble(10) == 1
     X, Y = make_tiny_problem(60)

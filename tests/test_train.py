@@ -67,6 +67,14 @@ def test_auto_loss_resolution():
     assert 4 <= TrainConfig.auto_codewords(6) <= TrainConfig.auto_codewords(10**6) == 64
 
 
+def test_auto_bag_lr_is_a_multiple_of_lr():
+    from xmc_toolkit.train_config import BAG_LR_SCALE
+
+    assert TrainConfig(lr=2e-3).resolved_bag_lr() == pytest.approx(BAG_LR_SCALE * 2e-3)
+    assert BAG_LR_SCALE == 100.0  # the validated value (docs/training.md)
+    assert TrainConfig(lr=2e-3, bag_lr=0.05).resolved_bag_lr() == 0.05
+
+
 def test_config_round_trip_and_every_field_documented(tmp_path):
     cfg = TrainConfig(loss="sampled", hidden=(64, 32), ks=(1, 5), negatives=7)
     p = tmp_path / "c.json"
@@ -373,6 +381,20 @@ def test_preprocessor_power_before_idf_and_norm_and_refuses_negative_values():
     bad = sp.csr_matrix(np.array([[0.5, 0], [0, -2.0]], np.float32))
     with pytest.raises(DataFormatError, match=r"row 2 .*-2\.0.*--feature-power 1"):
         Preprocessor(None, True, 0.5).transform(bad)
+
+
+def test_auto_epochs_and_members_by_training_rows():
+    # the validated data-size rules (docs/training.md): 20 epochs x 3 members on small sets;
+    # about 100,000 rows in all and 3 members up to 100,000 rows; one epoch, one member above
+    def resolved(n: int) -> tuple[int, int]:
+        c = TrainConfig().resolved_for_data(n)
+        return c.epochs, c.ensemble
+
+    assert resolved(4_880) == (20, 3)  # Bibtex
+    assert resolved(21_147) == (5, 3)  # kjv-strongs' 85 % (the validation runs)
+    assert resolved(24_879) == (4, 3)  # kjv-strongs
+    assert resolved(941_684) == (1, 1)  # nextword-tdavid
+    assert TrainConfig(epochs=7, ensemble=2).resolved_for_data(24_879).epochs == 7  # explicit
 
 
 def test_feature_power_is_validated():

@@ -52,7 +52,10 @@ MULTI_LABEL_ROWS = 2.0
 SMALL_DATA_POINTS = 10_000  # up to this many training rows: strong regularization, 20 epochs
 AUTO_DROPOUT = (0.75, 0.2)  # (small, larger) data sets
 AUTO_INPUT_DROPOUT = (0.3, 0.0)
-AUTO_EPOCH_ROWS = 150_000  # larger data sets: about this many rows seen in all, 1..20 epochs
+AUTO_EPOCH_ROWS = 100_000  # larger data sets: about this many rows seen in all, 1..20 epochs
+# bag_lr=auto: a sparse EmbeddingBag's rows step at this many times lr (a row moves only on the
+# steps whose batch holds its feature)
+BAG_LR_SCALE = 100.0
 
 
 def _h(text: str) -> dict[str, str]:
@@ -125,10 +128,10 @@ class TrainConfig(ConfigBase):
         " and its own loss, trained side by side on the same batches; scores are the members'"
         " mean (one [L, n*d] table, so top-k, export and the MIDX index work unchanged); costs"
         " n times one model; 0: auto = 3 when the training set has at most ensemble_max_points"
-        " rows, 2 up to 10 x ensemble_max_points rows, else 1 (--ensemble)"))
-    ensemble_max_points: int = field(default=10_000, metadata=_h(
-        "largest training set (rows) for which ensemble=0 (auto) trains 3 members; up to 10 x"
-        " this many rows it trains 2 (--ensemble-max-points)"))
+        " rows, else 1 (--ensemble)"))
+    ensemble_max_points: int = field(default=100_000, metadata=_h(
+        "largest training set (rows) for which ensemble=0 (auto) trains 3 members; above, 1"
+        " (--ensemble-max-points)"))
     # -- loss and sampling --------------------------------------------------------------------
     loss: str = field(default="auto", metadata=_h(
         "auto | full | sampled | negative-sampling; auto: full softmax when the number of labels"
@@ -171,7 +174,7 @@ class TrainConfig(ConfigBase):
         "learning rate of the label table; 0: same as lr (--label-lr)"))
     bag_lr: float = field(default=0.0, metadata=_h(
         "learning rate of the EmbeddingBag rows when they are sparse (bag_optimizer"
-        " sparse-adam); 0 (auto): 10 x lr, since each row only moves on the steps whose batch"
+        " sparse-adam); 0 (auto): 100 x lr, since each row only moves on the steps whose batch"
         " holds its feature (--bag-lr)"))
     weight_decay: float = field(default=0.01, metadata=_h(
         "AdamW decoupled weight decay of the encoder (--weight-decay)"))
@@ -470,7 +473,7 @@ class TrainConfig(ConfigBase):
         Rules (chosen on validation splits of the training data, ``docs/training.md``): on
         training sets of up to ``SMALL_DATA_POINTS`` (10,000) rows dropout 0.75, input dropout
         0.3 and 20 epochs (tiny data: regularize hard, pass often); above, dropout 0.2, no input
-        dropout, PIFA label rows and about ``AUTO_EPOCH_ROWS`` rows in all (``round(150000 / N)`` epochs,
+        dropout, PIFA label rows and about ``AUTO_EPOCH_ROWS`` rows in all (``round(100000 / N)`` epochs,
         clipped to 1..20); the ensemble as :meth:`resolved_ensemble`; ``tfidf`` auto is off when
         ``weighted_input`` (the stored feature values are not all whole numbers, see
         :func:`xmc_toolkit.batching.is_weighted`: the file is already TF-IDF or otherwise weighted,
@@ -516,20 +519,24 @@ class TrainConfig(ConfigBase):
     def resolved_ensemble(self, num_points: int) -> int:
         """Members after resolving ``ensemble=0`` (auto) for ``num_points`` training rows.
 
-        Auto: 3 members up to ``ensemble_max_points`` rows (small data sets, where one network's
-        variance dominates and three cost minutes), 2 up to ``10 * ensemble_max_points`` rows
-        (kjv-strongs, 24,879 rows: +3 P@5 on its validation split for twice the time), else 1
-        (above, one member's epoch is the cost that matters: nextword-tdavid, 941,684 rows).
+        Auto: 3 members up to ``ensemble_max_points`` (100,000) rows, else 1. Small data sets
+        (Bibtex): one network's variance dominates and three cost minutes; kjv-strongs (24,879
+        rows): at equal training time (12 member-epochs) 3 members x 5 epochs beat 2 x 7 on its
+        validation split (P@5 76.93 vs 76.51, docs/training.md); above, one member's epoch is
+        the cost that matters (nextword-tdavid, 941,684 rows).
         """
         if self.ensemble > 0:
             return int(self.ensemble)
-        if num_points <= self.ensemble_max_points:
-            return 3
-        return 2 if num_points <= 10 * self.ensemble_max_points else 1
+        return 3 if num_points <= self.ensemble_max_points else 1
 
     def resolved_bag_lr(self) -> float:
-        """Learning rate of a sparse EmbeddingBag (``bag_lr``, auto: ``10 * lr``)."""
-        return float(self.bag_lr) if self.bag_lr > 0 else 10.0 * float(self.lr)
+        """Learning rate of a sparse EmbeddingBag (``bag_lr``, auto: ``100 * lr``).
+
+        Measured on validation splits (docs/training.md): kjv-strongs P@5 75.41 / 75.85 / 76.51
+        / 76.51 at 10 / 30 / 100 / 300 x lr, nextword-tdavid (first 150,000 rows) P@1 13.35 /
+        13.80 / 14.15 / 14.14: both flatten out between 100 x and 300 x.
+        """
+        return float(self.bag_lr) if self.bag_lr > 0 else BAG_LR_SCALE * float(self.lr)
 
     def resolved_bag_optimizer(self, num_features: int) -> str:
         """``adamw`` or ``sparse-adam`` for the EmbeddingBag weight after resolving ``auto``."""
