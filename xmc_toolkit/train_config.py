@@ -75,10 +75,11 @@ class TrainConfig(ConfigBase):
     (:meth:`resolved_for_data`): L2 inputs, TF-IDF unless the file is already weighted; one
     hidden layer whose width adapts to the feature count D (8192 down to 256 within a D x width
     budget); on up to 10,000 training rows dropout 0.75, input dropout 0.3, 3 ensemble members
-    and 20 epochs, above that dropout 0.2, 2 members up to 100,000 rows and 1 beyond, PIFA label
-    rows and about 150,000 rows of training; full softmax up to
+    and 20 epochs, above that dropout 0.2, 3 members up to 100,000 rows and 1 beyond, PIFA label
+    rows and about 100,000 rows of training; full softmax up to
     ``full_max_labels`` labels and MIDX sampled softmax above; AdamW with warm-up and linear
-    decay (sparse row-wise Adam for a sparse bag and sampled label tables).
+    decay (sparse row-wise Adam for a sparse bag, its rows at 100 x lr, and sampled label
+    tables).
     """
 
     # -- model --------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class TrainConfig(ConfigBase):
     # -- optimization -------------------------------------------------------------------------
     epochs: int = field(default=0, metadata=_h(
         "number of passes over the training data; 0 (auto): 20 on training sets of up to 10,000"
-        " rows, else about 150,000 rows in all (round(150000 / N), clipped to 1..20) (--epochs)"))
+        " rows, else about 100,000 rows in all (round(100000 / N), clipped to 1..20) (--epochs)"))
     batch_size: int = field(default=128, metadata=_h("training rows per step (--batch-size)"))
     lr: float = field(default=1e-3, metadata=_h("AdamW learning rate of the encoder (--lr)"))
     label_lr: float = field(default=0.0, metadata=_h(
