@@ -31,6 +31,7 @@ __all__ = [
     "AUTO_DROPOUT",
     "AUTO_INPUT_DROPOUT",
     "AUTO_EPOCH_ROWS",
+    "BAG_LR_SCALE",
     "TrainConfig",
 ]
 
