@@ -80,10 +80,9 @@ def info(path: Path, fmt: str | None, label_xml: Path | None, as_json: bool,
     if fmt is None and is_text_file(path):
         ds, _ = load_training_data(path, FeaturizerConfig(),
                                    fields=TextFields(text_field, label_field, label_sep))
-        stats = dataset_stats(ds)
     else:
         ds = load_data(path, fmt, label_xml=label_xml)
-        stats = dataset_stats(ds)
+    stats = dataset_stats(ds)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
     else:

@@ -261,7 +261,8 @@ class Featurizer:
         written = []
         if self.idf is not None:
             idf = np.ascontiguousarray(self.idf)
-            atomic_write(d / FEATURIZER_TENSORS, lambda p: save_safetensors({"idf": idf}, p, numpy=True))
+            atomic_write(d / FEATURIZER_TENSORS,
+                         lambda p: save_safetensors({"idf": idf}, p, numpy=True))
             written.append(FEATURIZER_TENSORS)
         else:  # no stale idf of an earlier featurizer
             (d / FEATURIZER_TENSORS).unlink(missing_ok=True)

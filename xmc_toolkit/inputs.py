@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .data.dataset import XMCDataset
+from .data.dataset import XMCDataset, split_rows
 from .data.text import label_vocabulary, read_text, text_dataset, text_format
 from .errors import XMCError
 from .featurizer import Featurizer, FeaturizerConfig
@@ -128,8 +128,6 @@ def load_training_data(path: PathLike, featurizer: FeaturizerConfig | None = Non
                          label_sep=fields.label_sep)
         fit_texts = data.texts
         if holdout is not None and holdout[0] > 0:
-            from .data.dataset import split_rows
-
             tr_rows, _ = split_rows(len(data.texts), holdout[0], holdout[1])
             fit_texts = [data.texts[i] for i in tr_rows]
         feat = Featurizer.fit(fit_texts, featurizer)

@@ -37,7 +37,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .data.dataset import XMCDataset
+from .data.dataset import XMCDataset, split_rows
 from .device import amp_setup as _amp_setup
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError, XMCError
@@ -746,8 +746,6 @@ class Trainer:
 
 
 def _split(ds: XMCDataset, fraction: float, seed: int) -> tuple[XMCDataset, XMCDataset]:
-    from .data.dataset import split_rows
-
     tr_rows, val_rows = split_rows(ds.num_points, fraction, seed)
     return ds.subset(tr_rows), ds.subset(val_rows)
 
