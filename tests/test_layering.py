@@ -18,7 +18,7 @@ PKG = ROOT / "xmc_toolkit"
 # own or a lower layer. Each row is one layer (docs/architecture.md, "Module map").
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"_fileio", "config", "device"},
+    {"_fileio", "config", "device", "native"},
     {"data"},  # the data package (numpy / scipy only)
     {"metrics", "codebook", "loss_log", "progress", "label_init", "sparse_optim"},
     {"sampling", "losses", "batching", "checkpoint", "optim"},

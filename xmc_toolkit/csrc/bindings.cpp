@@ -1,0 +1,17 @@
+// Python bindings of the native CPU kernels (xmc_toolkit/native.py builds and loads them).
+#include <torch/extension.h>
+
+namespace xmc {
+void row_adam_(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor rows,
+               at::Tensor values, double lr_step, double beta1, double beta2, double eps,
+               double floor);
+void bag_rows_(at::Tensor out, at::Tensor queries, at::Tensor perm, at::Tensor gs,
+               at::Tensor starts, int64_t per_query);
+at::Tensor cdf_draw(at::Tensor weights, at::Tensor uniforms);
+}  // namespace xmc
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("row_adam_", &xmc::row_adam_, "fused Adam update of distinct rows (in place)");
+  mod.def("bag_rows_", &xmc::bag_rows_, "per-row weighted sums of queries (in place)");
+  mod.def("cdf_draw", &xmc::cdf_draw, "inverse-CDF draws with replacement from weight rows");
+}
