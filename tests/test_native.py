@@ -119,3 +119,114 @@ def test_build_failure_falls_back_with_one_warning(fresh_native, monkeypatch, ca
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     assert native.native_status() == {"available": False,
                                       "reason": "RuntimeError: no compiler here"}
+
+
+def _eager_cdf(weights, u):
+    cum = weights.cumsum(1, dtype=torch.float64)
+    total = cum[:, -1:]
+    t = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, t, right=True)
+
+
+def _edge_case_draws(cols, draws):
+    """Weights with leading / trailing / alternate zeros and a tiny row, uniforms at 0 and just
+    below 1."""
+    gen = torch.Generator().manual_seed(cols)
+    w = torch.rand(6, cols, generator=gen) ** 3
+    if cols > 2:
+        w[0, :cols // 2] = 0.0  # leading zeros
+        w[1, cols // 2:] = 0.0  # trailing zeros
+        w[2, ::2] = 0.0  # alternate
+    w[3] = 0.0
+    w[3, -1] = 1e-30  # one tiny positive entry
+    u = torch.rand(6, draws, generator=gen, dtype=torch.float64)
+    u[:, 0] = 0.0
+    u[:, -1] = torch.nextafter(torch.tensor(1.0, dtype=torch.float64),
+                               torch.tensor(0.0, dtype=torch.float64))
+    return w, u
+
+
+@pytest.mark.parametrize("cols,draws", [(1, 5), (7, 3), (4096, 1024), (300, 13)])
+def test_cdf_draw_equals_eager_searchsorted(kernel, cols, draws):
+    """The native inverse-CDF draws equal cumsum + searchsorted on the same uniforms."""
+    w, u = _edge_case_draws(cols, draws)
+    got = kernel.cdf_draw(w, u)
+    assert torch.equal(got, _eager_cdf(w, u))
+    assert bool((w.gather(1, got) > 0).all())  # never a zero-weight entry
+
+
+@pytest.mark.parametrize("cols,draws", [(1, 5), (7, 3), (300, 13)])
+def test_eager_cdf_draw_never_draws_a_zero_weight(fresh_native, monkeypatch, cols, draws):
+    from xmc_toolkit.sampling.midx import _inverse_cdf_draw
+
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    w, u = _edge_case_draws(cols, draws)
+    got = _inverse_cdf_draw(w, u)
+    assert torch.equal(got, _eager_cdf(w, u))
+    assert bool((w.gather(1, got) > 0).all())
+
+
+def test_midx_cells_follow_the_weights_with_and_without_native(fresh_native, monkeypatch):
+    """``_inverse_cdf_rows``: the same draws through the kernel and the eager path (same
+    generator), and their frequencies match the weights (a chi-square-sized tolerance)."""
+    from xmc_toolkit.sampling.midx import _inverse_cdf_rows
+
+    w = torch.rand(4, 50, generator=torch.Generator().manual_seed(3)) ** 2
+    w[:, ::7] = 0.0
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    eager = _inverse_cdf_rows(w, 40_000, torch.Generator().manual_seed(9))
+    native._reset_for_tests()
+    monkeypatch.delenv(native.NATIVE_ENV)
+    if native.kernels() is not None:
+        fast = _inverse_cdf_rows(w, 40_000, torch.Generator().manual_seed(9))
+        assert torch.equal(fast, eager)
+    freq = torch.zeros_like(w).scatter_add_(1, eager, torch.ones_like(eager, dtype=w.dtype))
+    p = w / w.sum(1, keepdim=True)
+    sd = (p * (1 - p) / 40_000).sqrt()
+    assert bool(((freq / 40_000 - p).abs() <= 5 * sd + 1e-12).all())
+    assert bool((freq[:, ::7] == 0).all())
+
+
+def test_bag_rows_equals_embedding_bag(kernel):
+    torch.manual_seed(0)
+    B, M, d = 9, 11, 24
+    ids = torch.randint(0, 30, (B * M,))
+    srt, perm = torch.sort(ids)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[1:] = srt[1:] != srt[:-1]
+    starts = new.nonzero().squeeze(1)
+    q, gs = torch.randn(B, d), torch.randn(B * M)
+    out = torch.full((starts.numel(), d), float("nan"))
+    kernel.bag_rows_(out, q, perm, gs, starts, M)
+    ref = torch.nn.functional.embedding_bag(torch.div(perm, M, rounding_mode="floor"), q, starts,
+                                            mode="sum", per_sample_weights=gs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.bag_rows_(out, q, perm + B * M, gs, starts, M)
+
+
+def test_score_gradient_accumulates_across_backward_passes(kernel):
+    """The reused gradient workspace is never handed out while a gradient still holds it: two
+    backward passes without zero_grad sum their gradients, and a step after zero_grad(set_to_none)
+    gives the gradient of that step alone."""
+    from xmc_toolkit.output_layer import LabelTable
+
+    torch.manual_seed(0)
+    table = LabelTable(200, 16)
+    q = torch.randn(8, 16, requires_grad=True)
+    ids = [torch.randint(0, 200, (8, 30)) for _ in range(3)]
+    w = torch.randn(8, 30)
+
+    def grad_of(*batches):
+        table.zero_grad(set_to_none=True)
+        for i in batches:
+            (table.score_ids(q, ids[i]) * w).sum().backward()
+        return table.weight.weight.grad.to_dense().clone()
+
+    g0, g1, g2 = grad_of(0), grad_of(1), grad_of(2)
+    torch.testing.assert_close(grad_of(0, 1), g0 + g1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(2, 0, 1), g2 + g0 + g1, rtol=1e-5, atol=1e-6)
+    dense = table.weight.weight.detach().clone().requires_grad_(True)
+    ref = ((dense[ids[1]] * q.detach()[:, None, :]).sum(-1) * w).sum()  # [8, 30] scores
+    ref.backward()
+    torch.testing.assert_close(grad_of(1), dense.grad, rtol=1e-5, atol=1e-6)

@@ -195,12 +195,8 @@ def _inverse_cdf_rows(weights: Tensor, num_samples: int,
     """``num_samples`` draws with replacement from each row of ``weights`` by inverse CDF.
 
     The law of ``torch.multinomial(weights, num_samples, True)`` (entry ``j`` of row ``b`` with
-    probability ``weights[b, j] / weights[b].sum()``; zero-weight entries never): a float64
-    cumulative sum of each row and one binary search a draw. A target ``u * total`` is kept
-    below the row total, so the first entry whose inclusive cumulative weight exceeds it always
-    exists and has a positive weight. On the CPU the native ``cdf_draw`` kernel
-    (:mod:`xmc_toolkit.native`) computes the same numbers from the same uniforms (5x faster than
-    ``torch.multinomial`` at ``[256, 4096] x 1024``; ``torch.searchsorted`` alone is slower).
+    probability ``weights[b, j] / weights[b].sum()``; zero-weight entries never), from float64
+    uniforms of ``generator``: see :func:`_inverse_cdf_draw`.
 
     Args:
         weights: ``[B, C]`` float, non-negative, every row with a positive sum.
@@ -212,10 +208,26 @@ def _inverse_cdf_rows(weights: Tensor, num_samples: int,
     """
     u = torch.rand(weights.shape[0], num_samples, generator=generator, device=weights.device,
                    dtype=torch.float64)  # [B, M]
+    return _inverse_cdf_draw(weights, u)
+
+
+def _inverse_cdf_draw(weights: Tensor, u: Tensor) -> Tensor:
+    """The draw of each uniform ``u [B, M]`` in ``[0, 1)`` from its row of ``weights [B, C]``.
+
+    A float64 cumulative sum of each row and one binary search a draw: the first entry whose
+    inclusive cumulative weight exceeds ``t = u * total``, with ``t`` kept below the row total,
+    so that entry always exists and has a positive weight (``u = 0`` skips leading zeros). On
+    the CPU the native ``cdf_draw`` kernel (:mod:`xmc_toolkit.native`) computes the same numbers
+    (12x faster than ``torch.multinomial`` at ``[256, 4096] x 1024``; ``torch.searchsorted``
+    alone is no faster than ``multinomial``).
+
+    Returns:
+        ``[B, M] int64`` column indices.
+    """
     if weights.device.type == "cpu" and weights.dtype == torch.float32:
         mod = kernels()
         if mod is not None:
-            return mod.cdf_draw(weights.contiguous(), u)
+            return mod.cdf_draw(weights.contiguous(), u.contiguous())
     cum = weights.cumsum(1, dtype=torch.float64)  # [B, C] inclusive
     total = cum[:, -1:]  # [B, 1]
     t = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
