@@ -401,8 +401,8 @@ def nearest_codes(
     x = x.detach().to(c1.dtype)
     if quantizer == "pq":
         d1 = c1.shape[1]
-        k1, _ = assign_nearest(x[:, :d1].contiguous(), c1, chunk_size)
-        k2, _ = assign_nearest(x[:, d1:].contiguous(), c2, chunk_size)
+        k1, _ = assign_nearest(x[:, :d1], c1, chunk_size)  # strided halves: no copies
+        k2, _ = assign_nearest(x[:, d1:], c2, chunk_size)
     elif quantizer == "rq":
         k1, _ = assign_nearest(x, c1, chunk_size)
         k2, _ = assign_nearest(x - c1[k1], c2, chunk_size)

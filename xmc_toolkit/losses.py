@@ -152,12 +152,15 @@ def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
     Returns:
         ``[B]`` float; rows with no valid entry give ``-inf`` and pass no NaN gradient back.
     """
-    any_valid = valid.any(dim=-1)  # [B]
-    xm = x.masked_fill(~valid, _NEG_INF)
-    # A row of only -inf has a NaN logsumexp gradient; give it finite dummies and mask after.
-    xm = xm.masked_fill(~any_valid.unsqueeze(-1), 0.0)
-    out = torch.logsumexp(xm, dim=-1)  # [B]
-    return out.masked_fill(~any_valid, _NEG_INF)
+    xm = x.masked_fill(~valid, _NEG_INF)  # [B, M]
+    mx = xm.detach().amax(dim=-1, keepdim=True)  # [B, 1], -inf on a row with no valid entry
+    any_valid = mx > _NEG_INF  # [B, 1]
+    mx = mx.masked_fill(~any_valid, 0.0)  # finite shift: such a row sums exp(-inf) = 0
+    # the sum clamped at the smallest normal so the log (and its gradient) of an empty row stay
+    # finite; masked to -inf after (its entries get exp(-inf) = 0 gradient: no NaN)
+    total = torch.exp(xm - mx).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    out = (mx + torch.log(total)).masked_fill(~any_valid, _NEG_INF)  # [B, 1]
+    return out.squeeze(-1)
 
 
 def _mean_over_valid(loss_bt: Tensor, pos_mask: Tensor) -> Tensor:
@@ -216,9 +219,9 @@ def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor) -> T
     diff.scatter_add_(1, lo, one)
     diff.scatter_add_(1, hi, -one)
     hit_sorted = torch.cumsum(diff[:, :m], dim=1) > 0  # [B, M] in sorted order
-    out = torch.empty_like(hit_sorted)
-    out[:, perm] = hit_sorted  # back to the draw order
-    return out
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(m, device=ids.device)  # [M] sorted position of each draw
+    return hit_sorted.index_select(1, inv)  # back to the draw order
 
 
 # --------------------------------------------------------------------------------------------

@@ -300,16 +300,16 @@ def merge_cells(items: Tensor, cell: Tensor, moved: Tensor, num_cells: int) -> t
         return indptr, items
     is_moved = torch.zeros(n, dtype=torch.bool, device=items.device)
     is_moved[moved] = True
-    kept = items[~is_moved[items]]  # [L - R], still sorted by (cell, label)
-    mkeys, order = torch.sort(cell[moved] * n + moved)  # [R] by (new cell, label)
-    mv = moved[order]
-    kkeys = cell[kept] * n + kept  # [L - R] ascending
+    kept = items[~_lookup(is_moved, items)]  # [L - R], still sorted by (cell, label)
+    mkeys, order = torch.sort(_lookup(cell, moved) * n + moved)  # [R] by (new cell, label)
+    mv = _lookup(moved, order)
+    kkeys = _lookup(cell, kept) * n + kept  # [L - R] ascending
     pos = torch.arange(mv.numel(), device=items.device) + torch.searchsorted(kkeys, mkeys)
     out = torch.empty_like(items)
     free = torch.ones(n, dtype=torch.bool, device=items.device)
     free[pos] = False
     out[pos] = mv
-    out[free] = kept
+    out.masked_scatter_(free, kept)
     return indptr, out
 
 
@@ -621,11 +621,12 @@ class MIDXSampler(Sampler):
         codes = self.codes.to(x.device)
         old_cell = codes[:, 0] * k + codes[:, 1]  # [L]
         if changed.numel():
-            new = nearest_codes(x[changed], codebooks, self.quantizer, self.chunk_size)  # [R, 2]
-            codes = codes.clone()
-            codes[changed] = new
+            # [R, 2]; cache-sized chunks (no [R, K] distance block)
+            new = nearest_codes(x.index_select(0, changed), codebooks, self.quantizer,
+                                min(self.chunk_size, 16384))
+            codes = codes.clone().index_copy_(0, changed, new)
         cell = codes[:, 0] * k + codes[:, 1]  # [L]
-        moved = changed[cell[changed] != old_cell[changed]]  # [R'] rows that changed cell
+        moved = changed[_lookup(cell, changed) != _lookup(old_cell, changed)]  # [R'] moved cell
         indptr, items = merge_cells(self.cell_items.to(x.device), cell, moved, k * k)
         counts = indptr[1:] - indptr[:-1]  # [K^2]
         new_books = codewords_from_cells(cell_sums(indptr, items, x), counts, codebooks, self.quantizer)
