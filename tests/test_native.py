@@ -230,3 +230,18 @@ def test_score_gradient_accumulates_across_backward_passes(kernel):
     ref = ((dense[ids[1]] * q.detach()[:, None, :]).sum(-1) * w).sum()  # [8, 30] scores
     ref.backward()
     torch.testing.assert_close(grad_of(1), dense.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_native_step_bumps_the_version_counter(kernel):
+    """A tensor saved for a backward before the step is stale after it: autograd must say so,
+    as it does after the eager in-place update."""
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    opt = RowAdam(emb.parameters(), lr=0.1)
+    ids = torch.tensor([1, 2, 3])
+    (emb(ids) ** 2).sum().backward()
+    stale = (emb.weight * emb.weight).sum()  # saves weight for its backward
+    before = emb.weight._version
+    opt.step()
+    assert emb.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .errors import ConfigError
 from .native import kernels, native_status
@@ -309,6 +310,10 @@ class RowAdam(torch.optim.Optimizer):
                         kernel.row_adam_(p.data, exp_avg, exp_avg_sq, rows.contiguous(),
                                          values.contiguous(), step_size, beta1, beta2, eps,
                                          _sqrt_floor(eps, p.dtype))
+                        # written through a data pointer: bump the version counters as the
+                        # in-place ops of the eager update do (autograd's stale-tensor check)
+                        for t in (p, exp_avg, exp_avg_sq):
+                            increment_version(t)
                         continue
                     _row_adam_chunked_(p, exp_avg, exp_avg_sq, rows, values, lr=lr,
                                        beta1=beta1, beta2=beta2, eps=eps, step=step,
