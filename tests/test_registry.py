@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from xmc_toolkit.data import registry
-from xmc_toolkit.errors import XMCError
+from xmc_toolkit.errors import OutputError, XMCError
 
 EXPECTED_NAMES = {
     "Bibtex", "Delicious", "Mediamill", "EURLex-4K", "Wiki10-31K", "AmazonCat-13K",
@@ -234,6 +234,51 @@ def test_interrupted_download_keeps_part_and_resumes(served: _Server, tmp_path: 
     assert not (tmp_path / "blob.bin").exists()
     have = part.stat().st_size
     assert 0 < have <= 400_000 and part.read_bytes() == PAYLOAD[:have]
+    out = registry.fetch_url(served.url + "/blob.bin", tmp_path / "blob.bin", show_progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert served.requests[-1] == ("/blob.bin", f"bytes={have}-")
+
+
+def test_disk_full_keeps_the_part_file_and_names_it(served: _Server, tmp_path: Path,
+                                                    monkeypatch):
+    """A write that fails mid-download (ENOSPC) is an OutputError naming the part file, the
+    bytes written so far stay, and the next call resumes from them."""
+    import builtins
+    import errno
+
+    served.files["/blob.bin"] = PAYLOAD
+    real_open = builtins.open
+    state = {"writes": 0}
+
+    class _Full:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, buf):  # the disk fills up 1,000 bytes into the download
+            state["writes"] += 1
+            self._fh.write(buf[:1000])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._fh.__exit__(*exc)
+
+    def full_open(path, mode="r", *a, **k):
+        fh = real_open(path, mode, *a, **k)
+        return _Full(fh) if str(path).endswith(".part") and "b" in mode else fh
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(OutputError, match=r"blob\.bin\.part.*No space left.*resume"):
+        registry.fetch_url(served.url + "/blob.bin", tmp_path / "blob.bin", show_progress=False)
+    monkeypatch.setattr(builtins, "open", real_open)
+    part = tmp_path / "blob.bin.part"
+    have = part.stat().st_size
+    assert not (tmp_path / "blob.bin").exists() and 0 < have < len(PAYLOAD)
     out = registry.fetch_url(served.url + "/blob.bin", tmp_path / "blob.bin", show_progress=False)
     assert out.read_bytes() == PAYLOAD
     assert served.requests[-1] == ("/blob.bin", f"bytes={have}-")

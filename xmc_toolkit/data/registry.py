@@ -33,7 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import XMCError
+from .._fileio import fsync_dir, output_error
+from ..errors import OutputError, XMCError
 
 __all__ = ["get_card", "list_cards", "download", "fetch_url", "extract_archive", "validate_files"]
 
@@ -182,10 +183,20 @@ def fetch_url(
                         ) from exc
                     if not buf:
                         break
-                    fh.write(buf)
+                    try:
+                        fh.write(buf)
+                    except OSError as exc:  # disk full, quota: keep what was written
+                        raise OutputError(f"{output_error(part, exc)}; what was written so "
+                                          "far is kept: free space and run the same command "
+                                          "again to resume") from exc
                     written += len(buf)
                     if progress is not None and task is not None:
                         progress.update(task, completed=written)
+                try:  # the bytes on disk before the rename makes them the target
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                except OSError as exc:
+                    raise output_error(part, exc) from exc
         finally:
             if progress is not None:
                 progress.stop()
@@ -194,7 +205,11 @@ def fetch_url(
             f"download of {url} ended at {written} of {total} bytes; run the same command "
             f"again to resume from {part}"
         )
-    os.replace(part, target)
+    try:
+        os.replace(part, target)
+    except OSError as exc:
+        raise output_error(target, exc, "rename the finished download to") from exc
+    fsync_dir(target.parent)  # the rename itself durable (the same steps as _fileio's writer)
     logger.info("downloaded %s (%d bytes)", target, written)
     return target
 
