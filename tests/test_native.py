@@ -245,3 +245,26 @@ def test_native_step_bumps_the_version_counter(kernel):
     assert emb.weight._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.backward()
+
+
+def test_first_build_is_announced_at_warning_level(fresh_native, monkeypatch, caplog, tmp_path):
+    """A user at the default log level learns why the first step pauses (the compile), and a
+    cached build is only an INFO line."""
+    monkeypatch.delenv(native.NATIVE_ENV, raising=False)
+    monkeypatch.setattr(native, "_is_built", lambda ext, name: False)
+    monkeypatch.setattr(native.shutil, "which", lambda exe: f"/usr/bin/{exe}")  # any machine
+
+    def fake_load(**kwargs):
+        return object()
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_load)
+    with caplog.at_level(logging.INFO, logger="xmc_toolkit.native"):
+        assert native.kernels() is not None
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "compiling" in warned[0].getMessage()
+    native._reset_for_tests()
+    caplog.clear()
+    monkeypatch.setattr(native, "_is_built", lambda ext, name: True)
+    with caplog.at_level(logging.INFO, logger="xmc_toolkit.native"):
+        assert native.kernels() is not None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -78,13 +78,25 @@ def _build() -> Any:
     flags, tag = _cpu_flags()
     name = f"xmc_native_v{_VERSION}_{tag}"
     t = time.perf_counter()
-    logger.info("loading the native CPU kernels %s (the first time on a machine they are "
-                "compiled: about a minute)", name)
+    if _is_built(cpp_extension, name):
+        logger.info("loading the native CPU kernels %s", name)
+    else:  # said at the default log level: the first step pauses for the compiler
+        logger.warning("compiling the native CPU kernels %s, once per machine (about a minute; "
+                       "%s=0 skips them)", name, NATIVE_ENV)
     mod = cpp_extension.load(
         name=name, sources=[str(_CSRC / f) for f in _SOURCES],
         extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp-simd", *flags], verbose=False)
     logger.info("native kernels %s ready in %.1f s", name, time.perf_counter() - t)
     return mod
+
+
+def _is_built(cpp_extension: Any, name: str) -> bool:
+    """Whether torch's extension cache holds a build of ``name`` (then loading is quick)."""
+    try:
+        root = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # noqa: BLE001  a private helper: when it changes, just say "compiling"
+        return False
+    return any(root.glob(f"{name}*.so"))  # torch may add a version suffix on a rebuild
 
 
 def kernels() -> Any | None:
