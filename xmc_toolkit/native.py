@@ -67,11 +67,8 @@ def _build() -> Any:
     """Build (or load the cached build of) the extension; raises on any failure."""
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401  (the pip package puts ninja on PATH via its bin dir)
-        except ImportError as exc:
-            raise RuntimeError("ninja is not installed (pip install ninja)") from exc
+    if shutil.which("ninja") is None:  # torch's builder runs `ninja`: it must be on PATH
+        raise RuntimeError("ninja is not on PATH (pip install ninja, or your system's package)")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not on PATH)")

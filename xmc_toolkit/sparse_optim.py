@@ -95,8 +95,14 @@ def _sparse_row_adam_(
     floor = _sqrt_floor(eps, v.dtype)
     den = v.clamp_min_(floor).sqrt_().add_(eps)  # same numbers, see _sqrt_floor
     update = m.add_(dm).div_(den).masked_fill_(pad, 0.0)  # [N, ...]
-    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    step_size = _adam_step_size(lr, beta1, beta2, step)
     param.index_add_(0, urow, update, alpha=-step_size)
+
+
+def _adam_step_size(lr: float, beta1: float, beta2: float, step: float) -> float:
+    """Adam's bias-corrected step ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` at step ``t``
+    (the same number on every path of :class:`RowAdam`)."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
 # rows of a chunk of the row update: ~2^16 floats (256 KiB for float32) per temporary, so the
@@ -172,7 +178,7 @@ def _row_adam_chunked_(
     n = rows.shape[0]
     if n == 0:
         return
-    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    step_size = _adam_step_size(lr, beta1, beta2, step)
     row_numel = max(1, values[0].numel())
     if row_wise:  # the [R, 1] second moments: index a 1-D view
         if row_numel == 1:
@@ -306,7 +312,7 @@ class RowAdam(torch.optim.Optimizer):
                     rows, values = _distinct_rows(grad)  # [U], [U, ...]
                     kernel = self._native_for(p, values, exp_avg, exp_avg_sq, row_wise)
                     if kernel is not None:
-                        step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+                        step_size = _adam_step_size(lr, beta1, beta2, step)
                         kernel.row_adam_(p.data, exp_avg, exp_avg_sq, rows.contiguous(),
                                          values.contiguous(), step_size, beta1, beta2, eps,
                                          _sqrt_floor(eps, p.dtype))
@@ -325,7 +331,7 @@ class RowAdam(torch.optim.Optimizer):
                     v.mul_(beta2).add_(grad.square().mean(dim=1, keepdim=True), alpha=1.0 - beta2)
                 else:
                     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+                step_size = _adam_step_size(lr, beta1, beta2, step)
                 floor = _sqrt_floor(eps, v.dtype)
                 den = v.clamp_min(floor).sqrt_().add_(eps)  # a new tensor (see _sqrt_floor)
                 p.addcdiv_(m, den, value=-step_size)
