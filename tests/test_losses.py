@@ -604,3 +604,55 @@ def test_shared_accidental_hits_match_brute_force():
         got = _accidental_hits(pos, mask, ids)
         assert torch.equal(got, want)
         assert torch.equal(got, _accidental_hits(pos, mask, ids.unsqueeze(0).expand(b, -1)))
+
+
+def test_shared_hit_bias_and_counts_match_brute_force():
+    """The shared additive hit mask and its per-row count (what M'_b is built from) equal the
+    [B, M, P] comparison, also with a positive listed twice in a row and ids drawn many times."""
+    from xmc_toolkit.losses import _hit_bias
+
+    g = torch.Generator().manual_seed(1)
+    for b, p, m, n in [(5, 3, 40, 12), (1, 1, 1, 2), (8, 6, 200, 30), (3, 4, 10, 1000), (4, 1, 9, 3)]:
+        pos = torch.randint(n, (b, p), generator=g)
+        if p > 1:
+            pos[:, 1] = pos[:, 0]  # the same positive twice: its draws count once
+        mask = torch.rand(b, p, generator=g) > 0.2
+        ids = torch.randint(n, (m,), generator=g)
+        want = ((ids.view(1, m, 1) == pos.view(b, 1, p)) & mask.view(b, 1, p)).any(-1)
+        for neg in (ids, ids.unsqueeze(0).expand(b, -1)):  # shared and per-query paths
+            bias, hits = _hit_bias(pos, mask, neg, torch.float64)
+            assert bias.dtype == torch.float64 and bias.shape == (b, m)
+            assert torch.equal(bias, torch.zeros(b, m, dtype=torch.float64).masked_fill(want, -math.inf))
+            assert torch.equal(hits, want.sum(1))
+
+
+def test_row_logsumexp_matches_torch_with_masks_and_empty_rows():
+    """_RowLogSumExp (the sampled softmax's normaliser): value and gradient against
+    torch.logsumexp / softmax; -inf entries are left out; a row of only -inf gives -inf and a
+    zero gradient; NaN stays NaN; M = 0 gives -inf; gradcheck in float64."""
+    from xmc_toolkit.losses import _RowLogSumExp
+
+    g = torch.Generator().manual_seed(2)
+    z = 30 * torch.randn(6, 9, generator=g, dtype=torch.float64)
+    z[torch.rand(6, 9, generator=g) < 0.3] = -math.inf
+    z[2] = -math.inf  # empty row
+    z[4, 0] = 0.0  # one finite entry only elsewhere
+    z[4, 1:] = -math.inf
+    z.requires_grad_(True)
+    out = _RowLogSumExp.apply(z)
+    ref = torch.logsumexp(z.detach(), 1)
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12) and out[2] == -math.inf
+    gw = torch.randn(6, generator=g, dtype=torch.float64)
+    (out * gw).sum().backward()
+    want = torch.softmax(z.detach(), 1).nan_to_num(0.0) * gw.view(-1, 1)
+    assert torch.isfinite(z.grad).all() and torch.allclose(z.grad, want, rtol=1e-12, atol=1e-15)
+    assert (z.grad[2] == 0).all() and z.grad[4, 0] == gw[4]
+    zf = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_RowLogSumExp.apply, (zf,))
+    nan = torch.tensor([[0.0, math.nan, 1.0]])
+    assert torch.isnan(_RowLogSumExp.apply(nan)).all()
+    empty = torch.zeros(4, 0, requires_grad=True)
+    e = _RowLogSumExp.apply(empty)
+    assert e.shape == (4,) and (e == -math.inf).all()
+    e.sum().backward()
+    assert empty.grad.shape == (4, 0)

@@ -142,6 +142,41 @@ def _check_negatives(
 # --------------------------------------------------------------------------------------------
 
 
+class _RowLogSumExp(torch.autograd.Function):
+    """``log sum_m exp(z[b, m])`` over the last dimension of ``z [B, M]`` -> ``[B]``.
+
+    Entries at ``-inf`` are left out (that is how masks enter); a row with no finite entry gives
+    ``-inf`` and a zero gradient (never NaN); NaN scores stay NaN. The forward is torch's fused
+    row softmax (one pass, kept for the backward) and ``lse_b = max_b - log max_m softmax_bm``
+    (the largest entry's probability is ``1 / sum_m exp(z_bm - max_b)``), so the backward is one
+    ``[B, M]`` pass, ``grad_z = g_b * softmax(z_b)``, instead of autograd's chain through the
+    shift, ``exp``, sum and mask.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> Tensor:  # type: ignore[override]
+        if z.shape[-1] == 0:
+            ctx.save_for_backward(z)
+            return z.new_full(z.shape[:-1], _NEG_INF)
+        # -inf -> the lowest float: a row of only -inf then has a finite (uniform) softmax, not
+        # 0/0; elsewhere exp(lowest - max) is exactly 0 like exp(-inf)
+        p = torch.softmax(z.clamp_min(torch.finfo(z.dtype).min), dim=-1)  # [B, M]
+        mx = z.amax(dim=-1)  # [B], -inf on a row with no finite entry
+        lse = mx - torch.log(p.amax(dim=-1))  # [B]
+        finite = mx != _NEG_INF  # [B] (NaN counts as finite: it propagates)
+        ctx.save_for_backward(p, finite)
+        return torch.where(finite, lse, torch.full_like(lse, _NEG_INF))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        if len(ctx.saved_tensors) == 1:
+            return torch.zeros_like(ctx.saved_tensors[0])
+        p, finite = ctx.saved_tensors
+        g = torch.where(finite, g, torch.zeros_like(g))  # [B] an empty row passes nothing
+        return p * g.unsqueeze(-1)  # [B, M]
+
+
 def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
     """``log sum_{valid} exp(x)`` over the last dimension, ``-inf`` (with zero grad) if none.
 
@@ -152,15 +187,7 @@ def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
     Returns:
         ``[B]`` float; rows with no valid entry give ``-inf`` and pass no NaN gradient back.
     """
-    xm = x.masked_fill(~valid, _NEG_INF)  # [B, M]
-    mx = xm.detach().amax(dim=-1, keepdim=True)  # [B, 1], -inf on a row with no valid entry
-    any_valid = mx > _NEG_INF  # [B, 1]
-    mx = mx.masked_fill(~any_valid, 0.0)  # finite shift: such a row sums exp(-inf) = 0
-    # the sum clamped at the smallest normal so the log (and its gradient) of an empty row stay
-    # finite; masked to -inf after (its entries get exp(-inf) = 0 gradient: no NaN)
-    total = torch.exp(xm - mx).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    out = (mx + torch.log(total)).masked_fill(~any_valid, _NEG_INF)  # [B, 1]
-    return out.squeeze(-1)
+    return _RowLogSumExp.apply(torch.where(valid, x, _NEG_INF))
 
 
 def _mean_over_valid(loss_bt: Tensor, pos_mask: Tensor) -> Tensor:
@@ -200,28 +227,66 @@ def _accidental_hits(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor) -> Tens
     return found == ids
 
 
+def _hit_bias(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The accidental hits of per-query ``[B, M]`` or shared ``[M]`` ids as an additive mask.
+
+    Returns:
+        ``(bias [B, M] dtype, hits [B] int64)``: ``-inf`` where the sample equals a valid
+        positive of its row, ``0`` elsewhere, and the number of such samples per row.
+    """
+    if neg_ids.dim() == 1 and pos_ids.shape[1] > 0:
+        return _shared_hit_bias(pos_ids, pos_mask, neg_ids.to(pos_ids.dtype), dtype)
+    hits = _accidental_hits(pos_ids, pos_mask, neg_ids)  # [B, M]
+    bias = torch.zeros(hits.shape, dtype=dtype, device=hits.device).masked_fill_(hits, _NEG_INF)
+    return bias, hits.sum(dim=1)
+
+
 def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor) -> Tensor:
-    """:func:`_accidental_hits` for shared ids ``[M]``: the ``B * P`` positives are looked up in
-    the once-sorted ids (``B * P`` binary searches instead of ``B * M``), each marking the run
-    ``[lo, hi)`` of equal sorted ids through a difference array (one ``[B, M]`` cumsum). Static
-    shapes only: no tensor value is read on the host (no device synchronisation).
+    """:func:`_accidental_hits` for shared ids ``[M]`` (see :func:`_shared_hit_bias`).
 
     Returns:
         ``[B, M]`` bool, True where ``ids[m]`` equals a valid positive of row ``b``.
     """
-    b, _ = pos_ids.shape
+    bias, _ = _shared_hit_bias(pos_ids, pos_mask, ids, torch.float32)
+    return bias == _NEG_INF
+
+
+def _shared_hit_bias(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The accidental hits of shared ids ``[M]`` as an additive mask, and their count per row.
+
+    The ``B * P`` positives are looked up in the once-sorted ids (``B * P`` binary searches
+    instead of ``B * M``); a drawn positive marks its first sorted position in a ``[B, M + 1]``
+    table (column ``M`` takes the positives that were not drawn), which every draw reads at the
+    first sorted position of its own id (one ``[B, M]`` gather). Static shapes only: no tensor
+    value is read on the host (no device synchronisation).
+
+    Args:
+        pos_ids: ``[B, P]`` int64; pos_mask ``[B, P]`` bool; ids ``[M]`` int64.
+        dtype: float dtype of the mask.
+
+    Returns:
+        ``(bias [B, M] dtype, hits [B] int64)``: ``bias`` is ``-inf`` where ``ids[m]`` equals a
+        valid positive of row ``b`` and ``0`` elsewhere; ``hits[b]`` counts those entries.
+    """
+    b, p = pos_ids.shape
     m = ids.numel()
-    sorted_ids, perm = torch.sort(ids)  # [M]
-    lo = torch.searchsorted(sorted_ids, pos_ids.contiguous())  # [B, P]
-    hi = torch.searchsorted(sorted_ids, pos_ids.contiguous(), right=True)  # [B, P]
-    one = pos_mask.to(torch.int32)  # padding marks nothing
-    diff = torch.zeros(b, m + 1, dtype=torch.int32, device=ids.device)  # [B, M + 1]
-    diff.scatter_add_(1, lo, one)
-    diff.scatter_add_(1, hi, -one)
-    hit_sorted = torch.cumsum(diff[:, :m], dim=1) > 0  # [B, M] in sorted order
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(m, device=ids.device)  # [M] sorted position of each draw
-    return hit_sorted.index_select(1, inv)  # back to the draw order
+    sorted_ids, _ = torch.sort(ids)  # [M]
+    first = torch.searchsorted(sorted_ids, ids)  # [M] first sorted position of each draw's id
+    pos = pos_ids.contiguous()
+    lo = torch.searchsorted(sorted_ids, pos)  # [B, P]
+    hi = torch.searchsorted(sorted_ids, pos, right=True)  # [B, P]
+    drawn = pos_mask & (hi > lo)  # [B, P] the positive was drawn (hi - lo times)
+    table = torch.zeros(b, m + 1, dtype=dtype, device=ids.device)  # [B, M + 1]
+    table.scatter_(1, torch.where(drawn, lo, m), _NEG_INF)
+    bias = table.index_select(1, first)  # [B, M]
+    # count each drawn id once per row, also when it is listed twice among the row's positives
+    key, order = torch.where(drawn, pos, -1).sort(dim=1)  # [B, P]
+    times = torch.where(drawn, hi - lo, 0).gather(1, order)  # [B, P]
+    if p > 1:
+        times[:, 1:] *= key[:, 1:] != key[:, :-1]
+    return bias, times.sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,19 +655,23 @@ def sampled_softmax_loss(
     if lq_c.dim() == 1:
         lq_c = lq_c.unsqueeze(0).expand(b, m)  # [B, M]
     lq_t = pos_log_q.to(dtype)
-    hits = _accidental_hits(pos_ids, pos_mask, neg_ids)  # [B, M]
-    valid = ~hits
+    bias, n_hits = _hit_bias(pos_ids, pos_mask, neg_ids, dtype)  # [B, M] 0 / -inf, [B]
+    if lq_c.requires_grad:
+        z = x_c - lq_c + bias  # [B, M]
+    else:
+        z = x_c + bias.sub_(lq_c)  # [B, M] x - log q, -inf at the hits (one autograd pass)
+    # log sum_{valid m} exp(x_bm - log q_m); the row constants of the correction added after
+    lse = _RowLogSumExp.apply(z)  # [B]
     if correct_target:
         log_m = math.log(m) if m > 0 else 0.0
-        corr_c = x_c - lq_c - log_m  # [B, M]
+        log_n = lse - log_m  # [B]
         x_t = x_t - torch.where(pos_mask, lq_t, torch.zeros_like(lq_t)) - log_m  # [B, P]
     else:
-        m_eff = valid.sum(dim=1).clamp(min=1).to(dtype)  # [B] M'_b (clamped; masked if 0)
+        m_eff = (m - n_hits).clamp(min=1).to(dtype)  # [B] M'_b (clamped; -inf lse if 0)
         q_pos = torch.where(pos_mask, lq_t.exp(), torch.zeros_like(lq_t)).sum(dim=1)  # [B]
         tiny = torch.finfo(dtype).tiny
         log_rest = torch.log((1.0 - q_pos).clamp(min=tiny))  # [B] log(1 - q(P_b)), clamped
-        corr_c = x_c - lq_c - torch.log(m_eff).unsqueeze(1) + log_rest.unsqueeze(1)  # [B, M]
-    log_n = _masked_logsumexp(corr_c, valid)  # [B] estimate of log N_b
+        log_n = lse - torch.log(m_eff) + log_rest  # [B] estimate of log N_b
     loss_bt = -x_t + torch.logaddexp(x_t, log_n.unsqueeze(1))  # [B, P]
     return _mean_over_valid(loss_bt, pos_mask)
 
