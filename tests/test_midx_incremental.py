@@ -170,18 +170,53 @@ def test_draws_follow_log_q_after_incremental_update():
     assert 0.5 * (emp - mix).abs().sum() < 0.008
 
 
-def test_incremental_moves_codewords_toward_the_means():
+@pytest.fixture(params=["native", "eager"])
+def table_pass(request, monkeypatch):
+    """Both table passes of a refresh: the native fused one (when it builds) and the eager
+    matrix-vector plus CSR products (``XMC_NATIVE=0``)."""
+    from xmc_toolkit import native
+
+    saved = dict(native._state)
+    native._reset_for_tests()
+    if request.param == "eager":
+        monkeypatch.setenv(native.NATIVE_ENV, "0")
+    elif native.kernels() is None:
+        pytest.skip(f"native kernels unavailable: {native.native_status()['reason']}")
+    yield request.param
+    native._state.clear()
+    native._state.update(saved)
+
+
+@pytest.mark.parametrize("quantizer", ["pq", "rq"])
+def test_incremental_moves_codewords_toward_the_means(quantizer, table_pass):
+    """After incremental refreshes the codewords are exactly the Lloyd M-step of the current
+    codes over the current rows (the per-cell sums are taken under the old cells and corrected
+    for the rows that moved: native and eager passes alike)."""
     L, d, k = 200, 8, 5
     w, g = _clustered(L, d, 5, seed=2)
-    s = MIDXSampler(L, k, quantizer="rq", seed=0)
+    s = MIDXSampler(L, k, quantizer=quantizer, seed=0)
     s.update(w)
-    w2, _ = _train_like(w, g, 0.1, scale=1.0)
-    s.update(w2)
-    assert s.last_refresh["kind"] == "incremental"
+    w2 = w
+    moved = 0
+    for _ in range(3):
+        w2, _ = _train_like(w2, g, 0.1, scale=1.0)
+        s.update(w2)
+        assert s.last_refresh["kind"] == "incremental"
+        moved += s.last_refresh["moved"]
+    assert moved > 0  # the correction of the sums was exercised
     # the codewords are the Lloyd M-step for the current codes: recompute by loops
-    c1 = torch.stack([w2[s.codes[:, 0] == j].mean(0) for j in range(k)])
+    d1 = d // 2 if quantizer == "pq" else d
+    part = w2[:, :d1] if quantizer == "pq" else w2
+    c1 = torch.stack([part[s.codes[:, 0] == j].mean(0) for j in range(k)])
     torch.testing.assert_close(s.codebooks[0], c1, atol=1e-4, rtol=1e-4)
-    err = (w2 - reconstruct(s.codebooks, s.codes, "rq")).pow(2).sum()
+    if quantizer == "pq":
+        c2 = torch.stack([w2[s.codes[:, 1] == j, d1:].mean(0) for j in range(k)])
+    else:
+        res = w2 - s.codebooks[0][s.codes[:, 0]]
+        c2 = torch.stack([res[s.codes[:, 1] == j].mean(0) for j in range(k)])
+    torch.testing.assert_close(s.codebooks[1], c2, atol=1e-4, rtol=1e-4)
+    assert torch.equal(s._cell, s.codes[:, 0] * k + s.codes[:, 1])
+    err = (w2 - reconstruct(s.codebooks, s.codes, quantizer)).pow(2).sum()
     assert torch.isfinite(err)
 
 

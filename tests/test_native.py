@@ -268,3 +268,42 @@ def test_first_build_is_announced_at_warning_level(fresh_native, monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="xmc_toolkit.native"):
         assert native.kernels() is not None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("rows,d,cells", [(1, 1, 1), (37, 13, 5), (70_000, 128, 64), (5, 8, 0)])
+def test_project_rows_equals_eager(kernel, rows, d, cells):
+    """project_rows: fingerprints x . r to float rounding of a float64 product, and the same
+    bits for a row whatever the batch of rows it comes in (the change detection compares
+    them); per-cell sums against index_add in float64; two threads give the same
+    fingerprints."""
+    g = torch.Generator().manual_seed(rows + d)
+    x = torch.randn(rows, d, generator=g)
+    r = torch.randn(d, generator=g)
+    cell = torch.randint(0, max(cells, 1), (rows,), generator=g)
+    fp, sums = kernel.project_rows(x, r, cell, cells)
+    ref = (x.double() @ r.double()).float()
+    torch.testing.assert_close(fp, ref, rtol=1e-5, atol=1e-5 * d)
+    assert sums.shape == (cells, d)
+    if cells:
+        want = torch.zeros(cells, d, dtype=torch.float64).index_add_(0, cell, x.double())
+        torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-4)
+    sub = torch.arange(0, rows, 3)
+    fp_sub, _ = kernel.project_rows(x[sub].contiguous(), r, cell[sub], 0)
+    assert torch.equal(fp_sub, fp[sub])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fp2, sums2 = kernel.project_rows(x, r, cell, cells)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fp2, fp)
+    if cells:
+        torch.testing.assert_close(sums2, sums, rtol=1e-5, atol=1e-4)
+
+
+def test_project_rows_refuses_bad_cells(kernel):
+    x, r = torch.randn(4, 3), torch.randn(3)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernel.project_rows(x, r, torch.tensor([0, 1, 5, 0]), 4)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernel.project_rows(x, r, torch.zeros(3, dtype=torch.int64), 4)

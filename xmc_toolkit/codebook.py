@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -92,9 +92,15 @@ def _chunk_rows(chunk_size: int, k: int) -> int:
     return max(1, min(int(chunk_size), _MAX_CHUNK_ELEMS // max(k, 1)))
 
 
+@overload
+def assign_nearest(x: Tensor, centroids: Tensor, chunk_size: int = ...,
+                   distances: Literal[True] = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def assign_nearest(x: Tensor, centroids: Tensor, chunk_size: int,
+                   distances: Literal[False]) -> tuple[Tensor, None]: ...
 def assign_nearest(
-    x: Tensor, centroids: Tensor, chunk_size: int = 262144
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, centroids: Tensor, chunk_size: int = 262144, distances: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Nearest centroid of every point, computed in row chunks.
 
     Args:
@@ -102,24 +108,26 @@ def assign_nearest(
         centroids: ``[k, d]`` float centroids (same device and dtype as ``x``).
         chunk_size: at most this many rows of ``x`` are scored at once (further capped so that a
             chunk holds at most 16M distances).
+        distances: also return the squared distances (one more pass over ``x``).
 
     Returns:
         ``(assign [N] int64, dist2 [N] float)``: index of the nearest centroid and the squared
-        distance to it (clamped at 0).
+        distance to it (clamped at 0); ``dist2`` is ``None`` when ``distances=False``.
     """
     n = x.shape[0]
     k = centroids.shape[0]
     rows = _chunk_rows(chunk_size, k)
     c2 = (centroids * centroids).sum(1)  # [k]
     assign = torch.empty(n, dtype=torch.int64, device=x.device)
-    dist2 = torch.empty(n, dtype=x.dtype, device=x.device)
+    dist2 = torch.empty(n, dtype=x.dtype, device=x.device) if distances else None
     for start in range(0, n, rows):
         xc = x[start : start + rows]  # [r, d]
         # ||x||^2 is constant per row: argmin over c2 - 2 x.c, then add it back for the distance.
         d = torch.addmm(c2.unsqueeze(0), xc, centroids.t(), alpha=-2.0)  # [r, k]
         m, a = d.min(dim=1)
         assign[start : start + rows] = a
-        dist2[start : start + rows] = (m + (xc * xc).sum(1)).clamp_min_(0.0)
+        if dist2 is not None:
+            dist2[start : start + rows] = (m + (xc * xc).sum(1)).clamp_min_(0.0)
     return assign, dist2
 
 
@@ -401,11 +409,11 @@ def nearest_codes(
     x = x.detach().to(c1.dtype)
     if quantizer == "pq":
         d1 = c1.shape[1]
-        k1, _ = assign_nearest(x[:, :d1], c1, chunk_size)  # strided halves: no copies
-        k2, _ = assign_nearest(x[:, d1:], c2, chunk_size)
+        k1, _ = assign_nearest(x[:, :d1], c1, chunk_size, False)  # strided halves: no copies
+        k2, _ = assign_nearest(x[:, d1:], c2, chunk_size, False)
     elif quantizer == "rq":
-        k1, _ = assign_nearest(x, c1, chunk_size)
-        k2, _ = assign_nearest(x - c1[k1], c2, chunk_size)
+        k1, _ = assign_nearest(x, c1, chunk_size, False)
+        k2, _ = assign_nearest(x - c1[k1], c2, chunk_size, False)
     else:
         raise ConfigError(f"unknown quantizer {quantizer!r}; use 'pq' or 'rq'")
     return torch.stack([k1, k2], dim=1)

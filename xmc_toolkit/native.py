@@ -7,7 +7,10 @@
 * ``bag_rows_`` -- the label-row gradient of per-query scores
   (``output_layer._PerQueryScores``), written into a reused workspace;
 * ``cdf_draw`` -- the MIDX sampler's per-query cell draws by inverse CDF
-  (``sampling.midx._inverse_cdf_rows``).
+  (``sampling.midx._inverse_cdf_rows``);
+* ``project_rows`` -- the table pass of an incremental MIDX refresh: every row's change
+  fingerprint and the per-cell row sums in one read of the table
+  (``sampling.midx.MIDXSampler._table_pass``).
 
 It is JIT-built by ``torch.utils.cpp_extension.load`` the first time a CPU step needs it (about a
 minute on 2 cores, logged) and cached under torch's extension directory
@@ -39,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 NATIVE_ENV = "XMC_NATIVE"  # "0" / "false" / "off": never build or load native kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("bindings.cpp", "row_adam.cpp", "bag_rows.cpp", "cdf_draw.cpp")
-_VERSION = 4  # bump with any change of the source or the flags
+_SOURCES = ("bindings.cpp", "row_adam.cpp", "bag_rows.cpp", "cdf_draw.cpp", "index_pass.cpp")
+_VERSION = 5  # bump with any change of the source or the flags
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "module": None, "reason": "not tried yet"}
@@ -107,7 +110,9 @@ def kernels() -> Any | None:
     * ``bag_rows_(out, queries, perm, gs, starts, per_query)``: ``out [U, d]`` (written),
       ``queries [B, d]``, ``perm [N]`` flat ``b * per_query + m`` entry of each sorted entry,
       ``gs [N]`` weights, ``starts [U]`` first sorted entry of each row;
-    * ``cdf_draw(weights [B, C] float32, uniforms [B, M] float64) -> [B, M] int64``.
+    * ``cdf_draw(weights [B, C] float32, uniforms [B, M] float64) -> [B, M] int64``;
+    * ``project_rows(x [L, d], r [d], cell [L] int64, C) -> (fp [L], sums [C, d])``: ``x . r``
+      and the sums of the rows by cell (``C = 0``: fingerprints only, ``cell`` ignored).
 
     Built at most once per process (thread-safe); a failure is remembered and warned about once.
     """

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
@@ -477,6 +478,7 @@ class MIDXSampler(Sampler):
         self._device_cache: dict[torch.device, dict[str, Tensor | None]] = {}
         # incremental refreshes: a random projection of every indexed row (change detection)
         self._fingerprint: Tensor | None = None  # [L] float32
+        self._cell: Tensor | None = None  # [L] int64 cell k1 * K + k2 of every label (= codes)
         self._since_full = 0  # updates since the last full re-cluster
         self.last_refresh: dict[str, object] = {}
 
@@ -537,13 +539,6 @@ class MIDXSampler(Sampler):
             )
         with torch.no_grad():
             x = label_embeddings.detach().to(torch.float32)  # [L, d]
-            fp_all = None
-            if rows is None:
-                # the fingerprints double as the NaN/inf check: x . r is finite for every row
-                # exactly when every entry is (no entry of r is 0)
-                fp_all = self._project(x)  # [L]
-                if not bool(torch.isfinite(fp_all).all()):
-                    _check_embeddings(label_embeddings, bias, self.num_labels)  # raises, names rows
             can_increment = (
                 not full
                 and self.codebooks is not None
@@ -552,6 +547,16 @@ class MIDXSampler(Sampler):
                 and self._fingerprint.device == x.device
                 and self._since_full + 1 < self.recluster_every
             )
+            fp_all = sums = None
+            if rows is None:
+                # the fingerprints double as the NaN/inf check: x . r is finite for every row
+                # exactly when every entry is (no entry of r is 0); where the pass is native,
+                # the same read of the table gives the per-cell sums of an incremental refresh
+                fp_all, sums = self._table_pass(
+                    x, sums=can_increment and self._native_pass(x) is not None)  # [L], [K^2, d]
+                assert fp_all is not None
+                if not bool(torch.isfinite(fp_all).all()):
+                    _check_embeddings(label_embeddings, bias, self.num_labels)  # raises, names rows
             if can_increment:
                 assert self._fingerprint is not None
                 if fp_all is not None:
@@ -567,7 +572,7 @@ class MIDXSampler(Sampler):
                     fp = self._fingerprint.clone()
                     fp[changed] = self._project(x[changed])
                 if changed.numel() <= self.max_incremental_fraction * self.num_labels:
-                    self._incremental(x, bias, changed)
+                    self._incremental(x, bias, changed, sums)
                     self._fingerprint = fp
                     self._since_full += 1
                     return
@@ -577,10 +582,45 @@ class MIDXSampler(Sampler):
 
     def _project(self, x: Tensor) -> Tensor:
         """``[N]`` float32 fingerprint ``x . r`` of rows ``x [N, d]`` (``r``: fixed, seeded)."""
+        fp, _ = self._table_pass(x, sums=False)
+        assert fp is not None
+        return fp
+
+    @staticmethod
+    def _native_pass(x: Tensor) -> object | None:
+        """The native kernels when they do the table pass of ``x`` (CPU float32), else ``None``."""
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        return kernels()
+
+    def _table_pass(self, x: Tensor, sums: bool, project: bool = True
+                    ) -> tuple[Tensor | None, Tensor | None]:
+        """One read of the table ``x [L, d]``: the fingerprints ``x . r [L]`` (``project``) and
+        the per-cell sums ``[K^2, d]`` of its rows under the *current* index (``sums``).
+
+        With the native kernels (CPU, float32) both come from one pass (``project_rows``), and
+        every fingerprint of this process is computed by that kernel (a row's ``x . r`` summed
+        in a fixed order: the same number for the same row whatever the batch of rows, which the
+        change detection needs); else ``x @ r`` and the CSR product :func:`cell_sums`.
+        """
         g = torch.Generator().manual_seed(0x5EED)
         r = torch.randn(x.shape[1], generator=g, dtype=torch.float64)
         r = torch.where(r.abs() < 0.1, r.sign() + (r == 0).double(), r)  # no tiny or zero entry
-        return x @ r.to(device=x.device, dtype=x.dtype)
+        r = r.to(device=x.device, dtype=x.dtype)
+        mod: Any = self._native_pass(x)
+        if mod is not None:
+            k2 = self.num_codewords ** 2
+            cell = self._cell if sums else None
+            if sums:
+                assert cell is not None
+            fp, s = mod.project_rows(x.contiguous(), r, cell.to(x.device) if cell is not None
+                                     else torch.empty(0, dtype=torch.int64), k2 if sums else 0)
+            return fp, (s if sums else None)
+        fp = x @ r if project else None
+        if not sums:
+            return fp, None
+        assert self.cell_indptr is not None and self.cell_items is not None
+        return fp, cell_sums(self.cell_indptr.to(x.device), self.cell_items.to(x.device), x)
 
     def _full(self, x: Tensor, bias: Tensor | None) -> None:
         """Re-cluster: warm (or cold) k-means over all rows, then a fresh index."""
@@ -612,28 +652,43 @@ class MIDXSampler(Sampler):
         self._set_index(quant.codebooks, quant.codes, bias, residual)
         self.last_refresh = {"kind": "full", "changed": self.num_labels, "moved": self.num_labels}
 
-    def _incremental(self, x: Tensor, bias: Tensor | None, changed: Tensor) -> None:
-        """Reassign the ``changed [R]`` rows, merge them into the CSR index, one Lloyd step."""
+    def _incremental(self, x: Tensor, bias: Tensor | None, changed: Tensor,
+                     sums: Tensor | None = None) -> None:
+        """Reassign the ``changed [R]`` rows, merge them into the CSR index, one Lloyd step.
+
+        ``sums``: the ``[K^2, d]`` per-cell sums of ``x`` under the current index when the
+        caller has them (the native table pass), else computed here; either way the moved rows
+        are then taken out of their old cells' sums and put into their new ones.
+        """
         assert self.codebooks is not None and self.codes is not None
-        assert self.cell_items is not None
+        assert self.cell_items is not None and self._cell is not None
         k = self.num_codewords
         codebooks = (self.codebooks[0].to(x.device), self.codebooks[1].to(x.device))
         codes = self.codes.to(x.device)
-        old_cell = codes[:, 0] * k + codes[:, 1]  # [L]
+        cell = old_cell = self._cell.to(x.device)  # [L]
+        if sums is None:
+            _, sums = self._table_pass(x, sums=True, project=False)  # [K^2, d] old cells
+        assert sums is not None
+        moved = changed[:0]
         if changed.numel():
+            xc = x.index_select(0, changed)  # [R, d]
             # [R, 2]; cache-sized chunks (no [R, K] distance block)
-            new = nearest_codes(x.index_select(0, changed), codebooks, self.quantizer,
-                                min(self.chunk_size, 16384))
+            new = nearest_codes(xc, codebooks, self.quantizer, min(self.chunk_size, 16384))
             codes = codes.clone().index_copy_(0, changed, new)
-        cell = codes[:, 0] * k + codes[:, 1]  # [L]
-        moved = changed[_lookup(cell, changed) != _lookup(old_cell, changed)]  # [R'] moved cell
+            new_cell = new[:, 0] * k + new[:, 1]  # [R]
+            was = _lookup(old_cell, changed)  # [R]
+            is_moved = new_cell != was  # [R]
+            moved = changed[is_moved]  # [R'] rows that changed cell
+            cell = old_cell.clone().index_copy_(0, moved, new_cell[is_moved])  # [L]
+            xm = xc[is_moved]  # [R', d]
+            sums.index_add_(0, new_cell[is_moved], xm).index_add_(0, was[is_moved], xm, alpha=-1)
         indptr, items = merge_cells(self.cell_items.to(x.device), cell, moved, k * k)
         counts = indptr[1:] - indptr[:-1]  # [K^2]
-        new_books = codewords_from_cells(cell_sums(indptr, items, x), counts, codebooks, self.quantizer)
+        new_books = codewords_from_cells(sums, counts, codebooks, self.quantizer)
         residual = None
         if self.within_cell == "exact":
             residual = x - reconstruct(new_books, codes, self.quantizer)  # [L, d]
-        self._set_index(new_books, codes, bias, residual, csr=(indptr, items))
+        self._set_index(new_books, codes, bias, residual, csr=(indptr, items), cell=cell)
         self.last_refresh = {
             "kind": "incremental", "changed": int(changed.numel()), "moved": int(moved.numel())
         }
@@ -647,13 +702,15 @@ class MIDXSampler(Sampler):
         bias: Tensor | None,
         residual: Tensor | None,
         csr: tuple[Tensor, Tensor] | None = None,
+        cell: Tensor | None = None,
     ) -> None:
         """Install an index: codebooks, ``codes [L, 2]``, item weights from ``bias`` and the
         popularity prior, and the CSR by cell (``csr = (indptr, items)`` when the caller has it
-        already, else ``argsort`` of the cell ids)."""
+        already, else ``argsort`` of the cell ids; ``cell [L]`` the cell ids when known)."""
         device = codes.device
         k = self.num_codewords
-        cell = codes[:, 0] * k + codes[:, 1]  # [L]
+        if cell is None:
+            cell = codes[:, 0] * k + codes[:, 1]  # [L]
         if csr is None:
             counts = torch.bincount(cell, minlength=k * k)  # [K^2]
             indptr = torch.zeros(k * k + 1, dtype=torch.int64, device=device)
@@ -700,6 +757,7 @@ class MIDXSampler(Sampler):
         self.cell_bias_max = cb  # [K^2] max bias of a cell's labels (-inf: empty cell)
         self.codebooks = (codebooks[0].float().contiguous(), codebooks[1].float().contiguous())
         self.codes = codes.long()
+        self._cell = cell.long()
         self.cell_indptr = indptr
         self.cell_items = items
         self.cell_log_weight = log_n.float()
@@ -926,6 +984,7 @@ class MIDXSampler(Sampler):
         self._generator.set_state(state["generator_state"].cpu())
         if not built:
             self.codebooks = None
+            self._cell = None
             self._device_cache = {}
             self._fingerprint = None
             self._since_full = 0
