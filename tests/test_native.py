@@ -307,3 +307,37 @@ def test_project_rows_refuses_bad_cells(kernel):
         kernel.project_rows(x, r, torch.tensor([0, 1, 5, 0]), 4)
     with pytest.raises(RuntimeError, match="int64"):
         kernel.project_rows(x, r, torch.zeros(3, dtype=torch.int64), 4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 9, 16, 64, 65])
+def test_row_argmin_equals_torch_min(kernel, k):
+    """row_argmin = torch.min(dim=1).indices: ties to the first index, the first NaN wins,
+    infinities, widths below, at and off the vector width."""
+    g = torch.Generator().manual_seed(k)
+    d = torch.randn(400, k, generator=g)
+    d[1] = d[1, 0]  # all tied
+    d[2, k // 2] = float("nan")
+    d[3, -1] = float("nan")
+    d[4] = float("inf")
+    d[5, -1] = float("-inf")
+    d[6, ::2] = float("nan")
+    d[7] = d[7].round()  # many ties
+    d[8, 0] = float("inf")
+    assert torch.equal(kernel.row_argmin(d), d.min(1).indices)
+
+
+def test_assign_nearest_same_with_and_without_native(fresh_native, monkeypatch):
+    from xmc_toolkit.codebook import assign_nearest
+
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(3000, 7, generator=g), torch.randn(33, 7, generator=g)
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    a_eager, d_eager = assign_nearest(x, c, chunk_size=1000)
+    native._reset_for_tests()
+    monkeypatch.delenv(native.NATIVE_ENV)
+    if native.kernels() is None:
+        pytest.skip("native kernels unavailable")
+    a, dist = assign_nearest(x, c, chunk_size=1000)
+    assert torch.equal(a, a_eager) and torch.equal(dist, d_eager)
+    a2, none = assign_nearest(x, c, 1000, False)
+    assert torch.equal(a2, a) and none is None

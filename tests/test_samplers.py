@@ -531,3 +531,39 @@ def test_cuda_matches_cpu(within_cell):
     many = moved.sample(qc[:1], 200_000, generator=torch.Generator(device="cuda").manual_seed(1))
     emp = torch.bincount(many.ids[0].cpu(), minlength=300).double() / 200_000
     assert 0.5 * float((emp - cpu.log_prob(q[:1], all_ids)[0].double().exp()).abs().sum()) < 0.01
+
+
+def test_midx_shared_log_prob_after_a_draw_is_never_stale():
+    """The batch mixture of a shared draw is reused by log_prob on the same queries: the same
+    numbers as a fresh computation and the brute-force mixture; an in-place change of the
+    queries, other queries of the same shape, or a new index are never served from the memo."""
+    L, d = 60, 6
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(L, d, generator=g)
+    s = MIDXSampler(L, 4, quantizer="pq", seed=0)
+    s.update(w)
+    ids = torch.arange(L)
+
+    def brute(q):
+        return reference_mixture_log_prob(
+            reference_midx_log_prob(q, s.codebooks, s.codes, "pq", [0.0] * L))
+
+    q = torch.randn(5, d, generator=g)
+    fresh = s.log_prob(q, ids, shared=True)
+    smp = s.sample(q, 9, shared=True)
+    memo = s.log_prob(q, ids, shared=True)  # served by the memo of the draw
+    assert s._mixture_memo is not None
+    assert torch.equal(memo, fresh)
+    torch.testing.assert_close(memo.double(), brute(q), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(smp.log_q, memo[smp.ids])
+    q.mul_(-2.0)  # in place: the version counter changes
+    torch.testing.assert_close(s.log_prob(q, ids, shared=True).double(), brute(q), atol=1e-4,
+                               rtol=1e-5)
+    s.sample(q, 9, shared=True)
+    q2 = torch.randn(5, d, generator=g)  # another batch of the same shape
+    torch.testing.assert_close(s.log_prob(q2, ids, shared=True).double(), brute(q2), atol=1e-4,
+                               rtol=1e-5)
+    s.sample(q2, 9, shared=True)
+    s.update(w + 0.5 * torch.randn(L, d, generator=g), full=True)  # a new index
+    torch.testing.assert_close(s.log_prob(q2, ids, shared=True).double(), brute(q2), atol=1e-4,
+                               rtol=1e-5)

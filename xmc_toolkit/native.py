@@ -10,7 +10,9 @@
   (``sampling.midx._inverse_cdf_rows``);
 * ``project_rows`` -- the table pass of an incremental MIDX refresh: every row's change
   fingerprint and the per-cell row sums in one read of the table
-  (``sampling.midx.MIDXSampler._table_pass``).
+  (``sampling.midx.MIDXSampler._table_pass``);
+* ``row_argmin`` -- the nearest codeword of each row of a k-means distance block
+  (``codebook.assign_nearest``; torch's ``min(dim=1)`` indices, twice as fast).
 
 It is JIT-built by ``torch.utils.cpp_extension.load`` the first time a CPU step needs it (about a
 minute on 2 cores, logged) and cached under torch's extension directory
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 NATIVE_ENV = "XMC_NATIVE"  # "0" / "false" / "off": never build or load native kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("bindings.cpp", "row_adam.cpp", "bag_rows.cpp", "cdf_draw.cpp", "index_pass.cpp")
-_VERSION = 5  # bump with any change of the source or the flags
+_VERSION = 6  # bump with any change of the source or the flags
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "module": None, "reason": "not tried yet"}
@@ -112,7 +114,8 @@ def kernels() -> Any | None:
       ``gs [N]`` weights, ``starts [U]`` first sorted entry of each row;
     * ``cdf_draw(weights [B, C] float32, uniforms [B, M] float64) -> [B, M] int64``;
     * ``project_rows(x [L, d], r [d], cell [L] int64, C) -> (fp [L], sums [C, d])``: ``x . r``
-      and the sums of the rows by cell (``C = 0``: fingerprints only, ``cell`` ignored).
+      and the sums of the rows by cell (``C = 0``: fingerprints only, ``cell`` ignored);
+    * ``row_argmin(dist [N, K] float32) -> [N] int64``: ``dist.min(dim=1).indices``.
 
     Built at most once per process (thread-safe); a failure is remembered and warned about once.
     """

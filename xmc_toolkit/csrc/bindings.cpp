@@ -10,6 +10,7 @@ void bag_rows_(at::Tensor out, at::Tensor queries, at::Tensor perm, at::Tensor g
 at::Tensor cdf_draw(at::Tensor weights, at::Tensor uniforms);
 std::tuple<at::Tensor, at::Tensor> project_rows(at::Tensor x, at::Tensor r, at::Tensor cell,
                                                 int64_t num_cells);
+at::Tensor row_argmin(at::Tensor dist);
 }  // namespace xmc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("bag_rows_", &xmc::bag_rows_, "per-row weighted sums of queries (in place)");
   mod.def("cdf_draw", &xmc::cdf_draw, "inverse-CDF draws with replacement from weight rows");
   mod.def("project_rows", &xmc::project_rows, "row fingerprints x . r and per-cell row sums");
+  mod.def("row_argmin", &xmc::row_argmin, "first index of each row's minimum");
 }

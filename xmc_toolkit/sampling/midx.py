@@ -479,6 +479,9 @@ class MIDXSampler(Sampler):
         # incremental refreshes: a random projection of every indexed row (change detection)
         self._fingerprint: Tensor | None = None  # [L] float32
         self._cell: Tensor | None = None  # [L] int64 cell k1 * K + k2 of every label (= codes)
+        # the last batch mixture: (key, queries, [K^2] log cell marginal), see _mixture; every
+        # new index clears it
+        self._mixture_memo: tuple[tuple[object, ...], Tensor, Tensor] | None = None
         self._since_full = 0  # updates since the last full re-cluster
         self.last_refresh: dict[str, object] = {}
 
@@ -758,6 +761,7 @@ class MIDXSampler(Sampler):
         self.codebooks = (codebooks[0].float().contiguous(), codebooks[1].float().contiguous())
         self.codes = codes.long()
         self._cell = cell.long()
+        self._mixture_memo = None
         self.cell_indptr = indptr
         self.cell_items = items
         self.cell_log_weight = log_n.float()
@@ -783,6 +787,7 @@ class MIDXSampler(Sampler):
                 "c1": self.codebooks[0],
                 "c2": self.codebooks[1],
                 "codes": self.codes,
+                "cell": self._cell,
                 "indptr": self.cell_indptr,
                 "items": self.cell_items,
                 "log_n": self.cell_log_weight,
@@ -826,16 +831,16 @@ class MIDXSampler(Sampler):
             ids = torch.multinomial(logp.exp(), num_samples, True, generator=generator)  # [B, M]
             return Samples(ids, logp.gather(1, ids).float())
 
-        a1, a2 = self._scores(s, queries)  # [B, K] each
-        log_n = s["log_n"]
-        assert log_n is not None
         if shared:
-            cell_lp = mixture_cell_log_prob(a1, a2, log_n)  # [K^2] float64
+            cell_lp = self._mixture(s, queries, reuse=False)  # [K^2] float64
             cells = torch.multinomial(cell_lp.exp(), num_samples, True, generator=generator)  # [M]
             u = torch.rand(num_samples, generator=generator, device=dev, dtype=torch.float64)
             ids = self._in_cells(s, cells, u)  # [M]
             return Samples(ids, self._shared_log_q(s, cell_lp, ids))
 
+        a1, a2 = self._scores(s, queries)  # [B, K] each
+        log_n = s["log_n"]
+        assert log_n is not None
         k = self.num_codewords
         logits = (a1.unsqueeze(2) + a2.unsqueeze(1)).reshape(b, k * k) + log_n  # [B, K^2]
         m = logits.max(1, keepdim=True).values  # [B, 1]
@@ -878,10 +883,11 @@ class MIDXSampler(Sampler):
 
     def _shared_log_q(self, s: dict[str, Tensor | None], cell_lp: Tensor, ids: Tensor) -> Tensor:
         """Mixture log-prob: ``log P[c(i)] + log w_i - log N[c(i)]`` (within-cell law is static)."""
-        codes, lw, log_n = s["codes"], s["lw"], s["log_n"]
-        assert codes is not None and lw is not None and log_n is not None
-        cell = codes[ids, 0] * self.num_codewords + codes[ids, 1]
-        return (cell_lp[cell] + lw[ids].double() - log_n[cell].double()).float()
+        cells, lw, log_n = s["cell"], s["lw"], s["log_n"]
+        assert cells is not None and lw is not None and log_n is not None
+        cell = _lookup(cells, ids)  # the shape of ids
+        return (_lookup(cell_lp, cell) + _lookup(lw, ids).double()
+                - _lookup(log_n, cell).double()).float()
 
     def _log_prob(self, queries: Tensor, ids: Tensor, shared: bool) -> Tensor:
         s = self._on(queries.device)
@@ -894,12 +900,34 @@ class MIDXSampler(Sampler):
                 mix = torch.logsumexp(logp, 0) - math.log(b)  # [L]
                 return mix[ids].float()
             return logp.gather(1, ids).float()
+        if shared:
+            return self._shared_log_q(s, self._mixture(s, queries, reuse=True), ids)
         a1, a2 = self._scores(s, queries)
         log_n = s["log_n"]
         assert log_n is not None
-        if shared:
-            return self._shared_log_q(s, mixture_cell_log_prob(a1, a2, log_n), ids)
         return self._item_log_q(s, a1, a2, cell_log_normalizer(a1, a2, log_n), ids)
+
+    def _mixture(self, s: dict[str, Tensor | None], queries: Tensor, reuse: bool) -> Tensor:
+        """``[K^2]`` float64 log cell marginal of the batch mixture of ``queries [B, d]``
+        (:func:`mixture_cell_log_prob`).
+
+        A shared draw (``reuse=False``) computes it and remembers it, keyed by the queries'
+        storage, version counter, shape and strides (a new index clears it); the positives'
+        ``log_prob(..., shared=True)`` on the same batch right after (``reuse=True``: every
+        shared sampled step) takes it from there. The memo holds the queries, so their storage
+        cannot be reused by another tensor meanwhile, and any in-place change bumps the
+        version, so a hit is always the same numbers."""
+        key = (queries.data_ptr(), queries._version, tuple(queries.shape), queries.stride(),
+               queries.dtype, queries.device)
+        memo = self._mixture_memo
+        if reuse and memo is not None and memo[0] == key:
+            return memo[2]
+        a1, a2 = self._scores(s, queries)  # [B, K] each
+        log_n = s["log_n"]
+        assert log_n is not None
+        lp = mixture_cell_log_prob(a1, a2, log_n)  # [K^2]
+        self._mixture_memo = (key, queries, lp)
+        return lp
 
     # -- index queries for approximate top-k --------------------------------------------------
     def cell_logits(self, queries: Tensor) -> Tensor:
