@@ -280,7 +280,7 @@ def test_project_rows_equals_eager(kernel, rows, d, cells):
     x = torch.randn(rows, d, generator=g)
     r = torch.randn(d, generator=g)
     cell = torch.randint(0, max(cells, 1), (rows,), generator=g)
-    fp, sums = kernel.project_rows(x, r, cell, cells)
+    fp, sums, _ = kernel.project_rows(x, r, cell, cells, torch.empty(0))
     ref = (x.double() @ r.double()).float()
     torch.testing.assert_close(fp, ref, rtol=1e-5, atol=1e-5 * d)
     assert sums.shape == (cells, d)
@@ -288,12 +288,12 @@ def test_project_rows_equals_eager(kernel, rows, d, cells):
         want = torch.zeros(cells, d, dtype=torch.float64).index_add_(0, cell, x.double())
         torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-4)
     sub = torch.arange(0, rows, 3)
-    fp_sub, _ = kernel.project_rows(x[sub].contiguous(), r, cell[sub], 0)
+    fp_sub = kernel.project_rows(x[sub].contiguous(), r, cell[sub], 0, torch.empty(0))[0]
     assert torch.equal(fp_sub, fp[sub])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        fp2, sums2 = kernel.project_rows(x, r, cell, cells)
+        fp2, sums2, _ = kernel.project_rows(x, r, cell, cells, torch.empty(0))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(fp2, fp)
@@ -304,9 +304,11 @@ def test_project_rows_equals_eager(kernel, rows, d, cells):
 def test_project_rows_refuses_bad_cells(kernel):
     x, r = torch.randn(4, 3), torch.randn(3)
     with pytest.raises(RuntimeError, match="outside"):
-        kernel.project_rows(x, r, torch.tensor([0, 1, 5, 0]), 4)
+        kernel.project_rows(x, r, torch.tensor([0, 1, 5, 0]), 4, torch.empty(0))
     with pytest.raises(RuntimeError, match="int64"):
-        kernel.project_rows(x, r, torch.zeros(3, dtype=torch.int64), 4)
+        kernel.project_rows(x, r, torch.zeros(3, dtype=torch.int64), 4, torch.empty(0))
+    with pytest.raises(RuntimeError, match="since"):
+        kernel.project_rows(x, r, torch.zeros(4, dtype=torch.int64), 4, torch.zeros(3))
 
 
 @pytest.mark.parametrize("k", [1, 3, 8, 9, 16, 64, 65])
@@ -341,3 +343,26 @@ def test_assign_nearest_same_with_and_without_native(fresh_native, monkeypatch):
     assert torch.equal(a, a_eager) and torch.equal(dist, d_eager)
     a2, none = assign_nearest(x, c, 1000, False)
     assert torch.equal(a2, a) and none is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_project_rows_lists_the_changed_rows(kernel, threads):
+    """With the previous fingerprints: the ascending ids of the rows whose fingerprint differs
+    (a NaN row included), across thread blocks."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(140_000, 12, generator=g)
+    r = torch.randn(12, generator=g)
+    none = torch.empty(0, dtype=torch.int64)
+    fp0 = kernel.project_rows(x, r, none, 0, torch.empty(0))[0]
+    rows = torch.randperm(x.shape[0], generator=g)[:5000].sort().values
+    x2 = x.clone()
+    x2[rows] += torch.randn(5000, 12, generator=g)
+    x2[rows[0], 3] = float("nan")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        fp, _, changed = kernel.project_rows(x2, r, none, 0, fp0)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(changed, (fp != fp0).nonzero().flatten())
+    assert torch.equal(changed, rows)

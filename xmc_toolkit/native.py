@@ -9,8 +9,10 @@
 * ``cdf_draw`` -- the MIDX sampler's per-query cell draws by inverse CDF
   (``sampling.midx._inverse_cdf_rows``);
 * ``project_rows`` -- the table pass of an incremental MIDX refresh: every row's change
-  fingerprint and the per-cell row sums in one read of the table
+  fingerprint, the list of changed rows and the per-cell row sums in one read of the table
   (``sampling.midx.MIDXSampler._table_pass``);
+* ``merge_cells`` -- the CSR of the labels by cell after some moved, one sequential merge
+  (``sampling.midx.merge_cells``);
 * ``row_argmin`` -- the nearest codeword of each row of a k-means distance block
   (``codebook.assign_nearest``; torch's ``min(dim=1)`` indices, twice as fast).
 
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 NATIVE_ENV = "XMC_NATIVE"  # "0" / "false" / "off": never build or load native kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("bindings.cpp", "row_adam.cpp", "bag_rows.cpp", "cdf_draw.cpp", "index_pass.cpp")
-_VERSION = 6  # bump with any change of the source or the flags
+_VERSION = 9  # bump with any change of the source or the flags
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "module": None, "reason": "not tried yet"}
@@ -113,8 +115,10 @@ def kernels() -> Any | None:
       ``queries [B, d]``, ``perm [N]`` flat ``b * per_query + m`` entry of each sorted entry,
       ``gs [N]`` weights, ``starts [U]`` first sorted entry of each row;
     * ``cdf_draw(weights [B, C] float32, uniforms [B, M] float64) -> [B, M] int64``;
-    * ``project_rows(x [L, d], r [d], cell [L] int64, C) -> (fp [L], sums [C, d])``: ``x . r``
-      and the sums of the rows by cell (``C = 0``: fingerprints only, ``cell`` ignored);
+    * ``project_rows(x [L, d], r [d], cell [L] int64, C, since [L] or [0]) -> (fp [L],
+      sums [C, d], changed [R] int64)``: ``x . r``, the sums of the rows by cell (``C = 0``:
+      none, ``cell`` ignored) and the rows whose ``x . r`` differs from ``since`` (ascending);
+    * ``merge_cells(items [L], cell [L], moved [R], C) -> (indptr [C + 1], items [L])``;
     * ``row_argmin(dist [N, K] float32) -> [N] int64``: ``dist.min(dim=1).indices``.
 
     Built at most once per process (thread-safe); a failure is remembered and warned about once.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 from collections.abc import Sequence
 
 import numpy as np
@@ -291,9 +291,14 @@ def merge_cells(items: Tensor, cell: Tensor, moved: Tensor, num_cells: int) -> t
         ``(indptr [K^2 + 1], items [L])``: labels sorted by (new cell, label), i.e. exactly
         ``torch.argsort(cell, stable=True)``, in ``O(L + R log L)``: the unmoved labels keep
         their order, the moved ones are merged in by binary search on the key
-        ``cell * L + label``.
+        ``cell * L + label`` (on the CPU the native ``merge_cells``: one sequential merge).
     """
     n = items.numel()
+    mkeys, order = torch.sort(_lookup(cell, moved) * n + moved)  # [R] by (new cell, label)
+    mv = _lookup(moved, order)
+    mod = kernels() if items.device.type == "cpu" and moved.numel() else None
+    if mod is not None:  # the same result in one sequential pass
+        return mod.merge_cells(items.contiguous(), cell.contiguous(), mv, num_cells)
     counts = torch.bincount(cell, minlength=num_cells)  # [K^2]
     indptr = torch.zeros(num_cells + 1, dtype=torch.int64, device=items.device)
     indptr[1:] = torch.cumsum(counts, 0)
@@ -302,8 +307,6 @@ def merge_cells(items: Tensor, cell: Tensor, moved: Tensor, num_cells: int) -> t
     is_moved = torch.zeros(n, dtype=torch.bool, device=items.device)
     is_moved[moved] = True
     kept = items[~_lookup(is_moved, items)]  # [L - R], still sorted by (cell, label)
-    mkeys, order = torch.sort(_lookup(cell, moved) * n + moved)  # [R] by (new cell, label)
-    mv = _lookup(moved, order)
     kkeys = _lookup(cell, kept) * n + kept  # [L - R] ascending
     pos = torch.arange(mv.numel(), device=items.device) + torch.searchsorted(kkeys, mkeys)
     out = torch.empty_like(items)
@@ -324,6 +327,15 @@ def cell_sums(indptr: Tensor, items: Tensor, x: Tensor) -> Tensor:
             indptr, items, ones, size=(indptr.numel() - 1, x.shape[0]), check_invariants=False
         )
         return member @ x
+
+
+class _TablePass(NamedTuple):
+    """What one read of the label table gives an index refresh (see
+    ``MIDXSampler._table_pass``); each field ``None`` when not asked for."""
+
+    fingerprints: Tensor | None  # [L] float32 x . r
+    sums: Tensor | None  # [K^2, d] per-cell sums of the rows under the current index
+    changed: Tensor | None  # [R] int64 ascending ids of the rows whose fingerprint changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,13 +562,17 @@ class MIDXSampler(Sampler):
                 and self._fingerprint.device == x.device
                 and self._since_full + 1 < self.recluster_every
             )
-            fp_all = sums = None
+            fp_all = None
+            tp = _TablePass(None, None, None)
             if rows is None:
                 # the fingerprints double as the NaN/inf check: x . r is finite for every row
                 # exactly when every entry is (no entry of r is 0); where the pass is native,
-                # the same read of the table gives the per-cell sums of an incremental refresh
-                fp_all, sums = self._table_pass(
-                    x, sums=can_increment and self._native_pass(x) is not None)  # [L], [K^2, d]
+                # the same read of the table lists the changed rows and gives the per-cell
+                # sums of an incremental refresh
+                native = can_increment and self._native_pass(x) is not None
+                tp = self._table_pass(x, sums=native,
+                                      since=self._fingerprint if can_increment else None)
+                fp_all = tp.fingerprints
                 assert fp_all is not None
                 if not bool(torch.isfinite(fp_all).all()):
                     _check_embeddings(label_embeddings, bias, self.num_labels)  # raises, names rows
@@ -564,7 +580,8 @@ class MIDXSampler(Sampler):
                 assert self._fingerprint is not None
                 if fp_all is not None:
                     fp = fp_all
-                    changed = (fp != self._fingerprint).nonzero().flatten()
+                    assert tp.changed is not None
+                    changed = tp.changed
                 else:
                     changed = torch.unique(torch.as_tensor(rows, dtype=torch.int64).to(x.device))
                     if changed.numel() and (int(changed.min()) < 0 or int(changed.max()) >= self.num_labels):
@@ -575,7 +592,7 @@ class MIDXSampler(Sampler):
                     fp = self._fingerprint.clone()
                     fp[changed] = self._project(x[changed])
                 if changed.numel() <= self.max_incremental_fraction * self.num_labels:
-                    self._incremental(x, bias, changed, sums)
+                    self._incremental(x, bias, changed, tp.sums)
                     self._fingerprint = fp
                     self._since_full += 1
                     return
@@ -585,7 +602,7 @@ class MIDXSampler(Sampler):
 
     def _project(self, x: Tensor) -> Tensor:
         """``[N]`` float32 fingerprint ``x . r`` of rows ``x [N, d]`` (``r``: fixed, seeded)."""
-        fp, _ = self._table_pass(x, sums=False)
+        fp = self._table_pass(x, sums=False).fingerprints
         assert fp is not None
         return fp
 
@@ -596,15 +613,18 @@ class MIDXSampler(Sampler):
             return None
         return kernels()
 
-    def _table_pass(self, x: Tensor, sums: bool, project: bool = True
-                    ) -> tuple[Tensor | None, Tensor | None]:
-        """One read of the table ``x [L, d]``: the fingerprints ``x . r [L]`` (``project``) and
-        the per-cell sums ``[K^2, d]`` of its rows under the *current* index (``sums``).
+    def _table_pass(self, x: Tensor, sums: bool, project: bool = True,
+                    since: Tensor | None = None) -> _TablePass:
+        """One read of the table ``x [L, d]``: the fingerprints ``x . r [L]`` (``project``),
+        the per-cell sums ``[K^2, d]`` of its rows under the *current* index (``sums``), and
+        with ``since`` (the previous fingerprints, ``[L]``) the ascending ids of the rows whose
+        fingerprint changed.
 
-        With the native kernels (CPU, float32) both come from one pass (``project_rows``), and
-        every fingerprint of this process is computed by that kernel (a row's ``x . r`` summed
-        in a fixed order: the same number for the same row whatever the batch of rows, which the
-        change detection needs); else ``x @ r`` and the CSR product :func:`cell_sums`.
+        With the native kernels (CPU, float32) all of it comes from one sequential pass
+        (``project_rows``), and every fingerprint of this process is computed by that kernel (a
+        row's ``x . r`` summed in a fixed order: the same number for the same row whatever the
+        batch of rows, which the change detection needs); else ``x @ r``, the CSR product
+        :func:`cell_sums` and a ``nonzero``.
         """
         g = torch.Generator().manual_seed(0x5EED)
         r = torch.randn(x.shape[1], generator=g, dtype=torch.float64)
@@ -612,18 +632,23 @@ class MIDXSampler(Sampler):
         r = r.to(device=x.device, dtype=x.dtype)
         mod: Any = self._native_pass(x)
         if mod is not None:
-            k2 = self.num_codewords ** 2
-            cell = self._cell if sums else None
-            if sums:
-                assert cell is not None
-            fp, s = mod.project_rows(x.contiguous(), r, cell.to(x.device) if cell is not None
-                                     else torch.empty(0, dtype=torch.int64), k2 if sums else 0)
-            return fp, (s if sums else None)
-        fp = x @ r if project else None
-        if not sums:
-            return fp, None
-        assert self.cell_indptr is not None and self.cell_items is not None
-        return fp, cell_sums(self.cell_indptr.to(x.device), self.cell_items.to(x.device), x)
+            k2 = self.num_codewords ** 2 if sums else 0
+            cell = self._cell.to(x.device) if sums and self._cell is not None else None
+            assert cell is not None or not sums
+            fp, s, changed = mod.project_rows(
+                x.contiguous(), r, torch.empty(0, dtype=torch.int64) if cell is None else cell,
+                k2, torch.empty(0) if since is None else since.contiguous())
+            return _TablePass(fp, s if sums else None, None if since is None else changed)
+        fp = x @ r if project or since is not None else None
+        changed = None
+        if since is not None:
+            assert fp is not None
+            changed = (fp != since).nonzero().flatten()  # [R] ascending
+        s_out = None
+        if sums:
+            assert self.cell_indptr is not None and self.cell_items is not None
+            s_out = cell_sums(self.cell_indptr.to(x.device), self.cell_items.to(x.device), x)
+        return _TablePass(fp, s_out, changed)
 
     def _full(self, x: Tensor, bias: Tensor | None) -> None:
         """Re-cluster: warm (or cold) k-means over all rows, then a fresh index."""
@@ -670,21 +695,28 @@ class MIDXSampler(Sampler):
         codes = self.codes.to(x.device)
         cell = old_cell = self._cell.to(x.device)  # [L]
         if sums is None:
-            _, sums = self._table_pass(x, sums=True, project=False)  # [K^2, d] old cells
+            sums = self._table_pass(x, sums=True, project=False).sums  # [K^2, d] old cells
         assert sums is not None
         moved = changed[:0]
         if changed.numel():
-            xc = x.index_select(0, changed)  # [R, d]
-            # [R, 2]; cache-sized chunks (no [R, K] distance block)
-            new = nearest_codes(xc, codebooks, self.quantizer, min(self.chunk_size, 16384))
+            # [R, 2] in cache-sized chunks of rows (no [R, K] distance block, and no [R, d]
+            # copy of the changed rows: a fresh block that size costs more in page faults than
+            # the gather itself)
+            chunk = min(self.chunk_size, 16384)
+            new = torch.cat([
+                nearest_codes(x.index_select(0, changed[i : i + chunk]), codebooks,
+                              self.quantizer, chunk)
+                for i in range(0, changed.numel(), chunk)])
             codes = codes.clone().index_copy_(0, changed, new)
             new_cell = new[:, 0] * k + new[:, 1]  # [R]
             was = _lookup(old_cell, changed)  # [R]
             is_moved = new_cell != was  # [R]
-            moved = changed[is_moved]  # [R'] rows that changed cell
-            cell = old_cell.clone().index_copy_(0, moved, new_cell[is_moved])  # [L]
-            xm = xc[is_moved]  # [R', d]
-            sums.index_add_(0, new_cell[is_moved], xm).index_add_(0, was[is_moved], xm, alpha=-1)
+            at = is_moved.nonzero().flatten()  # [R']
+            moved = _lookup(changed, at)  # [R'] rows that changed cell
+            to, frm = _lookup(new_cell, at), _lookup(was, at)  # [R'] new and old cells
+            cell = old_cell.clone().index_copy_(0, moved, to)  # [L]
+            xm = x.index_select(0, moved)  # [R', d]
+            sums.index_add_(0, to, xm).index_add_(0, frm, xm, alpha=-1)
         indptr, items = merge_cells(self.cell_items.to(x.device), cell, moved, k * k)
         counts = indptr[1:] - indptr[:-1]  # [K^2]
         new_books = codewords_from_cells(sums, counts, codebooks, self.quantizer)
