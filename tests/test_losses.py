@@ -606,13 +606,17 @@ def test_shared_accidental_hits_match_brute_force():
         assert torch.equal(got, _accidental_hits(pos, mask, ids.unsqueeze(0).expand(b, -1)))
 
 
-def test_shared_hit_bias_and_counts_match_brute_force():
-    """The shared additive hit mask and its per-row count (what M'_b is built from) equal the
-    [B, M, P] comparison, also with a positive listed twice in a row and ids drawn many times."""
-    from xmc_toolkit.losses import _hit_bias
+@pytest.mark.parametrize("branch_free", [False, True])
+def test_dropped_hits_and_counts_match_brute_force(branch_free, monkeypatch):
+    """The hits set to -inf in the scores and their per-row count (what M'_b is built from)
+    equal the [B, M, P] comparison, also with a positive listed twice in a row and ids drawn
+    many times: the CPU's list of hits, the static-shape mask (GPU) and per-query ids."""
+    import xmc_toolkit.losses as L
 
+    monkeypatch.setattr(L, "_branch_free", lambda device: branch_free)
     g = torch.Generator().manual_seed(1)
-    for b, p, m, n in [(5, 3, 40, 12), (1, 1, 1, 2), (8, 6, 200, 30), (3, 4, 10, 1000), (4, 1, 9, 3)]:
+    for b, p, m, n in [(5, 3, 40, 12), (1, 1, 1, 2), (8, 6, 200, 30), (3, 4, 10, 1000),
+                       (4, 1, 9, 3), (2, 2, 5, 1)]:
         pos = torch.randint(n, (b, p), generator=g)
         if p > 1:
             pos[:, 1] = pos[:, 0]  # the same positive twice: its draws count once
@@ -620,17 +624,23 @@ def test_shared_hit_bias_and_counts_match_brute_force():
         ids = torch.randint(n, (m,), generator=g)
         want = ((ids.view(1, m, 1) == pos.view(b, 1, p)) & mask.view(b, 1, p)).any(-1)
         for neg in (ids, ids.unsqueeze(0).expand(b, -1)):  # shared and per-query paths
-            bias, hits = _hit_bias(pos, mask, neg, torch.float64)
-            assert bias.dtype == torch.float64 and bias.shape == (b, m)
-            assert torch.equal(bias, torch.zeros(b, m, dtype=torch.float64).masked_fill(want, -math.inf))
+            x = torch.randn(b, m, generator=g, dtype=torch.float64)
+            z = x.clone()
+            hits = L._drop_hits_(z, pos, mask, neg)
+            assert torch.equal(z, x.masked_fill(want, -math.inf))
             assert torch.equal(hits, want.sum(1))
 
 
-def test_row_logsumexp_matches_torch_with_masks_and_empty_rows():
+@pytest.mark.parametrize("branch_free", [False, True])
+def test_row_logsumexp_matches_torch_with_masks_and_empty_rows(branch_free, monkeypatch):
     """_RowLogSumExp (the sampled softmax's normaliser): value and gradient against
     torch.logsumexp / softmax; -inf entries are left out; a row of only -inf gives -inf and a
-    zero gradient; NaN stays NaN; M = 0 gives -inf; gradcheck in float64."""
+    zero gradient; NaN stays NaN; M = 0 gives -inf; gradcheck in float64 (the CPU's path, which
+    looks for empty rows first, and the static one)."""
+    import xmc_toolkit.losses as L
     from xmc_toolkit.losses import _RowLogSumExp
+
+    monkeypatch.setattr(L, "_branch_free", lambda device: branch_free)
 
     g = torch.Generator().manual_seed(2)
     z = 30 * torch.randn(6, 9, generator=g, dtype=torch.float64)

@@ -142,6 +142,12 @@ def _check_negatives(
 # --------------------------------------------------------------------------------------------
 
 
+def _branch_free(device: torch.device) -> bool:
+    """Whether to keep shapes static on ``device`` (no tensor value read on the host): off the
+    CPU, where reading a value is a device synchronisation (tests force ``True`` on the CPU)."""
+    return device.type != "cpu"
+
+
 class _RowLogSumExp(torch.autograd.Function):
     """``log sum_m exp(z[b, m])`` over the last dimension of ``z [B, M]`` -> ``[B]``.
 
@@ -158,12 +164,14 @@ class _RowLogSumExp(torch.autograd.Function):
         if z.shape[-1] == 0:
             ctx.save_for_backward(z)
             return z.new_full(z.shape[:-1], _NEG_INF)
-        # -inf -> the lowest float: a row of only -inf then has a finite (uniform) softmax, not
-        # 0/0; elsewhere exp(lowest - max) is exactly 0 like exp(-inf)
-        p = torch.softmax(z.clamp_min(torch.finfo(z.dtype).min), dim=-1)  # [B, M]
         mx = z.amax(dim=-1)  # [B], -inf on a row with no finite entry
-        lse = mx - torch.log(p.amax(dim=-1))  # [B]
         finite = mx != _NEG_INF  # [B] (NaN counts as finite: it propagates)
+        if _branch_free(z.device) or not bool(finite.all()):  # CPU: reading it is no sync
+            # -inf -> the lowest float: a row of only -inf then has a finite (uniform) softmax,
+            # not 0/0; elsewhere exp(lowest - max) is exactly 0 like exp(-inf)
+            z = z.clamp_min(torch.finfo(z.dtype).min)
+        p = torch.softmax(z, dim=-1)  # [B, M]
+        lse = mx - torch.log(p.amax(dim=-1))  # [B]
         ctx.save_for_backward(p, finite)
         return torch.where(finite, lse, torch.full_like(lse, _NEG_INF))
 
@@ -227,19 +235,29 @@ def _accidental_hits(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor) -> Tens
     return found == ids
 
 
-def _hit_bias(pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor,
-              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The accidental hits of per-query ``[B, M]`` or shared ``[M]`` ids as an additive mask.
+def _drop_hits_(z: Tensor, pos_ids: Tensor, pos_mask: Tensor, neg_ids: Tensor) -> Tensor:
+    """Set ``z[b, m] = -inf`` in place where sample ``m`` of row ``b`` is an accidental hit.
+
+    Args:
+        z: ``[B, M]`` float, modified in place (may be part of the autograd graph).
+        pos_ids: ``[B, P]`` int64; pos_mask ``[B, P]`` bool.
+        neg_ids: per-query ``[B, M]`` or shared ``[M]`` int64 sampled ids.
 
     Returns:
-        ``(bias [B, M] dtype, hits [B] int64)``: ``-inf`` where the sample equals a valid
-        positive of its row, ``0`` elsewhere, and the number of such samples per row.
+        ``[B] int64``: the number of hits of each row.
     """
     if neg_ids.dim() == 1 and pos_ids.shape[1] > 0:
-        return _shared_hit_bias(pos_ids, pos_mask, neg_ids.to(pos_ids.dtype), dtype)
+        ids = neg_ids.to(pos_ids.dtype)
+        if _branch_free(z.device):
+            bias, n_hits = _shared_hit_bias(pos_ids, pos_mask, ids, z.dtype)  # [B, M], [B]
+            z.add_(bias)
+            return n_hits
+        rows, cols, n_hits = _shared_hit_list(pos_ids, pos_mask, ids)  # [H], [H], [B]
+        z.index_put_((rows, cols), torch.tensor(_NEG_INF, dtype=z.dtype, device=z.device))
+        return n_hits
     hits = _accidental_hits(pos_ids, pos_mask, neg_ids)  # [B, M]
-    bias = torch.zeros(hits.shape, dtype=dtype, device=hits.device).masked_fill_(hits, _NEG_INF)
-    return bias, hits.sum(dim=1)
+    z.masked_fill_(hits, _NEG_INF)
+    return hits.sum(dim=1)
 
 
 def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor) -> Tensor:
@@ -252,15 +270,59 @@ def _shared_accidental_hits(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor) -> T
     return bias == _NEG_INF
 
 
+def _shared_hit_runs(pos_ids: Tensor, pos_mask: Tensor,
+                     ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Where each positive's draws lie among the once-sorted shared ids ``[M]``: ``B * P``
+    binary searches instead of ``B * M``.
+
+    Returns:
+        ``(sorted_ids [M], perm [M], lo [B, P], times [B, P], hits [B])``: the draws equal to
+        positive ``(b, p)`` are ``perm[lo : lo + times]`` (``times = 0`` for a padded or
+        undrawn positive); ``hits[b]`` counts row ``b``'s hits, each drawn id once also when
+        the row lists it twice.
+    """
+    p = pos_ids.shape[1]
+    sorted_ids, perm = torch.sort(ids)  # [M]
+    pos = pos_ids.contiguous()
+    lo = torch.searchsorted(sorted_ids, pos)  # [B, P]
+    hi = torch.searchsorted(sorted_ids, pos, right=True)  # [B, P]
+    times = torch.where(pos_mask, hi - lo, 0)  # [B, P] draws of each valid positive
+    key, order = torch.where(times > 0, pos, -1).sort(dim=1)  # [B, P]
+    once = times.gather(1, order)  # [B, P]
+    if p > 1:
+        once[:, 1:] *= key[:, 1:] != key[:, :-1]  # a repeated positive's draws count once
+    return sorted_ids, perm, lo, times, once.sum(dim=1)
+
+
+def _shared_hit_list(pos_ids: Tensor, pos_mask: Tensor,
+                     ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The accidental hits of shared ids ``[M]`` as a list of ``(row, draw)`` entries: the runs
+    of :func:`_shared_hit_runs` expanded (``O(B P + hits)``, no ``[B, M]`` tensor). The list's
+    length is read on the host: for the CPU, where that is no device synchronisation.
+
+    Returns:
+        ``(rows [H], cols [H], hits [B])`` int64: ``ids[cols[h]]`` is a valid positive of row
+        ``rows[h]`` (an entry may repeat when a row lists a positive twice); ``hits`` as in
+        :func:`_shared_hit_runs`.
+    """
+    p = pos_ids.shape[1]
+    _, perm, lo, times, n_hits = _shared_hit_runs(pos_ids, pos_mask, ids)
+    t = times.flatten()  # [B * P]
+    owner = torch.repeat_interleave(torch.arange(t.numel(), device=t.device), t)  # [H]
+    start = torch.cumsum(t, 0) - t  # [B * P] first list entry of each positive
+    within = torch.arange(owner.numel(), device=t.device) - start[owner]  # [H]
+    cols = perm[lo.flatten()[owner] + within]  # [H] draw position
+    return torch.div(owner, p, rounding_mode="floor"), cols, n_hits
+
+
 def _shared_hit_bias(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor,
                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The accidental hits of shared ids ``[M]`` as an additive mask, and their count per row.
 
-    The ``B * P`` positives are looked up in the once-sorted ids (``B * P`` binary searches
-    instead of ``B * M``); a drawn positive marks its first sorted position in a ``[B, M + 1]``
-    table (column ``M`` takes the positives that were not drawn), which every draw reads at the
-    first sorted position of its own id (one ``[B, M]`` gather). Static shapes only: no tensor
-    value is read on the host (no device synchronisation).
+    A drawn positive (:func:`_shared_hit_runs`) marks its first sorted position in a
+    ``[B, M + 1]`` table (column ``M`` takes the positives that were not drawn), which every
+    draw reads at the first sorted position of its own id (one ``[B, M]`` gather). Static shapes
+    only: no tensor value is read on the host (no device synchronisation).
 
     Args:
         pos_ids: ``[B, P]`` int64; pos_mask ``[B, P]`` bool; ids ``[M]`` int64.
@@ -270,23 +332,13 @@ def _shared_hit_bias(pos_ids: Tensor, pos_mask: Tensor, ids: Tensor,
         ``(bias [B, M] dtype, hits [B] int64)``: ``bias`` is ``-inf`` where ``ids[m]`` equals a
         valid positive of row ``b`` and ``0`` elsewhere; ``hits[b]`` counts those entries.
     """
-    b, p = pos_ids.shape
+    b = pos_ids.shape[0]
     m = ids.numel()
-    sorted_ids, _ = torch.sort(ids)  # [M]
+    sorted_ids, _, lo, times, n_hits = _shared_hit_runs(pos_ids, pos_mask, ids)
     first = torch.searchsorted(sorted_ids, ids)  # [M] first sorted position of each draw's id
-    pos = pos_ids.contiguous()
-    lo = torch.searchsorted(sorted_ids, pos)  # [B, P]
-    hi = torch.searchsorted(sorted_ids, pos, right=True)  # [B, P]
-    drawn = pos_mask & (hi > lo)  # [B, P] the positive was drawn (hi - lo times)
     table = torch.zeros(b, m + 1, dtype=dtype, device=ids.device)  # [B, M + 1]
-    table.scatter_(1, torch.where(drawn, lo, m), _NEG_INF)
-    bias = table.index_select(1, first)  # [B, M]
-    # count each drawn id once per row, also when it is listed twice among the row's positives
-    key, order = torch.where(drawn, pos, -1).sort(dim=1)  # [B, P]
-    times = torch.where(drawn, hi - lo, 0).gather(1, order)  # [B, P]
-    if p > 1:
-        times[:, 1:] *= key[:, 1:] != key[:, :-1]
-    return bias, times.sum(dim=1)
+    table.scatter_(1, torch.where(times > 0, lo, m), _NEG_INF)
+    return table.index_select(1, first), n_hits  # [B, M], [B]
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,11 +707,8 @@ def sampled_softmax_loss(
     if lq_c.dim() == 1:
         lq_c = lq_c.unsqueeze(0).expand(b, m)  # [B, M]
     lq_t = pos_log_q.to(dtype)
-    bias, n_hits = _hit_bias(pos_ids, pos_mask, neg_ids, dtype)  # [B, M] 0 / -inf, [B]
-    if lq_c.requires_grad:
-        z = x_c - lq_c + bias  # [B, M]
-    else:
-        z = x_c + bias.sub_(lq_c)  # [B, M] x - log q, -inf at the hits (one autograd pass)
+    z = x_c - lq_c  # [B, M] a fresh tensor
+    n_hits = _drop_hits_(z, pos_ids, pos_mask, neg_ids)  # [B]; z = -inf at the hits
     # log sum_{valid m} exp(x_bm - log q_m); the row constants of the correction added after
     lse = _RowLogSumExp.apply(z)  # [B]
     if correct_target:
