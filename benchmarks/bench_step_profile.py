@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, apply_threads, machine_info, print_table, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    apply_threads,
+    machine_info,
+    print_table,
+    pyplot,
+    write_results_and_plot,
+)
 
 NAME = "step_profile"
 
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="PNG path ('' to skip)")
     args = ap.parse_args(argv)
     apply_threads(args.threads)
 
@@ -197,10 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["distinct_rows"] = u
     res["bandwidth_gb_s"] = bandwidth / 1e9
     res["row_gather_gb_s"] = row_bandwidth / 1e9
-    payload = {"benchmark": NAME, "config": {k: v for k, v in vars(args).items() if k != "out"},
+    payload = {"benchmark": NAME,
+               "config": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
                "machine": machine_info(device), "results": res}
     out = args.out or (RESULTS_DIR / f"{NAME}{'_quick' if args.quick else ''}.json")
-    write_results(NAME, payload, out)
+    write_results_and_plot(NAME, payload, out, args.plot, _plot)
     print_table(f"per-query step, L={L}, B={B}, M={M}, d={d}: full softmax {full_s:.2f} s, "
                 f"{res['speedup_per_query_vs_full']:.1f}x "
                 f"({res['speedup_one_score_call_vs_full']:.1f}x with one score call, "
@@ -208,6 +217,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{bandwidth / 1e9:.2f} GB/s, row gather {row_bandwidth / 1e9:.2f} GB/s",
                 ["part", "ms", "memory bound ms", "x bound", "row-gather bound ms"], rows)
     return payload
+
+
+def _plot(payload: dict[str, Any], path: Path) -> None:
+    """Each part's median time against its two memory bounds, and the step's speed-up."""
+    plt = pyplot()
+    if plt is None:
+        return
+    res = payload["results"]
+    names = [k for k in ("sample", "gather+score", "loss", "backward", "optimizer",
+                         "step, one score call") if k in res]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    ax = axes[0]
+    xs = range(len(names))
+    w = 0.27
+    ax.bar([x - w for x in xs], [1e3 * res[k]["seconds"] for k in names], w, label="measured")
+    ax.bar(list(xs), [1e3 * res[k]["bound_s"] for k in names], w, label="streaming bound")
+    ax.bar([x + w for x in xs], [1e3 * res[k]["row_bound_s"] for k in names], w,
+           label="row-gather bound")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([n.replace(", one score call", "\n(trainer's)") for n in names], fontsize=8)
+    ax.set_ylabel("ms per step")
+    ax.set_yscale("log")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    cfg = payload["config"]
+    ax.set_title(f"per-query MIDX step, L = {cfg['labels']:,}, B = {cfg['batch']}, "
+                 f"M = {cfg['negatives']}")
+    ax = axes[1]
+    ax.bar(["two score calls", "one call\n(trainer's)"],
+           [res["speedup_per_query_vs_full"], res["speedup_one_score_call_vs_full"]],
+           color=["C7", "C2"])
+    ax.axhline(30, color="k", ls="--", lw=0.8)
+    ax.set_ylabel("x faster than the full-softmax step")
+    ax.set_title(f"full step {res['full_softmax_step_s']:.1f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

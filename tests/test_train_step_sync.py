@@ -80,11 +80,14 @@ def _guarded(monkeypatch) -> dict[str, bool]:
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-query", "shared"])
 def test_step_reads_no_tensor_value_on_the_host(monkeypatch, shared):
-    """The default step (per query), and with shared negatives; MIDX takes the path it takes
-    off the CPU (on the CPU its shared mixture may branch on an underflow check: no device)."""
+    """The default step (per query), and with shared negatives; MIDX and the losses take the
+    paths they take off the CPU (on the CPU the shared mixture may branch on an underflow check,
+    the sampled softmax lists the shared hits and looks for rows without a sample: no device)."""
+    from xmc_toolkit import losses
     from xmc_toolkit.sampling import midx
 
     monkeypatch.setattr(midx, "_branch_free", lambda device: True)
+    monkeypatch.setattr(losses, "_branch_free", lambda device: True)
     ds = _dataset()
     trainer = Trainer(_config(shared_negatives=shared))
     flag = _guarded(monkeypatch)
@@ -114,12 +117,15 @@ def test_step_reads_no_tensor_value_on_the_host(monkeypatch, shared):
     assert np.isfinite(res.history[-1]["loss"])  # read once, at the epoch end
 
 
-@pytest.mark.parametrize("mutation", ["id-range-check", "midx-cpu-branch"])
+@pytest.mark.parametrize("mutation", ["id-range-check", "midx-cpu-branch", "loss-cpu-branch"])
 def test_host_read_guard_can_fail(monkeypatch, mutation):
     """The guard above catches a host read in the step path: the sampler's id range check (as
-    before issue 11), or the CPU-only underflow branch of the MIDX shared mixture."""
-    from xmc_toolkit.sampling import Sampler
+    before issue 11), the CPU-only underflow branch of the MIDX shared mixture, or the CPU-only
+    paths of the sampled softmax."""
+    from xmc_toolkit.sampling import Sampler, midx
 
+    if mutation == "loss-cpu-branch":
+        monkeypatch.setattr(midx, "_branch_free", lambda device: True)
     if mutation == "id-range-check":
         orig = Sampler.log_prob
         monkeypatch.setattr(Sampler, "log_prob", lambda self, q, ids, shared=False, **kw:
