@@ -259,6 +259,15 @@ def pyplot() -> Any | None:
     return plt
 
 
+def speedup_panel(ax: Any, names: list[str], values: list[float], target: float, title: str,
+                  colors: list[str]) -> None:
+    """Bars of speed-ups over the full-softmax step, the target as a dashed line."""
+    ax.bar(names, values, color=colors)
+    ax.axhline(target, color="k", ls="--", lw=0.8)
+    ax.set_ylabel("x faster than the full-softmax step")
+    ax.set_title(title)
+
+
 def write_results_and_plot(name: str, payload: dict[str, Any], out_path: Path,
                            plot: str | Path | None,
                            plot_fn: Callable[[dict[str, Any], Path], None]) -> None:

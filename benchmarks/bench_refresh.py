@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     machine_info,
     print_table,
     pyplot,
+    speedup_panel,
     sync,
     write_results,
     write_results_and_plot,
@@ -228,10 +229,9 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     names = ["step only", "amortised\n(incremental)", "amortised\n(re-cluster each)"]
     vals = [s["speedup_step"], s["speedup_amortised"],
             s["speedup_amortised_recluster_every_refresh"]]
-    ax.bar(names, vals, color=["C0", "C2", "C7"])
-    ax.axhline(800, color="k", ls="--", lw=0.8)
-    ax.set_ylabel("x faster than the full-softmax step")
-    ax.set_title(f"shared MIDX, refresh every {payload['config']['refresh_every']} steps")
+    speedup_panel(ax, names, vals, 800,
+                  f"shared MIDX, refresh every {payload['config']['refresh_every']} steps",
+                  ["C0", "C2", "C7"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

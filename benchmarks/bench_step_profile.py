@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     machine_info,
     print_table,
     pyplot,
+    speedup_panel,
     write_results_and_plot,
 )
 
@@ -245,12 +246,9 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     ax.set_title(f"per-query MIDX step, L = {cfg['labels']:,}, B = {cfg['batch']}, "
                  f"M = {cfg['negatives']}")
     ax = axes[1]
-    ax.bar(["two score calls", "one call\n(trainer's)"],
-           [res["speedup_per_query_vs_full"], res["speedup_one_score_call_vs_full"]],
-           color=["C7", "C2"])
-    ax.axhline(30, color="k", ls="--", lw=0.8)
-    ax.set_ylabel("x faster than the full-softmax step")
-    ax.set_title(f"full step {res['full_softmax_step_s']:.1f} s")
+    speedup_panel(ax, ["two score calls", "one call\n(trainer's)"],
+                  [res["speedup_per_query_vs_full"], res["speedup_one_score_call_vs_full"]], 30,
+                  f"full step {res['full_softmax_step_s']:.1f} s", ["C7", "C2"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
