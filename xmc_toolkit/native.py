@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 NATIVE_ENV = "XMC_NATIVE"  # "0" / "false" / "off": never build or load native kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("bindings.cpp", "row_adam.cpp", "bag_rows.cpp", "cdf_draw.cpp", "index_pass.cpp")
-_VERSION = 9  # bump with any change of the source or the flags
+_SOURCES = ("bindings.cpp", "row_adam.cpp", "bag_rows.cpp", "cdf_draw.cpp", "project_rows.cpp",
+            "merge_cells.cpp", "row_argmin.cpp")
+_VERSION = 10  # bump with any change of the source or the flags
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "module": None, "reason": "not tried yet"}
