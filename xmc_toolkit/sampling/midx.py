@@ -156,8 +156,8 @@ def _exp_factors(a1: Tensor, a2: Tensor, log_n: Tensor) -> tuple[Tensor, Tensor,
     k = a1.shape[1]
     a1 = a1.double()
     a2 = a2.double()
-    m1 = a1.max(1).values  # [B]
-    m2 = a2.max(1).values  # [B]
+    m1 = a1.amax(1)  # [B]
+    m2 = a2.amax(1)  # [B]
     ln = log_n.double()
     nmax = ln.max()
     e1 = torch.exp(a1 - m1.unsqueeze(1))  # [B, K]
@@ -875,7 +875,7 @@ class MIDXSampler(Sampler):
         assert log_n is not None
         k = self.num_codewords
         logits = (a1.unsqueeze(2) + a2.unsqueeze(1)).reshape(b, k * k) + log_n  # [B, K^2]
-        m = logits.max(1, keepdim=True).values  # [B, 1]
+        m = logits.amax(1, keepdim=True)  # [B, 1] (amax: no index tracking)
         weights = torch.exp(logits - m)  # [B, K^2], 0 for empty cells, max entry 1
         cells = _inverse_cdf_rows(weights, num_samples, generator)  # [B, M]
         u = torch.rand(b, num_samples, generator=generator, device=dev, dtype=torch.float64)
