@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, NamedTuple
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
