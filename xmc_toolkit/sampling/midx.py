@@ -773,7 +773,8 @@ class MIDXSampler(Sampler):
         else:
             cmax = torch.full((k * k,), -math.inf, dtype=torch.float64, device=device)
             cmax = cmax.scatter_reduce(0, cell, lw, reduce="amax")  # [K^2] max log w per cell
-            v = torch.exp(lw - cmax[cell])[items]  # [L] per-cell scaled weights, cell order
+            # [L] per-cell scaled weights in cell order (index_select: 4x faster than [] here)
+            v = _lookup(torch.exp(lw - _lookup(cmax, cell)), items)
             cum = torch.cumsum(v, 0)  # [L]
             cum0 = torch.cat([cum.new_zeros(1), cum])  # [L + 1]
             base = cum0[indptr[:-1]]  # [K^2]
