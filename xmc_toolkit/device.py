@@ -8,7 +8,15 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "set_threads", "amp_setup"]
+__all__ = ["resolve_device", "set_threads", "amp_setup", "branch_free"]
+
+
+def branch_free(device: torch.device) -> bool:
+    """Whether code on ``device`` must avoid data-dependent branches (no tensor value read on
+    the host): everywhere but on the CPU, where reading a value costs no device
+    synchronisation. Each caller imports it under its own name (``_branch_free``), so a test can
+    force the branch-free path of one component on the CPU."""
+    return device.type != "cpu"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from xmc_toolkit.device import branch_free as _branch_free
 from xmc_toolkit.errors import XMCError
 
 __all__ = [
@@ -140,12 +141,6 @@ def _check_negatives(
 # --------------------------------------------------------------------------------------------
 # small numerical helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _branch_free(device: torch.device) -> bool:
-    """Whether to keep shapes static on ``device`` (no tensor value read on the host): off the
-    CPU, where reading a value is a device synchronisation (tests force ``True`` on the CPU)."""
-    return device.type != "cpu"
 
 
 class _RowLogSumExp(torch.autograd.Function):

@@ -41,6 +41,7 @@ from ..codebook import (
     reconstruct,
     residual_quantize,
 )
+from ..device import branch_free as _branch_free
 from ..errors import CheckpointError, ConfigError, SamplerError
 from ..native import kernels
 from .base import Sampler, Samples, _check_embeddings, _check_queries
@@ -86,13 +87,6 @@ def _dense_cell_logits(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
     """``[B, K^2]`` float64 cell logits ``a1[k1] + a2[k2] + log N[k1, k2]``."""
     b, k = a1.shape
     return (a1.double().unsqueeze(2) + a2.double().unsqueeze(1)).reshape(b, k * k) + log_n.double()
-
-
-def _branch_free(device: torch.device) -> bool:
-    """Whether to avoid data-dependent branches on ``device``: everywhere but on the CPU,
-    where reading a value back costs no device synchronisation (tests force ``True`` to check
-    the branch-free path on the CPU)."""
-    return device.type != "cpu"
 
 
 def _dense_log_normalizer(a1: Tensor, a2: Tensor, log_n: Tensor) -> Tensor:
