@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .native import kernels
+from .native import kernels_for
 
 __all__ = [
     "KMeansResult",
@@ -122,7 +122,7 @@ def assign_nearest(
     assign = torch.empty(n, dtype=torch.int64, device=x.device)
     dist2 = torch.empty(n, dtype=x.dtype, device=x.device) if distances else None
     # the native row_argmin: torch.min(dim=1)'s indices (ties and NaN alike), 2x faster
-    mod = kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    mod = kernels_for(x)
     for start in range(0, n, rows):
         xc = x[start : start + rows]  # [r, d]
         # ||x||^2 is constant per row: argmin over c2 - 2 x.c, then add it back for the distance.

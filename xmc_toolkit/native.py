@@ -40,7 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["kernels", "native_status", "NATIVE_ENV"]
+import torch
+
+__all__ = ["kernels", "kernels_for", "native_status", "NATIVE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +143,14 @@ def kernels() -> Any | None:
                                "(same numbers, slower): %s", _state["reason"][:500])
         _state["loaded"] = True
     return _state["module"]
+
+
+def kernels_for(t: torch.Tensor, float32: bool = True) -> Any | None:
+    """:func:`kernels` when they apply to tensor ``t``: on the CPU (and float32 unless
+    ``float32=False``); ``None`` elsewhere, so device paths never build or call them."""
+    if t.device.type != "cpu" or (float32 and t.dtype != torch.float32):
+        return None
+    return kernels()
 
 
 def native_status() -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError, XMCError
-from .native import kernels
+from .native import kernels_for
 
 __all__ = [
     "LabelTable",
@@ -400,8 +400,7 @@ def _query_bags(queries: torch.Tensor, perm: torch.Tensor, gs: torch.Tensor,
         (:func:`_gradient_workspace`) for float32, else one ``embedding_bag`` over the queries
         (the same sums, to float rounding; tested).
     """
-    mod = (kernels() if queries.dtype == torch.float32 and queries.device.type == "cpu"
-           and hasattr(torch._C, "_storage_Use_Count") else None)
+    mod = kernels_for(queries) if hasattr(torch._C, "_storage_Use_Count") else None
     if mod is not None:
         out = _gradient_workspace(starts.numel(), queries.shape[1], queries.dtype)
         mod.bag_rows_(out, queries.contiguous(), perm.contiguous(), gs.contiguous(),

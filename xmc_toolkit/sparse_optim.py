@@ -28,7 +28,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from .errors import ConfigError
-from .native import kernels, native_status
+from .native import kernels, kernels_for, native_status
 
 __all__ = ["RowAdam"]
 
@@ -341,14 +341,14 @@ class RowAdam(torch.optim.Optimizer):
                     exp_avg_sq: torch.Tensor, row_wise: bool) -> Any:
         """The native kernel module when it applies to this update (CPU, float32, 2-D rows of
         more than one number, contiguous, per-element moments), else ``None``."""
-        if self.native is False or row_wise or p.device.type != "cpu":
+        if self.native is False or row_wise:
             return None
         if p.dim() != 2 or p.shape[1] < 2 or values.dtype != torch.float32:
             return None
         if any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != p.shape
                for t in (p, exp_avg, exp_avg_sq)):
             return None
-        return kernels()
+        return kernels_for(p)
 
     def _row_wise_for(self, p: torch.Tensor) -> bool:
         """Whether ``p`` gets one second moment a row (2-D, more than one number a row)."""

@@ -28,7 +28,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from ..codebook import (
 )
 from ..device import branch_free as _branch_free
 from ..errors import CheckpointError, ConfigError, SamplerError
-from ..native import kernels
+from ..native import kernels_for
 from .base import Sampler, Samples, _check_embeddings, _check_queries
 from .static import _load_strict
 
@@ -219,10 +219,9 @@ def _inverse_cdf_draw(weights: Tensor, u: Tensor) -> Tensor:
     Returns:
         ``[B, M] int64`` column indices.
     """
-    if weights.device.type == "cpu" and weights.dtype == torch.float32:
-        mod = kernels()
-        if mod is not None:
-            return mod.cdf_draw(weights.contiguous(), u.contiguous())
+    mod = kernels_for(weights)
+    if mod is not None:
+        return mod.cdf_draw(weights.contiguous(), u.contiguous())
     cum = weights.cumsum(1, dtype=torch.float64)  # [B, C] inclusive
     total = cum[:, -1:]  # [B, 1]
     t = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
@@ -290,7 +289,7 @@ def merge_cells(items: Tensor, cell: Tensor, moved: Tensor, num_cells: int) -> t
     n = items.numel()
     mkeys, order = torch.sort(_lookup(cell, moved) * n + moved)  # [R] by (new cell, label)
     mv = _lookup(moved, order)
-    mod = kernels() if items.device.type == "cpu" and moved.numel() else None
+    mod = kernels_for(items, float32=False) if moved.numel() else None
     if mod is not None:  # the same result in one sequential pass
         return mod.merge_cells(items.contiguous(), cell.contiguous(), mv, num_cells)
     counts = torch.bincount(cell, minlength=num_cells)  # [K^2]
@@ -563,7 +562,7 @@ class MIDXSampler(Sampler):
                 # exactly when every entry is (no entry of r is 0); where the pass is native,
                 # the same read of the table lists the changed rows and gives the per-cell
                 # sums of an incremental refresh
-                native = can_increment and self._native_pass(x) is not None
+                native = can_increment and kernels_for(x) is not None
                 tp = self._table_pass(x, sums=native,
                                       since=self._fingerprint if can_increment else None)
                 fp_all = tp.fingerprints
@@ -600,13 +599,6 @@ class MIDXSampler(Sampler):
         assert fp is not None
         return fp
 
-    @staticmethod
-    def _native_pass(x: Tensor) -> object | None:
-        """The native kernels when they do the table pass of ``x`` (CPU float32), else ``None``."""
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return None
-        return kernels()
-
     def _table_pass(self, x: Tensor, sums: bool, project: bool = True,
                     since: Tensor | None = None) -> _TablePass:
         """One read of the table ``x [L, d]``: the fingerprints ``x . r [L]`` (``project``),
@@ -624,14 +616,15 @@ class MIDXSampler(Sampler):
         r = torch.randn(x.shape[1], generator=g, dtype=torch.float64)
         r = torch.where(r.abs() < 0.1, r.sign() + (r == 0).double(), r)  # no tiny or zero entry
         r = r.to(device=x.device, dtype=x.dtype)
-        mod: Any = self._native_pass(x)
+        mod = kernels_for(x)
         if mod is not None:
-            k2 = self.num_codewords ** 2 if sums else 0
-            cell = self._cell.to(x.device) if sums and self._cell is not None else None
-            assert cell is not None or not sums
+            cell = torch.empty(0, dtype=torch.int64)  # no sums
+            if sums:
+                assert self._cell is not None
+                cell = self._cell.to(x.device)
             fp, s, changed = mod.project_rows(
-                x.contiguous(), r, torch.empty(0, dtype=torch.int64) if cell is None else cell,
-                k2, torch.empty(0) if since is None else since.contiguous())
+                x.contiguous(), r, cell, self.num_codewords ** 2 if sums else 0,
+                torch.empty(0) if since is None else since.contiguous())
             return _TablePass(fp, s if sums else None, None if since is None else changed)
         fp = x @ r if project or since is not None else None
         changed = None
