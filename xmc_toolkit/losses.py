@@ -694,13 +694,11 @@ def sampled_softmax_loss(
     _check_same("pos_log_q", pos_log_q, "pos_ids", pos_ids)
     _check_negatives(neg_scores, neg_ids, neg_log_q, pos_scores.shape[0])
 
-    b, m = neg_scores.shape
+    m = neg_scores.shape[1]
     dtype = torch.promote_types(pos_scores.dtype, neg_scores.dtype)
     x_t = pos_scores.to(dtype)  # [B, P]
     x_c = neg_scores.to(dtype)  # [B, M]
-    lq_c = neg_log_q.to(dtype)
-    if lq_c.dim() == 1:
-        lq_c = lq_c.unsqueeze(0).expand(b, m)  # [B, M]
+    lq_c = neg_log_q.to(dtype)  # [B, M] or shared [M] (broadcast below)
     lq_t = pos_log_q.to(dtype)
     z = x_c - lq_c  # [B, M] a fresh tensor
     n_hits = _drop_hits_(z, pos_ids, pos_mask, neg_ids)  # [B]; z = -inf at the hits
